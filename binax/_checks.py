@@ -1,0 +1,128 @@
+"""Argument checks shared by the transforms: clear errors that name the argument."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(value: Any) -> bool:
+    """True when `value` is a number we can look at now (not a schedule or a tracer)."""
+    return not callable(value) and not isinstance(value, jax.core.Tracer)
+
+
+def check_scalar(
+    name: str,
+    value: Any,
+    ok: Callable[[float], bool],
+    expected: str,
+    *,
+    schedule_ok: bool = True,
+) -> None:
+    """Raises ValueError naming `name` when a concrete `value` fails `ok`.
+
+    Schedules (callables) and traced values (inside `optax.inject_hyperparams` updates) cannot be
+    checked when the transform is built; `inject_hyperparams` builds the transform once with
+    concrete values in `init`, so injected values are checked there.
+    """
+    if callable(value):
+        if not schedule_ok:
+            raise TypeError(f"{name} must be a number, not a schedule; got {value!r}")
+        return
+    if isinstance(value, jax.core.Tracer):
+        return
+    try:
+        arr = np.asarray(value)
+    except Exception as e:  # pragma: no cover - exotic objects
+        raise TypeError(f"{name} must be a real number, got {value!r}") from e
+    if arr.ndim != 0 or arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a real scalar (or an Optax schedule), got {value!r}")
+    x = float(arr)
+    if math.isnan(x) or not ok(x):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_rate(name: str, value: Any) -> None:
+    check_scalar(name, value, lambda x: 0.0 < x <= 1.0, "in (0, 1]")
+
+
+def check_nonnegative(name: str, value: Any, *, schedule_ok: bool = True) -> None:
+    check_scalar(
+        name,
+        value,
+        lambda x: x >= 0.0 and math.isfinite(x),
+        "finite and >= 0",
+        schedule_ok=schedule_ok,
+    )
+
+
+def check_beta(name: str, value: Any) -> None:
+    check_scalar(name, value, lambda x: 0.0 <= x < 1.0, "in [0, 1)", schedule_ok=False)
+
+
+def check_positive(name: str, value: Any, *, schedule_ok: bool = True) -> None:
+    check_scalar(
+        name,
+        value,
+        lambda x: x > 0.0 and math.isfinite(x),
+        "finite and > 0",
+        schedule_ok=schedule_ok,
+    )
+
+
+def check_state_dtype(name: str, dtype: Any) -> jnp.dtype:
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"{name} must be a floating dtype, got {dtype!r}") from e
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{name} must be a floating dtype (float32, bfloat16, ...), got {dt}")
+    return dt
+
+
+def _path_str(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
+
+
+def check_params(transform: str, updates: Any, params: Any) -> None:
+    """Checks what a flip rule needs: params given, matching `updates`, floating dtypes."""
+    if params is None:
+        raise ValueError(
+            f"{transform}: `params` is required (a flip rule needs the current binary "
+            "weights); call `tx.update(grads, state, params)`."
+        )
+    check_same_structure(transform, updates, params)
+    check_float_leaves(transform, params)
+
+
+def check_same_structure(transform: str, updates: Any, params: Any) -> None:
+    ut, pt = jax.tree.structure(updates), jax.tree.structure(params)
+    if ut != pt:
+        raise ValueError(
+            f"{transform}: the gradient tree and `params` do not match:\n"
+            f"  gradients: {ut}\n  params:    {pt}"
+        )
+    for (path, u), p in zip(
+        jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(params), strict=True
+    ):
+        if jnp.shape(u) != jnp.shape(p):
+            raise ValueError(
+                f"{transform}: gradient and param shapes differ at {_path_str(path)}: "
+                f"{jnp.shape(u)} vs {jnp.shape(p)}"
+            )
+
+
+def check_float_leaves(transform: str, params: Any) -> None:
+    for path, p in jax.tree_util.tree_leaves_with_path(params):
+        dt = jnp.result_type(p)
+        if not jnp.issubdtype(dt, jnp.floating):
+            raise TypeError(
+                f"{transform}: `params` leaf {_path_str(path)} has dtype {dt}; binary "
+                "weights must be stored in a floating dtype (float32, bfloat16, ...) "
+                "holding +1/-1"
+            )

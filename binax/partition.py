@@ -1,0 +1,136 @@
+"""Split a model's parameters into binary and real-valued ones, each with its own optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+BINARY = "binary"
+REAL = "real"
+
+IsBinary = Any  # a tree of bools, a predicate on the leaf's path, or a Flax NNX model/state.
+
+
+def path_tuple(path) -> tuple[str | int, ...]:
+    """A JAX key path as a plain tuple, e.g. ``('params', 'Dense_0', 'kernel')``."""
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(getattr(k, attr))
+                break
+        else:  # pragma: no cover - unknown key type
+            out.append(str(k))
+    return tuple(out)
+
+
+def path_str(path) -> str:
+    """A JAX key path as ``'a/b/0/kernel'``."""
+    return "/".join(str(k) for k in path_tuple(path)) or "<root>"
+
+
+def _is_flax_nnx(obj: Any) -> bool:
+    """True for a Flax NNX module or state (checked without importing Flax otherwise)."""
+    if not any(c.__module__.startswith("flax") for c in type(obj).__mro__):
+        return False
+    from flax import nnx
+
+    return isinstance(obj, (nnx.Module, nnx.State))
+
+
+def _as_bool(x: Any, where: str) -> bool:
+    if isinstance(x, (bool, np.bool_)) or (
+        isinstance(x, (np.ndarray, jax.Array)) and x.shape == () and x.dtype == bool
+    ):
+        return bool(x)
+    raise TypeError(f"is_binary: expected a bool at {where}, got {x!r}")
+
+
+def binary_mask(is_binary: IsBinary, tree: Any) -> Any:
+    """The tree of bools (same structure as ``tree``) that marks its binary leaves.
+
+    Args:
+      is_binary: one of
+        * a tree of bools with exactly the structure of ``tree``;
+        * a predicate called with each leaf's path as a tuple of keys, e.g.
+          ``lambda path: path[-1] == "kernel"``;
+        * a Flax NNX model or state: leaves of type `binax.nn.BinaryParam` are binary.
+      tree: the params (or updates) to label.
+
+    Raises:
+      ValueError: the label tree does not match ``tree``, or no leaf is binary.
+      TypeError: a label is not a bool.
+    """
+    if _is_flax_nnx(is_binary):
+        from binax import nn
+
+        is_binary = nn.binary_labels(is_binary)
+    if callable(is_binary):
+        pred = is_binary
+
+        def label(path, _):
+            value = pred(path_tuple(path))
+            return _as_bool(value, f"the predicate's value for {path_str(path)}")
+
+        mask = jax.tree_util.tree_map_with_path(label, tree)
+    else:
+        want, got = jax.tree.structure(tree), jax.tree.structure(is_binary)
+        if want != got:
+            raise ValueError(
+                "is_binary: the label tree does not match the params:\n"
+                f"  labels: {got}\n  params: {want}"
+            )
+        mask = jax.tree_util.tree_map_with_path(
+            lambda path, x: _as_bool(x, path_str(path)), is_binary
+        )
+        mask = jax.tree.unflatten(want, jax.tree.leaves(mask))
+    if not any(jax.tree.leaves(mask)):
+        raise ValueError(
+            "is_binary marks no leaf as binary: a BNN optimizer would train nothing. Check the "
+            "labels or predicate (paths look like "
+            f"{[path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)[:3]]})."
+        )
+    return mask
+
+
+def partition(
+    binary: optax.GradientTransformation,
+    real: optax.GradientTransformation,
+    is_binary: IsBinary,
+) -> optax.GradientTransformationExtraArgs:
+    """Trains binary leaves with ``binary`` and all other leaves with ``real``.
+
+    A thin layer over `optax.partition` with labels ``"binary"`` and ``"real"`` (the state is an
+    `optax.PartitionState` whose ``inner_states`` are keyed by those labels). The labels are
+    checked in ``init`` and ``update``: a label tree that does not match the params, or a
+    labelling with no binary leaf at all, is an error (a BNN optimizer that matches nothing would
+    silently train nothing). To freeze the real-valued leaves pass ``real=optax.set_to_zero()``.
+
+    Args:
+      binary: the optimizer for binary leaves, e.g. `binax.bop`.
+      real: an ordinary Optax optimizer for the rest, e.g. ``optax.adam(1e-2)``.
+      is_binary: a tree of bools, a predicate on the leaf's path (a tuple of keys), or a Flax NNX
+        model or state whose `binax.nn.BinaryParam` leaves are binary. See `binary_mask`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, binax
+      >>> params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}}
+      >>> tx = binax.partition(binary=binax.bop(), real=optax.adam(1e-2),
+      ...                      is_binary=lambda path: path[-1] == "kernel")
+      >>> state = tx.init(params)
+    """
+    if _is_flax_nnx(is_binary):
+        from binax import nn
+
+        is_binary = nn.binary_labels(is_binary)
+    for name, tx in (("binary", binary), ("real", real)):
+        if not isinstance(tx, optax.GradientTransformation):
+            raise TypeError(f"{name} must be an optax.GradientTransformation, got {tx!r}")
+
+    def labels(tree):
+        return jax.tree.map(lambda b: BINARY if b else REAL, binary_mask(is_binary, tree))
+
+    return optax.partition({BINARY: binary, REAL: real}, labels)

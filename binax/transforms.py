@@ -1,0 +1,571 @@
+"""Building blocks of the BNN optimizers: gradient statistics and flip rules.
+
+Every BNN optimizer in binax is a short `optax.chain` of a *statistic* transform, which turns
+gradients into a gradient-like signal ``s`` (positive means "this weight wants to decrease"), and a
+*flip rule*, which turns ``s`` and the current weights ``w`` into flips. A flip is the additive
+update ``-2 w`` (``optax.apply_updates`` adds updates to params), no flip is ``0``.
+
+Conventions (see ``spec/optimizers.md``):
+
+* ``ema(m, x, rate) = m + rate * (x - m)``.
+* ``sign0(x) = +1 if x >= 0 else -1`` (never 0).
+* Rates, thresholds and learning rates are floats or Optax schedules, evaluated at the update
+  count *before* it is incremented (update ``k`` uses ``schedule(k)``); they all work under
+  `optax.inject_hyperparams`.
+* A flip rule needs ``params`` and must be the last transform of its chain (anything after it
+  would rescale the flip).
+
+Non-finite values. A state element whose new value would be NaN or infinite keeps its previous
+value: a NaN or infinite gradient element is skipped for that element (as if that step had not
+happened for it), and no statistic can be poisoned for good. A flip rule given a NaN signal keeps
+the weight. So no gradient can turn a weight into NaN or move it off {-1, +1}. To skip whole steps
+with non-finite gradients instead, wrap the optimizer in `optax.apply_if_finite`.
+
+Real-valued weights. Every flip rule writes ``sign0`` of something, so a real-valued leaf (for
+example a Glorot-initialised kernel) is binarized by its first update, as Bop's reference code does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from binax import _checks
+
+ScalarOrSchedule = optax.ScalarOrSchedule
+
+
+def sign0(x: jax.Array) -> jax.Array:
+    """``+1`` where ``x >= 0``, else ``-1``, in the dtype of ``x`` (never 0)."""
+    one = jnp.ones((), jnp.result_type(x))
+    return jnp.where(x >= 0, one, -one)
+
+
+def _value(hparam: ScalarOrSchedule, count: jax.Array, dtype) -> jax.Array:
+    """A hyperparameter at update ``count`` (a schedule is evaluated), cast to ``dtype``."""
+    value = hparam(count) if callable(hparam) else hparam
+    return jnp.asarray(value, dtype)
+
+
+def _keep_finite(new: jax.Array, old: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isfinite(new), new, old)
+
+
+def _zeros(params: Any, dtype) -> Any:
+    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
+
+
+def _ema(m: jax.Array, x: jax.Array, rate: jax.Array) -> jax.Array:
+    return m + rate * (x - m)
+
+
+def _flip_update(w: jax.Array, w_new: jax.Array) -> jax.Array:
+    """The additive update that turns ``w`` into ``w_new``, in the dtype of ``w``."""
+    return (w_new.astype(w.dtype) - w).astype(w.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics.
+
+
+class ScaleByEmaState(NamedTuple):
+    """State of `scale_by_ema`."""
+
+    count: jax.Array  # int32 scalar: updates so far.
+    ema: optax.Updates
+
+
+def scale_by_ema(
+    rate: ScalarOrSchedule,
+    *,
+    state_dtype: Any = jnp.float32,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Replaces the gradient by its exponential moving average.
+
+    .. math::
+        m_t = m_{t-1} + \gamma_t (g_t - m_{t-1}), \qquad \text{output } m_t,
+
+    with :math:`m_0 = 0` and no bias correction. This is Bop's filter (Helwegen et al., 2019) and,
+    chained twice, CEMA's (Quist et al., 2023).
+
+    Args:
+      rate: :math:`\gamma`, in (0, 1]; a float or an Optax schedule of the update count.
+      state_dtype: dtype of the moving average (and of the output).
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs`.
+    """
+    _checks.check_rate("rate", rate)
+    dtype = _checks.check_state_dtype("state_dtype", state_dtype)
+
+    def init_fn(params):
+        return ScaleByEmaState(count=jnp.zeros([], jnp.int32), ema=_zeros(params, dtype))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        r = _value(rate, state.count, dtype)
+        ema = jax.tree.map(
+            lambda m, g: _keep_finite(_ema(m, g.astype(dtype), r), m), state.ema, updates
+        )
+        return ema, ScaleByEmaState(count=optax.safe_increment(state.count), ema=ema)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ScaleByMomentRatioState(NamedTuple):
+    """State of `scale_by_moment_ratio`."""
+
+    count: jax.Array
+    mu: optax.Updates  # first-moment EMA
+    nu: optax.Updates  # second-moment EMA
+
+
+BIAS_CORRECTIONS = (None, "rate", "adam")
+
+
+def scale_by_moment_ratio(
+    gamma: ScalarOrSchedule,
+    sigma: ScalarOrSchedule,
+    *,
+    bias_correction: str | None = None,
+    eps: float = 1e-10,
+    state_dtype: Any = jnp.float32,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Replaces the gradient by the ratio of its first- and second-moment EMAs.
+
+    .. math::
+        m_t &= m_{t-1} + \gamma_t (g_t - m_{t-1}) \\
+        v_t &= v_{t-1} + \sigma_t (g_t^2 - v_{t-1}) \\
+        s_t &= \hat m_t / (\sqrt{\hat v_t} + \epsilon)
+
+    where, by ``bias_correction``:
+
+    * ``None`` (biased, the paper's default): :math:`\hat m = m, \hat v = v`;
+    * ``"rate"`` (the authors' released "unbiased" code): :math:`\hat m = m/\gamma_t,
+      \hat v = v/\sigma_t`;
+    * ``"adam"`` (Adam-style): :math:`\hat m = m/(1-(1-\gamma_t)^{t+1}),
+      \hat v = v/(1-(1-\sigma_t)^{t+1})`.
+
+    This is the statistic of Bop2ndOrder (Suarez-Ramirez et al., "A Bop and Beyond", CVPR
+    Workshops 2021).
+
+    Args:
+      gamma: first-moment rate, in (0, 1]; float or schedule.
+      sigma: second-moment rate, in (0, 1]; float or schedule.
+      bias_correction: ``None``, ``"rate"`` or ``"adam"``.
+      eps: added to the root of the second moment; >= 0.
+      state_dtype: dtype of both moments (and of the output).
+    """
+    _checks.check_rate("gamma", gamma)
+    _checks.check_rate("sigma", sigma)
+    _checks.check_nonnegative("eps", eps, schedule_ok=False)
+    if bias_correction not in BIAS_CORRECTIONS:
+        raise ValueError(
+            f"bias_correction must be one of {BIAS_CORRECTIONS}, got {bias_correction!r}"
+        )
+    dtype = _checks.check_state_dtype("state_dtype", state_dtype)
+
+    def init_fn(params):
+        return ScaleByMomentRatioState(
+            count=jnp.zeros([], jnp.int32), mu=_zeros(params, dtype), nu=_zeros(params, dtype)
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        g_rate = _value(gamma, state.count, dtype)
+        s_rate = _value(sigma, state.count, dtype)
+        e = jnp.asarray(eps, dtype)
+        one = jnp.ones((), dtype)
+        if bias_correction == "rate":
+            m_scale, v_scale = g_rate, s_rate
+        elif bias_correction == "adam":
+            t = (state.count + 1).astype(dtype)
+            m_scale = one - (one - g_rate) ** t
+            v_scale = one - (one - s_rate) ** t
+
+        mu = jax.tree.map(
+            lambda m, g: _keep_finite(_ema(m, g.astype(dtype), g_rate), m), state.mu, updates
+        )
+        nu = jax.tree.map(
+            lambda v, g: _keep_finite(_ema(v, jnp.square(g.astype(dtype)), s_rate), v),
+            state.nu,
+            updates,
+        )
+        if bias_correction is None:
+            s = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + e), mu, nu)
+        else:
+            s = jax.tree.map(lambda m, v: (m / m_scale) / (jnp.sqrt(v / v_scale) + e), mu, nu)
+        return s, ScaleByMomentRatioState(optax.safe_increment(state.count), mu, nu)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ScaleBySignEmaState(NamedTuple):
+    """State of `scale_by_sign_ema`."""
+
+    count: jax.Array
+    ema: optax.Updates
+
+
+def scale_by_sign_ema(
+    learning_rate: ScalarOrSchedule,
+    b2: float,
+    *,
+    init_scale: float = 1e-3,
+    seed: int | jax.Array = 0,
+    state_dtype: Any = jnp.float32,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Replaces the incoming signal by an EMA of its learning-rate-scaled sign.
+
+    .. math::
+        m_t = m_{t-1} + (1 - \beta_2)(\eta_t\,\mathrm{sign}(x_t) - m_{t-1}), \qquad
+        \text{output } m_t,
+
+    with :math:`\mathrm{sign}(0) = 0` and :math:`m_0 = -\mathrm{sign0}(w)\,u\,s_0`, :math:`u \sim
+    U[0, 1)` drawn per weight from ``seed`` and :math:`s_0` = ``init_scale``: each weight starts
+    on its own side, at a random distance from the flip point. Chained after
+    ``scale_by_ema(1 - b1)`` this is the binary branch of Diode (Guo et al., "Stochastic Sign
+    Descent", ECCV 2024); ``-m`` acts as a bounded latent weight.
+
+    Args:
+      learning_rate: :math:`\eta`, > 0; float or schedule.
+      b2: decay :math:`\beta_2` of the sign EMA, in [0, 1).
+      init_scale: :math:`s_0` >= 0.
+      seed: an int or a JAX PRNG key for the initial state.
+      state_dtype: dtype of the EMA (and of the output).
+    """
+    _checks.check_positive("learning_rate", learning_rate)
+    _checks.check_beta("b2", b2)
+    _checks.check_nonnegative("init_scale", init_scale, schedule_ok=False)
+    dtype = _checks.check_state_dtype("state_dtype", state_dtype)
+
+    def init_fn(params):
+        if params is None:
+            raise ValueError(
+                "scale_by_sign_ema: `init` needs the params (the initial state "
+                "depends on the sign of each weight)"
+            )
+        key = _as_key(seed)
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(key, max(len(leaves), 1))
+        scale = jnp.asarray(init_scale, dtype)
+        ema = [
+            -sign0(w).astype(dtype) * jax.random.uniform(k, jnp.shape(w), dtype) * scale
+            for w, k in zip(leaves, keys, strict=False)
+        ]
+        return ScaleBySignEmaState(
+            count=jnp.zeros([], jnp.int32), ema=jax.tree.unflatten(treedef, ema)
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        lr = _value(learning_rate, state.count, dtype)
+        rate = jnp.ones((), dtype) - jnp.asarray(b2, dtype)
+        ema = jax.tree.map(
+            lambda m, x: _keep_finite(_ema(m, lr * jnp.sign(x).astype(dtype), rate), m),
+            state.ema,
+            updates,
+        )
+        return ema, ScaleBySignEmaState(count=optax.safe_increment(state.count), ema=ema)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _as_key(seed: int | jax.Array) -> jax.Array:
+    """A typed PRNG key from an int seed, a typed key, or a raw ``uint32[2]`` key."""
+    if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        return seed
+    if isinstance(seed, jax.Array) and seed.dtype == jnp.uint32 and seed.shape == (2,):
+        return jax.random.wrap_key_data(seed)
+    if jnp.ndim(seed) != 0 or not jnp.issubdtype(jnp.result_type(seed), jnp.integer):
+        raise TypeError(f"seed must be an int or a JAX PRNG key, got {seed!r}")
+    return jax.random.key(seed)
+
+
+class ScaleByAccumulationState(NamedTuple):
+    """State of `scale_by_accumulation`."""
+
+    count: jax.Array
+    accumulator: optax.Updates
+    momentum: optax.Updates | None  # None when momentum is the constant 0
+
+
+def scale_by_accumulation(
+    learning_rate: ScalarOrSchedule,
+    *,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    reset_every: int | None = None,
+    state_dtype: Any = jnp.float32,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Replaces the gradient by a never-reset sum of SGD steps (SGDAT's accumulator).
+
+    .. math::
+        d_t &= g_t + \lambda w \\
+        b_t &= \mu b_{t-1} + (1 - \tau) g_t, \quad
+        d_t \leftarrow d_t + \mu b_t \text{ (nesterov) or } b_t \qquad (\text{only if } \mu > 0) \\
+        a_t &= a_{t-1} + \eta_t d_t, \qquad \text{output } a_t
+
+    The momentum buffer is fed the raw gradient, as in the reference code, so with plain (not
+    Nesterov) momentum the weight decay :math:`\lambda` has no effect. The accumulator is never
+    clipped or reset (Gu Shan et al., "SGD with Adaptive Threshold", Neurocomputing 2023).
+
+    Args:
+      learning_rate: :math:`\eta` > 0; float or schedule.
+      momentum: :math:`\mu` >= 0. With the constant 0 no momentum buffer is kept.
+      nesterov: Nesterov momentum.
+      dampening: :math:`\tau` in [0, 1].
+      weight_decay: :math:`\lambda` >= 0; needs ``params`` when not 0.
+      reset_every: if set, the momentum buffer is zeroed before updates ``k * reset_every``
+        (``k >= 1``): the reference script rebuilds its optimizer every epoch.
+      state_dtype: dtype of the accumulator and the momentum buffer.
+    """
+    _checks.check_positive("learning_rate", learning_rate)
+    _checks.check_nonnegative("momentum", momentum, schedule_ok=False)
+    _checks.check_scalar(
+        "dampening", dampening, lambda x: 0.0 <= x <= 1.0, "in [0, 1]", schedule_ok=False
+    )
+    _checks.check_nonnegative("weight_decay", weight_decay, schedule_ok=False)
+    _check_reset_every(reset_every)
+    dtype = _checks.check_state_dtype("state_dtype", state_dtype)
+    use_momentum = not (_checks.is_concrete(momentum) and momentum == 0)
+    use_decay = not (_checks.is_concrete(weight_decay) and weight_decay == 0)
+
+    def init_fn(params):
+        return ScaleByAccumulationState(
+            count=jnp.zeros([], jnp.int32),
+            accumulator=_zeros(params, dtype),
+            momentum=_zeros(params, dtype) if use_momentum else None,
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        lr = _value(learning_rate, state.count, dtype)
+        g = jax.tree.map(lambda x: x.astype(dtype), updates)
+        d = g
+        if use_decay:
+            if params is None:
+                raise ValueError(
+                    "scale_by_accumulation: `params` is required when weight_decay is not 0"
+                )
+            wd = jnp.asarray(weight_decay, dtype)
+            d = jax.tree.map(lambda x, w: x + wd * w.astype(dtype), g, params)
+        buf = state.momentum
+        if use_momentum:
+            mu = jnp.asarray(momentum, dtype)
+            damp = jnp.ones((), dtype) - jnp.asarray(dampening, dtype)
+            keep = _not_reset(state.count, reset_every, dtype)
+            buf = jax.tree.map(
+                lambda b, x: _keep_finite(mu * (b * keep) + damp * x, b * keep), buf, g
+            )
+            if nesterov:
+                d = jax.tree.map(lambda x, b: x + mu * b, d, buf)
+            else:
+                d = jax.tree.map(lambda x, b: jnp.where(mu > 0, b, x), d, buf)
+        acc = jax.tree.map(lambda a, x: _keep_finite(a + lr * x, a), state.accumulator, d)
+        return acc, ScaleByAccumulationState(optax.safe_increment(state.count), acc, buf)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_reset_every(reset_every):
+    if reset_every is not None and (
+        isinstance(reset_every, bool) or not isinstance(reset_every, int) or reset_every < 1
+    ):
+        raise ValueError(f"reset_every must be None or an int >= 1, got {reset_every!r}")
+
+
+def _not_reset(count: jax.Array, reset_every: int | None, dtype) -> jax.Array:
+    """0 before updates ``k * reset_every`` (k >= 1), else 1."""
+    if reset_every is None:
+        return jnp.ones((), dtype)
+    reset = (count > 0) & (count % reset_every == 0)
+    return jnp.where(reset, 0, 1).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flip rules.
+
+
+class FlipState(NamedTuple):
+    """State of `flip_by_threshold` and `flip_to_descent_sign`."""
+
+    count: jax.Array
+
+
+def flip_by_threshold(threshold: ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+    r"""Flips each binary weight whose signal agrees with it by more than a threshold.
+
+    .. math::
+        \text{flip} = w\,s > \tau_t, \qquad
+        w' = \mathrm{sign0}(-w) \text{ if flip else } \mathrm{sign0}(w), \qquad u = w' - w.
+
+    For :math:`w = \pm 1` a flip happens when :math:`|s| > \tau` and :math:`s` has the sign of
+    :math:`w` (the signal says "decrease"), and the update is :math:`-2w`. On an exact tie
+    :math:`w s = \tau` the weight is kept (Larq's Bop instead sets it to +1). A real-valued
+    :math:`w` is binarized by the first update. This is the flip rule of Bop (Helwegen et al.,
+    NeurIPS 2019), Bop2ndOrder and CEMA. Must be the last transform of its chain; needs
+    ``params``.
+
+    Args:
+      threshold: :math:`\tau` >= 0; float or schedule.
+    """
+    _checks.check_nonnegative("threshold", threshold)
+
+    def init_fn(params):
+        del params
+        return FlipState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        _checks.check_params("flip_by_threshold", updates, params)
+
+        def flip(s, w):
+            tau = _value(threshold, state.count, jnp.result_type(s))
+            w_new = jnp.where(w * s > tau, sign0(-w), sign0(w))
+            return _flip_update(w, w_new)
+
+        return jax.tree.map(flip, updates, params), FlipState(optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def flip_to_descent_sign() -> optax.GradientTransformationExtraArgs:
+    r"""Sets each binary weight to the descent direction of its signal.
+
+    .. math::
+        w' = -1 \text{ if } s > 0 \text{ else } +1, \qquad u = w' - w,
+
+    so ``s == 0`` gives +1, and a NaN signal keeps ``sign0(w)``. This is Diode's rule (Guo et al.,
+    ECCV 2024), where ``s`` is the sign EMA of `scale_by_sign_ema`; a real-valued ``w`` is
+    binarized by the first update (Diode's reference flips ``w`` to ``-w`` and never binarizes;
+    both agree on binary weights). Must be the last transform of its chain; needs ``params``.
+    """
+
+    def init_fn(params):
+        del params
+        return FlipState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        _checks.check_params("flip_to_descent_sign", updates, params)
+
+        def flip(s, w):
+            w_new = jnp.where(jnp.isnan(s), sign0(w), sign0(-s).astype(w.dtype))
+            return _flip_update(w, w_new)
+
+        return jax.tree.map(flip, updates, params), FlipState(optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class AdaptiveFlipState(NamedTuple):
+    """State of `flip_by_adaptive_threshold`."""
+
+    count: jax.Array
+    flips: optax.Updates  # per-weight flip count n, integer
+
+
+def flip_by_adaptive_threshold(
+    threshold: ScalarOrSchedule,
+    *,
+    eps: float = 0.0,
+    reset_every: int | None = None,
+    count_dtype: Any = jnp.int32,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Moves each weight to the descent sign of its signal once it beats its own threshold.
+
+    .. math::
+        \text{move} = |s| > \tau_t n + \epsilon, \qquad
+        w' = \mathrm{sign0}(-s) \text{ if move else } \mathrm{sign0}(w), \qquad
+        n \leftarrow n + [w' \ne \mathrm{sign0}(w)], \qquad u = w' - w.
+
+    The per-weight threshold grows with the weight's own flip count ``n``, so a weight that has
+    flipped often needs an ever stronger signal (SGDAT, Gu Shan et al., Neurocomputing 2023).
+    With ``n = 0`` the threshold is ``eps``. A real-valued ``w`` is binarized by the first update;
+    binarizing is not counted as a flip. A NaN signal never moves a weight. Must be the last
+    transform of its chain; needs ``params``.
+
+    Args:
+      threshold: :math:`\tau` >= 0; float or schedule.
+      eps: :math:`\epsilon` >= 0 (the published runs used 1e-8; default 0).
+      reset_every: if set, the flip counts are zeroed before updates ``k * reset_every``
+        (``k >= 1``), as the reference does by rebuilding its optimizer each epoch.
+      count_dtype: integer dtype of the flip counts (saturating: a count never wraps around).
+    """
+    _checks.check_nonnegative("threshold", threshold)
+    _checks.check_nonnegative("eps", eps, schedule_ok=False)
+    _check_reset_every(reset_every)
+    cdt = jnp.dtype(count_dtype)
+    if not jnp.issubdtype(cdt, jnp.integer):
+        raise TypeError(f"count_dtype must be an integer dtype, got {cdt}")
+    cmax = jnp.iinfo(cdt).max
+
+    def init_fn(params):
+        return AdaptiveFlipState(count=jnp.zeros([], jnp.int32), flips=_zeros(params, cdt))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        _checks.check_params("flip_by_adaptive_threshold", updates, params)
+        keep = _not_reset(state.count, reset_every, cdt)
+
+        def step(s, w, n):
+            n = n * keep
+            dt = jnp.result_type(s)
+            tau = _value(threshold, state.count, dt)
+            move = jnp.abs(s) > tau * n.astype(dt) + jnp.asarray(eps, dt)
+            old = sign0(w)
+            w_new = jnp.where(move, sign0(-s).astype(w.dtype), old)
+            flipped = w_new != old
+            n = jnp.where(flipped & (n < cmax), n + 1, n)
+            return _flip_update(w, w_new), n
+
+        out = jax.tree.map(step, updates, params, state.flips)
+        u = jax.tree.map(lambda _, o: o[0], updates, out)
+        n = jax.tree.map(lambda _, o: o[1], updates, out)
+        return u, AdaptiveFlipState(optax.safe_increment(state.count), n)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent weights.
+
+
+def clip_latent(limit: float = 1.0) -> optax.GradientTransformationExtraArgs:
+    r"""Keeps latent weights in ``[-limit, limit]`` after the update (BinaryConnect's clip).
+
+    The update becomes :math:`\mathrm{clip}(w + u, -l, l) - w`, corrected by one ulp where float
+    rounding would land ``w + u`` just outside the box, so ``optax.apply_updates`` always gives
+    ``|w| <= l``. Chain it last after any Optax optimizer to train latent real-valued weights
+    whose forward pass uses ``sign0(w)`` with a straight-through estimator (Courbariaux et al.,
+    2015; Larq's ``weight_clip``). Needs ``params``.
+
+    Args:
+      limit: :math:`l` > 0.
+    """
+    _checks.check_positive("limit", limit, schedule_ok=False)
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        _checks.check_params("clip_latent", updates, params)
+
+        def clip(u, w):
+            lim = jnp.asarray(limit, w.dtype)
+            u = (jnp.clip(w + u.astype(w.dtype), -lim, lim) - w).astype(w.dtype)
+            new = w + u
+            u = jnp.where(new > lim, jnp.nextafter(u, -jnp.inf), u)
+            return jnp.where(new < -lim, jnp.nextafter(u, jnp.inf), u)
+
+        return jax.tree.map(clip, updates, params), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
