@@ -2,7 +2,7 @@
 
 from binax.metrics import flip_counts, flip_metrics
 from binax.optimizers import bop, bop2nd_order, cema, diode, sgdat
-from binax.partition import binary_mask, partition
+from binax.partition import binarize, binary_mask, partition
 from binax.transforms import (
     clip_latent,
     flip_by_adaptive_threshold,
@@ -18,6 +18,7 @@ from binax.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "binarize",
     "binary_mask",
     "bop",
     "bop2nd_order",

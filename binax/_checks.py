@@ -126,3 +126,13 @@ def check_float_leaves(transform: str, params: Any) -> None:
                 "weights must be stored in a floating dtype (float32, bfloat16, ...) "
                 "holding +1/-1"
             )
+
+
+def check_reset_every(name: str, value: Any) -> None:
+    """None, or an int >= 1 (an integer array is accepted for `optax.inject_hyperparams`)."""
+    if value is None or isinstance(value, jax.core.Tracer):
+        return
+    ok = not isinstance(value, bool) and jnp.ndim(value) == 0
+    ok = ok and jnp.issubdtype(jnp.result_type(value), jnp.integer)
+    if not ok or int(value) < 1:
+        raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")

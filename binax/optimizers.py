@@ -56,6 +56,7 @@ def bop(
       Helwegen et al., `Latent Weights Do Not Exist: Rethinking Binarized Neural Network
       Optimization <https://arxiv.org/abs/1906.02107>`_, 2019.
     """
+    _checks.check_rate("gamma", gamma)
     return optax.chain(
         T.scale_by_ema(gamma, state_dtype=state_dtype),
         T.flip_by_threshold(threshold),
@@ -150,6 +151,7 @@ def sgdat(
       Gu Shan et al., `SGDAT: An optimization method for binary neural networks
       <https://doi.org/10.1016/j.neucom.2023.126431>`_, Neurocomputing 555, 2023.
     """
+    _checks.check_reset_every("flip_count_reset_every", flip_count_reset_every)
     return optax.chain(
         T.scale_by_accumulation(
             learning_rate,
@@ -238,6 +240,8 @@ def cema(
       Quist, Li and van Gemert, `Understanding weight-magnitude hyperparameters in training
       binary networks <https://openreview.net/forum?id=uBKBoix9NXa>`_, ICLR 2023.
     """
+    _checks.check_rate("gamma", gamma)
+    _checks.check_rate("alpha", alpha)
     return optax.chain(
         T.scale_by_ema(gamma, state_dtype=state_dtype),
         T.scale_by_ema(alpha, state_dtype=state_dtype),

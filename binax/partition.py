@@ -96,6 +96,23 @@ def binary_mask(is_binary: IsBinary, tree: Any) -> Any:
     return mask
 
 
+def binarize(params: Any, is_binary: IsBinary | None = None) -> Any:
+    """Replaces each binary leaf by its ``sign0`` (+1 where >= 0, else -1), keeping its dtype.
+
+    Use it to start a flip-rule optimizer from exactly binary weights when the model initialises
+    its binary kernels with real values. ``is_binary`` as in `binary_mask`; ``None`` binarizes
+    every leaf.
+    """
+    from binax.transforms import sign0
+
+    mask = (
+        jax.tree.map(lambda _: True, params)
+        if is_binary is None
+        else binary_mask(is_binary, params)
+    )
+    return jax.tree.map(lambda p, m: sign0(p) if m else p, params, mask)
+
+
 def partition(
     binary: optax.GradientTransformation,
     real: optax.GradientTransformation,

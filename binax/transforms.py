@@ -21,8 +21,13 @@ happened for it), and no statistic can be poisoned for good. A flip rule given a
 the weight. So no gradient can turn a weight into NaN or move it off {-1, +1}. To skip whole steps
 with non-finite gradients instead, wrap the optimizer in `optax.apply_if_finite`.
 
-Real-valued weights. Every flip rule writes ``sign0`` of something, so a real-valued leaf (for
-example a Glorot-initialised kernel) is binarized by its first update, as Bop's reference code does.
+Real-valued weights. Every flip rule computes the new weight as ``sign0`` of something, so a
+real-valued leaf (for example a Glorot-initialised kernel) is binarized by its first update, as
+Bop's reference code does. Through an additive update this is exact where the new weight has the
+sign of the old one; where the sign changes, ``w + (w' - w)`` can round to within a few ulps of
+``w'`` (``0.3 + (-1 - 0.3)`` is not exactly ``-1`` in float32), with the right sign. Weights that
+start exactly at +1/-1 stay exactly there, in any float dtype. To start exactly binary, apply
+`binax.binarize` to the params first (the `binax.nn` layers initialise binary kernels exactly).
 """
 
 from __future__ import annotations
@@ -331,10 +336,11 @@ def scale_by_accumulation(
         "dampening", dampening, lambda x: 0.0 <= x <= 1.0, "in [0, 1]", schedule_ok=False
     )
     _checks.check_nonnegative("weight_decay", weight_decay, schedule_ok=False)
-    _check_reset_every(reset_every)
+    _checks.check_reset_every("reset_every", reset_every)
     dtype = _checks.check_state_dtype("state_dtype", state_dtype)
-    use_momentum = not (_checks.is_concrete(momentum) and momentum == 0)
-    use_decay = not (_checks.is_concrete(weight_decay) and weight_decay == 0)
+    # Only a Python 0 drops the buffer: under inject_hyperparams both init and update see arrays.
+    use_momentum = not (isinstance(momentum, (int, float)) and momentum == 0)
+    use_decay = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
     def init_fn(params):
         return ScaleByAccumulationState(
@@ -371,13 +377,6 @@ def scale_by_accumulation(
         return acc, ScaleByAccumulationState(optax.safe_increment(state.count), acc, buf)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _check_reset_every(reset_every):
-    if reset_every is not None and (
-        isinstance(reset_every, bool) or not isinstance(reset_every, int) or reset_every < 1
-    ):
-        raise ValueError(f"reset_every must be None or an int >= 1, got {reset_every!r}")
 
 
 def _not_reset(count: jax.Array, reset_every: int | None, dtype) -> jax.Array:
@@ -500,7 +499,7 @@ def flip_by_adaptive_threshold(
     """
     _checks.check_nonnegative("threshold", threshold)
     _checks.check_nonnegative("eps", eps, schedule_ok=False)
-    _check_reset_every(reset_every)
+    _checks.check_reset_every("reset_every", reset_every)
     cdt = jnp.dtype(count_dtype)
     if not jnp.issubdtype(cdt, jnp.integer):
         raise TypeError(f"count_dtype must be an integer dtype, got {cdt}")
