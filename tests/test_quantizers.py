@@ -1,0 +1,179 @@
+"""Quantizers: exact forward values and surrogate gradients (reverse and forward mode)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from binax import quantizers as q
+
+# Boundaries included: 0, +-1 (the default clip), +-0.5, +-1.3 and values far outside.
+X = np.array(
+    [-3.0, -1.3, -1.0, -0.999, -0.5, -1e-7, 0.0, 1e-7, 0.5, 0.999, 1.0, 1.3, 3.0], np.float32
+)
+
+
+def sign0_np(x):
+    return np.where(x >= 0, 1.0, -1.0).astype(x.dtype)
+
+
+def grads(f, x):
+    """(reverse-mode, forward-mode) elementwise derivative of ``f`` at ``x``."""
+    rev = jax.grad(lambda v: jnp.sum(f(v)))(x)
+    _, fwd = jax.jvp(f, (x,), (jnp.ones_like(x),))
+    return np.asarray(rev), np.asarray(fwd)
+
+
+def swish_slope_np(x, beta):
+    x = x.astype(np.float64)
+    return beta * (2 - beta * x * np.tanh(beta * x / 2)) / (1 + np.cosh(beta * x))
+
+
+CASES = [
+    ("ste_sign", q.ste_sign, sign0_np, lambda x: (np.abs(x) <= 1.0).astype(np.float32)),
+    (
+        "ste_sign clip 1.3",
+        functools.partial(q.ste_sign, clip_value=1.3),
+        sign0_np,
+        lambda x: (np.abs(x) <= np.float32(1.3)).astype(np.float32),
+    ),
+    (
+        "ste_sign clip 0.5",
+        functools.partial(q.ste_sign, clip_value=0.5),
+        sign0_np,
+        lambda x: (np.abs(x) <= 0.5).astype(np.float32),
+    ),
+    (
+        "ste_sign clip None",
+        functools.partial(q.ste_sign, clip_value=None),
+        sign0_np,
+        np.ones_like,
+    ),
+    (
+        "approx_sign",
+        q.approx_sign,
+        sign0_np,
+        lambda x: np.where(np.abs(x) <= 1, 2 - 2 * np.abs(x), 0.0),
+    ),
+    ("swish_sign", q.swish_sign, sign0_np, lambda x: swish_slope_np(x, 5.0)),
+    (
+        "swish_sign beta 2",
+        functools.partial(q.swish_sign, beta=2.0),
+        sign0_np,
+        lambda x: swish_slope_np(x, 2.0),
+    ),
+    (
+        "ste_heaviside",
+        q.ste_heaviside,
+        lambda x: (x > 0).astype(x.dtype),
+        lambda x: (np.abs(x) <= 1.0).astype(np.float32),
+    ),
+]
+
+
+@pytest.mark.parametrize("name,fn,forward,slope", CASES, ids=[c[0] for c in CASES])
+def test_forward_and_gradients(name, fn, forward, slope):
+    x = jnp.asarray(X)
+    y = fn(x)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(y), forward(X))
+    rev, fwd = grads(fn, x)
+    np.testing.assert_allclose(rev, slope(X), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fwd, slope(X), rtol=1e-5, atol=1e-7)
+
+
+def test_sign0_maps_zero_to_plus_one():
+    x = jnp.array([-0.0, 0.0, -1e-30, 1e-30])
+    np.testing.assert_array_equal(q.sign0(x), [1.0, 1.0, -1.0, 1.0])
+    np.testing.assert_array_equal(q.ste_sign(x), [1.0, 1.0, -1.0, 1.0])
+
+
+def test_boundaries_exactly_inclusive():
+    # The gradient passes at |x| == clip_value exactly (Larq: abs(x) <= clip_value).
+    for clip in (1.0, 0.25, 2.0):
+        x = jnp.array([-clip, clip, np.nextafter(np.float32(clip), np.float32(9))])
+        rev, fwd = grads(functools.partial(q.ste_sign, clip_value=clip), x)
+        np.testing.assert_array_equal(rev, [1.0, 1.0, 0.0])
+        np.testing.assert_array_equal(fwd, [1.0, 1.0, 0.0])
+
+
+def test_magnitude_aware_sign():
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(3, 3, 4, 5)) * 0.5, jnp.float32)
+    y = q.magnitude_aware_sign(w)
+    scale = np.mean(np.abs(np.asarray(w)), axis=(0, 1, 2))
+    np.testing.assert_allclose(y, scale * sign0_np(np.asarray(w)), rtol=1e-6)
+    # The scale is not differentiated: gradient = scale * 1{|w| <= 1}.
+    want = np.broadcast_to(scale, w.shape) * (np.abs(np.asarray(w)) <= 1)
+    rev, fwd = grads(q.magnitude_aware_sign, w)
+    np.testing.assert_allclose(rev, want, rtol=1e-6)
+    np.testing.assert_allclose(fwd, want, rtol=1e-6)
+
+
+def test_gradient_scales_incoming_cotangent():
+    x = jnp.asarray(X)
+    ct = jnp.linspace(-2.0, 2.0, X.size)
+    for fn, slope in ((q.ste_sign, np.abs(X) <= 1), (q.approx_sign, None)):
+        _, vjp = jax.vjp(fn, x)
+        (g,) = vjp(ct)
+        if slope is None:
+            slope = np.where(np.abs(X) <= 1, 2 - 2 * np.abs(X), 0.0)
+        np.testing.assert_allclose(g, np.asarray(ct) * slope, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", q.names())
+def test_jit_vmap_bfloat16(name):
+    fn = q.get(name)
+    x = jnp.asarray(X).astype(jnp.bfloat16)
+    y = jax.jit(jax.vmap(fn))(x[:, None])[:, 0]
+    assert y.dtype == jnp.bfloat16
+    if name != "magnitude_aware_sign":  # that one multiplies by mean |x|
+        assert set(np.unique(np.asarray(y, np.float32))) <= {-1.0, 0.0, 1.0}
+    g = jax.grad(lambda v: jnp.sum(fn(v).astype(jnp.float32)))(x)
+    assert g.dtype == jnp.bfloat16
+    assert np.all(np.isfinite(np.asarray(g, np.float32)))
+
+
+def test_swish_sign_far_tails_are_finite():
+    x = jnp.array([-1e4, -100.0, 100.0, 1e4])
+    rev, fwd = grads(q.swish_sign, x)
+    assert np.all(np.isfinite(rev)) and np.all(np.isfinite(fwd))
+    np.testing.assert_allclose(rev, 0.0, atol=1e-30)
+
+
+def test_second_order_works():
+    # The surrogate of ste_sign is piecewise linear: its second derivative is zero.
+    h = jax.hessian(lambda v: jnp.sum(q.ste_sign(v)))(jnp.asarray(X))
+    np.testing.assert_array_equal(h, 0.0)
+    # approx_sign's surrogate 2x + x|x| has second derivative -2 sign(x) inside (0, 1).
+    x = jnp.array([-0.5, 0.25, 0.75, 2.0])
+    d2 = jax.grad(jax.grad(lambda v: q.approx_sign(v)))
+    np.testing.assert_allclose(jax.vmap(d2)(x), [2.0, -2.0, -2.0, 0.0])
+
+
+def test_get_resolves_names_callables_none():
+    for name in q.names():
+        assert callable(q.get(name))
+    assert q.get("ste_sign") is q.ste_sign
+    assert q.get(None) is None
+    f = functools.partial(q.ste_sign, clip_value=2.0)
+    assert q.get(f) is f
+    with pytest.raises(ValueError, match="unknown quantizer 'sgn'.*ste_sign"):
+        q.get("sgn")
+    with pytest.raises(ValueError, match="kernel_quantizer"):
+        q.get(3, argname="kernel_quantizer")
+
+
+def test_precision():
+    assert q.precision("ste_sign") == 1
+    assert q.precision(q.approx_sign) == 1
+    assert q.precision(functools.partial(q.swish_sign, beta=2.0)) == 1
+    assert q.precision(None) == 32
+    assert q.precision(jnp.tanh) is None
+
+    def custom(x):
+        return jnp.sign(x)
+
+    custom.precision = 1
+    assert q.precision(custom) == 1
