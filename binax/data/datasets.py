@@ -23,6 +23,7 @@ from binax.data import cifar
 from binax.data import fetch as dl
 from binax.data.errors import DataFormatError, DatasetNotFoundError
 from binax.data.idx import read_idx_images_labels
+from binax.data.pipeline import SPLIT_STREAM, example_random_bits
 
 SPLITS = ("train", "test")
 
@@ -98,15 +99,17 @@ def stratified_split(labels, test_fraction, seed):
     """Return ``(train_indices, test_indices)``, a seeded split stratified by class.
 
     Each class contributes ``round(test_fraction * count)`` examples to the test side;
-    both index arrays are sorted. The result is a pure function of the arguments.
+    both index arrays are sorted. The result is a pure function of the arguments, built
+    on integer hashing only, so it is the same on every machine and NumPy version.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    rng = np.random.default_rng(seed)
+    bits = example_random_bits(seed, 0, np.arange(len(labels)), SPLIT_STREAM)
     test = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        test.append(rng.permutation(members)[: int(round(test_fraction * len(members)))])
+        shuffled = members[np.argsort(bits[members], kind="stable")]
+        test.append(shuffled[: int(round(test_fraction * len(members)))])
     test = np.sort(np.concatenate(test))
     train = np.setdiff1d(np.arange(len(labels)), test)
     return train, test

@@ -32,11 +32,45 @@ def _check_nonneg_int(value, name):
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
-def epoch_permutation(num_examples, seed, epoch):
-    """Return the order of the examples in ``epoch``: a pure function of its arguments."""
+_GOLDEN = 0x9E3779B97F4A7C15
+#: Independent random streams drawn from the same (seed, epoch): the shuffle must not be
+#: correlated with the augmentation.
+AUGMENT_STREAM = 0
+SHUFFLE_STREAM = 1
+SPLIT_STREAM = 2
+
+
+def _mix64(x):
+    """SplitMix64 finaliser: a bijective scrambling of uint64 values (wraps mod 2**64)."""
+    x = np.asarray(x, np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def example_random_bits(seed, epoch, indices, stream=AUGMENT_STREAM):
+    """Return 64 pseudo-random bits per example index.
+
+    A pure function of ``(seed, epoch, stream, index)`` built from SplitMix64 integer
+    hashing only, so it gives the same bits on every machine and NumPy version.
+    """
     _check_nonneg_int(seed, "seed")
     _check_nonneg_int(epoch, "epoch")
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_examples)
+    with np.errstate(over="ignore"):
+        key = _mix64(_mix64(np.uint64(seed) + np.uint64(_GOLDEN)) + np.uint64(epoch))
+        key = _mix64(key + np.uint64(stream) + np.uint64(_GOLDEN))
+        return _mix64(np.asarray(indices, np.uint64) * np.uint64(_GOLDEN) + key)
+
+
+def epoch_permutation(num_examples, seed, epoch):
+    """Return the order of the examples in ``epoch``: a pure function of its arguments.
+
+    The examples are sorted by :func:`example_random_bits` of the shuffle stream, so the
+    order is the same on every machine and NumPy version.
+    """
+    bits = example_random_bits(seed, epoch, np.arange(num_examples), SHUFFLE_STREAM)
+    return np.argsort(bits, kind="stable")
 
 
 def num_batches(num_examples, batch_size, drop_remainder=True):
@@ -123,26 +157,6 @@ def batches(
 
 
 # ---------------------------------------------------------------- augmentation
-
-_GOLDEN = 0x9E3779B97F4A7C15
-
-
-def _mix64(x):
-    """SplitMix64 finaliser: a bijective scrambling of uint64 values (wraps mod 2**64)."""
-    x = np.asarray(x, np.uint64)
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def example_random_bits(seed, epoch, indices):
-    """Return 64 pseudo-random bits per example: a pure function of (seed, epoch, index)."""
-    _check_nonneg_int(seed, "seed")
-    _check_nonneg_int(epoch, "epoch")
-    with np.errstate(over="ignore"):
-        key = _mix64(_mix64(np.uint64(seed) + np.uint64(_GOLDEN)) + np.uint64(epoch))
-        return _mix64(np.asarray(indices, np.uint64) * np.uint64(_GOLDEN) + key)
 
 
 def random_crop_flip(images, seed, epoch=0, indices=None, pad=4, flip=True):
