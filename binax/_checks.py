@@ -40,7 +40,8 @@ def check_scalar(
         arr = np.asarray(value)
     except Exception as e:  # pragma: no cover - exotic objects
         raise TypeError(f"{name} must be a real number, got {value!r}") from e
-    if arr.ndim != 0 or arr.dtype.kind not in "biuf":
+    numeric = arr.dtype.kind in "biuf" or jnp.issubdtype(arr.dtype, jnp.floating)  # bf16: "V"
+    if arr.ndim != 0 or not numeric:
         raise TypeError(f"{name} must be a real scalar (or an Optax schedule), got {value!r}")
     x = float(arr)
     if math.isnan(x) or not ok(x):
@@ -76,6 +77,9 @@ def check_positive(name: str, value: Any, *, schedule_ok: bool = True) -> None:
 
 
 def check_state_dtype(name: str, dtype: Any) -> jnp.dtype:
+    """A floating dtype; ``None`` means float32."""
+    if dtype is None:
+        return jnp.dtype(jnp.float32)
     try:
         dt = jnp.dtype(dtype)
     except TypeError as e:

@@ -26,7 +26,7 @@ def bop(
     threshold: ScalarOrSchedule = 1e-8,
     gamma: ScalarOrSchedule = 1e-4,
     *,
-    state_dtype: Any = jnp.float32,
+    state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Bop, the binary optimizer (Helwegen et al., NeurIPS 2019).
 
@@ -41,7 +41,7 @@ def bop(
     Args:
       threshold: :math:`\tau` >= 0 (default 1e-8, Larq's current default and the paper's).
       gamma: adaptivity rate :math:`\gamma` in (0, 1] (default 1e-4).
-      state_dtype: dtype of :math:`m`.
+      state_dtype: dtype (default float32) of :math:`m`.
 
     Examples:
       >>> import jax.numpy as jnp, optax, binax
@@ -70,7 +70,7 @@ def bop2nd_order(
     bias_correction: str | None = None,
     eps: float = 1e-10,
     *,
-    state_dtype: Any = jnp.float32,
+    state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Bop2ndOrder: Bop on the ratio of first- and second-moment EMAs.
 
@@ -90,7 +90,7 @@ def bop2nd_order(
       sigma: second-moment rate in (0, 1] (default 1e-2).
       bias_correction: ``None``, ``"rate"`` or ``"adam"``.
       eps: :math:`\epsilon` (default 1e-10).
-      state_dtype: dtype of :math:`m, v`.
+      state_dtype: dtype (default float32) of :math:`m, v`.
 
     References:
       Suarez-Ramirez et al., `A Bop and Beyond: A Second Order Optimizer for Binarized Neural
@@ -114,8 +114,8 @@ def sgdat(
     eps: float = 0.0,
     flip_count_reset_every: int | None = None,
     *,
-    state_dtype: Any = jnp.float32,
-    count_dtype: Any = jnp.int32,
+    state_dtype: Any = None,
+    count_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGDAT: SGD with an adaptive, per-weight flip threshold.
 
@@ -144,7 +144,7 @@ def sgdat(
       weight_decay: >= 0.
       eps: :math:`\epsilon` >= 0 added to the threshold.
       flip_count_reset_every: ``None`` or a number of steps.
-      state_dtype: dtype of the accumulator and momentum buffer.
+      state_dtype: dtype (default float32) of the accumulator and momentum buffer.
       count_dtype: integer dtype of the flip counts (int8/int16 save memory; counts saturate).
 
     References:
@@ -175,7 +175,7 @@ def diode(
     init_scale: float = 1e-3,
     seed: int | jax.Array = 0,
     *,
-    state_dtype: Any = jnp.float32,
+    state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Diode: stochastic sign descent for binary weights.
 
@@ -197,14 +197,15 @@ def diode(
       b2: sign EMA decay in [0, 1) (default 0.9999).
       init_scale: scale of the random initial state (default 1e-3).
       seed: int or PRNG key for the initial state.
-      state_dtype: dtype of :math:`m_1, m_2`.
+      state_dtype: dtype (default float32) of :math:`m_1, m_2`.
 
     References:
       Guo, Guo, Meinel and Yang, "Stochastic Sign Descent", ECCV 2024 (reference code:
       GreenBitAI/bitorch-engine, ``bitorch_engine/optim/diode_beta.py``).
     """
     _checks.check_beta("b1", b1)
-    rate1 = jnp.ones((), state_dtype) - jnp.asarray(b1, state_dtype)
+    dtype = _checks.check_state_dtype("state_dtype", state_dtype)
+    rate1 = jnp.ones((), dtype) - jnp.asarray(b1, dtype)
     return optax.chain(
         T.scale_by_ema(rate1, state_dtype=state_dtype),
         T.scale_by_sign_ema(
@@ -218,7 +219,7 @@ def cema(
     gamma: ScalarOrSchedule,
     alpha: ScalarOrSchedule,
     *,
-    state_dtype: Any = jnp.float32,
+    state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""CEMA: Bop on a cascade of two EMAs (Quist, Li and van Gemert, ICLR 2023).
 
@@ -234,7 +235,7 @@ def cema(
     Args:
       gamma: gradient EMA rate in (0, 1].
       alpha: inertia EMA rate in (0, 1].
-      state_dtype: dtype of :math:`m, i`.
+      state_dtype: dtype (default float32) of :math:`m, i`.
 
     References:
       Quist, Li and van Gemert, `Understanding weight-magnitude hyperparameters in training

@@ -60,7 +60,8 @@ def _keep_finite(new: jax.Array, old: jax.Array) -> jax.Array:
 
 
 def _zeros(params: Any, dtype) -> Any:
-    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
+    """Zeros like ``params`` (shape and sharding) in ``dtype``."""
+    return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype), params)
 
 
 def _ema(m: jax.Array, x: jax.Array, rate: jax.Array) -> jax.Array:
@@ -86,7 +87,7 @@ class ScaleByEmaState(NamedTuple):
 def scale_by_ema(
     rate: ScalarOrSchedule,
     *,
-    state_dtype: Any = jnp.float32,
+    state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Replaces the gradient by its exponential moving average.
 
@@ -98,7 +99,7 @@ def scale_by_ema(
 
     Args:
       rate: :math:`\gamma`, in (0, 1]; a float or an Optax schedule of the update count.
-      state_dtype: dtype of the moving average (and of the output).
+      state_dtype: dtype (default float32) of the moving average (and of the output).
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -137,7 +138,7 @@ def scale_by_moment_ratio(
     *,
     bias_correction: str | None = None,
     eps: float = 1e-10,
-    state_dtype: Any = jnp.float32,
+    state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Replaces the gradient by the ratio of its first- and second-moment EMAs.
 
@@ -162,7 +163,7 @@ def scale_by_moment_ratio(
       sigma: second-moment rate, in (0, 1]; float or schedule.
       bias_correction: ``None``, ``"rate"`` or ``"adam"``.
       eps: added to the root of the second moment; >= 0.
-      state_dtype: dtype of both moments (and of the output).
+      state_dtype: dtype (default float32) of both moments (and of the output).
     """
     _checks.check_rate("gamma", gamma)
     _checks.check_rate("sigma", sigma)
@@ -221,7 +222,7 @@ def scale_by_sign_ema(
     *,
     init_scale: float = 1e-3,
     seed: int | jax.Array = 0,
-    state_dtype: Any = jnp.float32,
+    state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Replaces the incoming signal by an EMA of its learning-rate-scaled sign.
 
@@ -240,7 +241,7 @@ def scale_by_sign_ema(
       b2: decay :math:`\beta_2` of the sign EMA, in [0, 1).
       init_scale: :math:`s_0` >= 0.
       seed: an int or a JAX PRNG key for the initial state.
-      state_dtype: dtype of the EMA (and of the output).
+      state_dtype: dtype (default float32) of the EMA (and of the output).
     """
     _checks.check_positive("learning_rate", learning_rate)
     _checks.check_beta("b2", b2)
@@ -258,7 +259,9 @@ def scale_by_sign_ema(
         keys = jax.random.split(key, max(len(leaves), 1))
         scale = jnp.asarray(init_scale, dtype)
         ema = [
-            -sign0(w).astype(dtype) * jax.random.uniform(k, jnp.shape(w), dtype) * scale
+            -sign0(w).astype(dtype)
+            * jax.random.uniform(k, jnp.shape(w), dtype, out_sharding=jax.typeof(w).sharding)
+            * scale
             for w, k in zip(leaves, keys, strict=False)
         ]
         return ScaleBySignEmaState(
@@ -306,7 +309,7 @@ def scale_by_accumulation(
     dampening: float = 0.0,
     weight_decay: float = 0.0,
     reset_every: int | None = None,
-    state_dtype: Any = jnp.float32,
+    state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Replaces the gradient by a never-reset sum of SGD steps (SGDAT's accumulator).
 
@@ -328,7 +331,7 @@ def scale_by_accumulation(
       weight_decay: :math:`\lambda` >= 0; needs ``params`` when not 0.
       reset_every: if set, the momentum buffer is zeroed before updates ``k * reset_every``
         (``k >= 1``): the reference script rebuilds its optimizer every epoch.
-      state_dtype: dtype of the accumulator and the momentum buffer.
+      state_dtype: dtype (default float32) of the accumulator and the momentum buffer.
     """
     _checks.check_positive("learning_rate", learning_rate)
     _checks.check_nonnegative("momentum", momentum, schedule_ok=False)
@@ -475,7 +478,7 @@ def flip_by_adaptive_threshold(
     *,
     eps: float = 0.0,
     reset_every: int | None = None,
-    count_dtype: Any = jnp.int32,
+    count_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Moves each weight to the descent sign of its signal once it beats its own threshold.
 
@@ -495,12 +498,13 @@ def flip_by_adaptive_threshold(
       eps: :math:`\epsilon` >= 0 (the published runs used 1e-8; default 0).
       reset_every: if set, the flip counts are zeroed before updates ``k * reset_every``
         (``k >= 1``), as the reference does by rebuilding its optimizer each epoch.
-      count_dtype: integer dtype of the flip counts (saturating: a count never wraps around).
+      count_dtype: integer dtype (default int32) of the flip counts (saturating: a count
+        never wraps around).
     """
     _checks.check_nonnegative("threshold", threshold)
     _checks.check_nonnegative("eps", eps, schedule_ok=False)
     _checks.check_reset_every("reset_every", reset_every)
-    cdt = jnp.dtype(count_dtype)
+    cdt = jnp.dtype(jnp.int32 if count_dtype is None else count_dtype)
     if not jnp.issubdtype(cdt, jnp.integer):
         raise TypeError(f"count_dtype must be an integer dtype, got {cdt}")
     cmax = jnp.iinfo(cdt).max

@@ -1,0 +1,216 @@
+"""The Optax contract, as Optax's own contrib tests check it, for every binax optimizer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import binax
+
+# Hyperparameters chosen so that flips happen within a few steps of the gradients below.
+OPTIMIZERS = {
+    "bop": (binax.bop, dict(threshold=1e-6, gamma=1e-2)),
+    "bop2nd_order": (binax.bop2nd_order, dict(threshold=1e-2, gamma=1e-2, sigma=1e-2)),
+    "bop2nd_order_adam": (
+        binax.bop2nd_order,
+        dict(threshold=0.3, gamma=1e-2, sigma=1e-2, bias_correction="adam"),
+    ),
+    "sgdat": (binax.sgdat, dict(learning_rate=1e-2, threshold=1e-6, eps=1e-9)),
+    "sgdat_momentum": (
+        binax.sgdat,
+        dict(learning_rate=1e-2, threshold=1e-6, momentum=0.9, flip_count_reset_every=5),
+    ),
+    "diode": (binax.diode, dict(learning_rate=1e-3, b1=0.9, b2=0.5, init_scale=1e-3)),
+    "cema": (binax.cema, dict(gamma=1e-2, alpha=0.5)),
+}
+NAMES = list(OPTIMIZERS)
+
+
+def make(name):
+    factory, kw = OPTIMIZERS[name]
+    return factory(**kw)
+
+
+def params_and_grads(dtype=jnp.float32, steps=12, seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = {"conv": (3, 3, 8, 16), "dense": (64, 16)}
+    params = {
+        k: jnp.asarray(np.where(rng.random(s) < 0.5, -1.0, 1.0), dtype) for k, s in shapes.items()
+    }
+    drift = {k: rng.normal(size=s) for k, s in shapes.items()}
+    grads = [
+        {k: jnp.asarray(1e-2 * (drift[k] + rng.normal(size=s)), dtype) for k, s in shapes.items()}
+        for _ in range(steps)
+    ]
+    return params, grads
+
+
+def run(tx, params, grads, jit=True):
+    state = tx.init(params)
+
+    def step(params, state, g):
+        u, state = tx.update(g, state, params)
+        return optax.apply_updates(params, u), state, u
+
+    step = jax.jit(step) if jit else step
+    history = []
+    for g in grads:
+        params, state, u = step(params, state, g)
+        history.append(params)
+    return history, state
+
+
+def assert_trees_equal(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def total_flips(history, params0):
+    prev, n = params0, 0
+    for p in history:
+        n += sum(
+            int(jnp.sum(a != b))
+            for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(prev), strict=True)
+        )
+        prev = p
+    return n
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_matches_eager(name):
+    params, grads = params_and_grads(steps=4)
+    eager, _ = run(make(name), params, grads, jit=False)
+    jitted, _ = run(make(name), params, grads, jit=True)
+    assert_trees_equal(eager, jitted)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inject_hyperparams_gives_the_same_flips(name):
+    factory, kw = OPTIMIZERS[name]
+    params, grads = params_and_grads()
+    plain, _ = run(factory(**kw), params, grads)
+    injected, state = run(optax.inject_hyperparams(factory)(**kw), params, grads)
+    assert total_flips(plain, params) > 0
+    assert_trees_equal(plain, injected)
+    assert set(state.hyperparams) >= {k for k, v in kw.items() if not isinstance(v, (bool, str))}
+
+
+def test_inject_hyperparams_value_can_be_changed_between_steps():
+    params, grads = params_and_grads()
+    tx = optax.inject_hyperparams(binax.bop)(threshold=1e-6, gamma=1e-2)
+    state = tx.init(params)
+    state.hyperparams["threshold"] = jnp.asarray(1e9)  # nothing can beat this threshold
+    for g in grads:
+        u, state = tx.update(g, state, params)
+        assert all(not jnp.any(x) for x in jax.tree.leaves(u))
+
+
+def test_inject_hyperparams_with_schedule():
+    params, grads = params_and_grads()
+    sched = optax.linear_schedule(1e-2, 1e-3, 10)
+    plain, _ = run(binax.bop(threshold=1e-6, gamma=sched), params, grads)
+    injected, _ = run(
+        optax.inject_hyperparams(binax.bop)(threshold=1e-6, gamma=sched), params, grads
+    )
+    assert_trees_equal(plain, injected)
+
+
+@pytest.mark.parametrize("name", ["bop", "sgdat", "diode"])
+def test_multi_steps_accumulates_then_applies_mean_gradient(name):
+    params, grads = params_and_grads(steps=8)
+    tx = optax.MultiSteps(make(name), every_k_schedule=4)
+    state = tx.init(params)
+    ref_tx = make(name)
+    ref_state = ref_tx.init(params)
+    ref_params = params
+    for k in range(2):
+        chunk = grads[4 * k : 4 * k + 4]
+        for i, g in enumerate(chunk):
+            u, state = jax.jit(tx.update)(g, state, params)
+            if i < 3:
+                assert all(not jnp.any(x) for x in jax.tree.leaves(u)), "no update before k=4"
+        params = optax.apply_updates(params, u)
+        mean = jax.tree.map(lambda *gs: sum(gs) / 4, *chunk)
+        ru, ref_state = ref_tx.update(mean, ref_state, ref_params)
+        ref_params = optax.apply_updates(ref_params, ru)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b), params, ref_params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_updates_keep_param_dtype_and_weights_stay_binary(name, dtype):
+    params, grads = params_and_grads(dtype=dtype)
+    history, _ = run(make(name), params, grads)
+    for p in history:
+        for x in jax.tree.leaves(p):
+            assert x.dtype == dtype
+            assert set(np.unique(np.asarray(x, np.float32))) <= {-1.0, 1.0}
+
+
+@pytest.mark.parametrize("name", ["bop", "bop2nd_order", "sgdat", "diode", "cema"])
+def test_bfloat16_state(name):
+    factory, kw = OPTIMIZERS[name]
+    params, grads = params_and_grads()
+    tx = factory(**kw, state_dtype=jnp.bfloat16)
+    history, state = run(tx, params, grads)
+    floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.bfloat16 for x in floats)
+    for p in history:
+        assert all(set(np.unique(np.asarray(x))) <= {-1.0, 1.0} for x in jax.tree.leaves(p))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_state_shape_dtype_stable_across_steps_and_cond(name, dtype):
+    params, grads = params_and_grads(dtype=dtype, steps=2)
+    tx = make(name)
+    state0 = tx.init(params)
+
+    @jax.jit
+    def maybe_step(pred, state):
+        return jax.lax.cond(pred, lambda s: tx.update(grads[0], s, params)[1], lambda s: s, state)
+
+    state1 = maybe_step(True, state0)
+    state2 = maybe_step(False, state1)
+    for s in (state1, state2):
+        assert jax.tree.structure(s) == jax.tree.structure(state0)
+        for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(state0), strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+@pytest.mark.parametrize("name", NAMES)
+def test_eight_devices_sharded_params_give_the_same_flips(name, axis_type):
+    devices = jax.devices()
+    assert len(devices) == 8, "conftest.py simulates 8 CPU devices"
+    kind = getattr(jax.sharding.AxisType, axis_type)
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(kind, kind))
+    with jax.set_mesh(mesh):
+        check_sharded_run(name, mesh)
+
+
+def check_sharded_run(name, mesh):
+    spec = {"conv": P(None, None, "data", "model"), "dense": P("data", "model")}
+    shardings = {k: NamedSharding(mesh, s) for k, s in spec.items()}
+    params, grads = params_and_grads()
+    single, _ = run(make(name), params, grads)
+
+    tx = make(name)
+    sparams = jax.device_put(params, shardings)
+    state = jax.jit(tx.init)(sparams)
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p), out_shardings=(shardings, None))
+    for g, want in zip(grads, single, strict=True):
+        g = jax.device_put(g, shardings)
+        u, state = step(sparams, state, g)
+        sparams = optax.apply_updates(sparams, u)
+        assert_trees_equal(sparams, want)
+    assert total_flips(single, params) > 0
+    # Every per-weight state leaf carries the sharding of the parameter it belongs to.
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        if leaf.ndim:
+            key = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+            assert leaf.sharding.is_equivalent_to(shardings[key], leaf.ndim), (path, leaf.sharding)
+    for k, x in sparams.items():
+        assert x.sharding.is_equivalent_to(shardings[k], x.ndim)
