@@ -104,19 +104,20 @@ def check_params(transform: str, updates: Any, params: Any) -> None:
     check_float_leaves(transform, params)
 
 
-def check_same_structure(transform: str, updates: Any, params: Any) -> None:
+def check_same_structure(transform: str, updates: Any, params: Any, what: str = "`params`") -> None:
+    """Raises ValueError when ``updates`` and ``params`` differ in structure or shapes."""
     ut, pt = jax.tree.structure(updates), jax.tree.structure(params)
     if ut != pt:
         raise ValueError(
-            f"{transform}: the gradient tree and `params` do not match:\n"
-            f"  gradients: {ut}\n  params:    {pt}"
+            f"{transform}: the gradient tree and {what} do not match:\n"
+            f"  gradients: {ut}\n  {what}: {pt}"
         )
     for (path, u), p in zip(
         jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(params), strict=True
     ):
         if jnp.shape(u) != jnp.shape(p):
             raise ValueError(
-                f"{transform}: gradient and param shapes differ at {_path_str(path)}: "
+                f"{transform}: gradient and {what} shapes differ at {_path_str(path)}: "
                 f"{jnp.shape(u)} vs {jnp.shape(p)}"
             )
 

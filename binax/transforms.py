@@ -112,6 +112,9 @@ def scale_by_ema(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
+        _checks.check_same_structure(
+            "scale_by_ema", updates, state.ema, "the state (built by init from the params)"
+        )
         r = _value(rate, state.count, dtype)
         ema = jax.tree.map(
             lambda m, g: _keep_finite(_ema(m, g.astype(dtype), r), m), state.ema, updates
@@ -181,6 +184,9 @@ def scale_by_moment_ratio(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
+        _checks.check_same_structure(
+            "scale_by_moment_ratio", updates, state.mu, "the state (built by init from the params)"
+        )
         g_rate = _value(gamma, state.count, dtype)
         s_rate = _value(sigma, state.count, dtype)
         e = jnp.asarray(eps, dtype)
@@ -270,6 +276,9 @@ def scale_by_sign_ema(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
+        _checks.check_same_structure(
+            "scale_by_sign_ema", updates, state.ema, "the state (built by init from the params)"
+        )
         lr = _value(learning_rate, state.count, dtype)
         rate = jnp.ones((), dtype) - jnp.asarray(b2, dtype)
         ema = jax.tree.map(
@@ -354,6 +363,12 @@ def scale_by_accumulation(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
+        _checks.check_same_structure(
+            "scale_by_accumulation",
+            updates,
+            state.accumulator,
+            "the state (built by init from the params)",
+        )
         lr = _value(learning_rate, state.count, dtype)
         g = jax.tree.map(lambda x: x.astype(dtype), updates)
         d = g

@@ -1,0 +1,263 @@
+"""Building blocks: composition, invariants (hypothesis), non-finite gradients, bad input."""
+
+import functools
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import binax
+from binax import transforms as T
+
+F = np.float32
+
+ALL = {
+    "bop": lambda: binax.bop(threshold=1e-6, gamma=0.5),
+    "bop2nd_order": lambda: binax.bop2nd_order(threshold=0.1, gamma=0.5, sigma=0.5),
+    "bop2nd_order_rate": lambda: binax.bop2nd_order(
+        threshold=0.5, gamma=0.5, sigma=0.5, bias_correction="rate"
+    ),
+    "sgdat": lambda: binax.sgdat(
+        learning_rate=0.5, threshold=1e-3, momentum=0.9, nesterov=True, weight_decay=0.1
+    ),
+    "diode": lambda: binax.diode(learning_rate=1e-2, b1=0.5, b2=0.5),
+    "cema": lambda: binax.cema(gamma=0.5, alpha=0.5),
+}
+
+
+# ---- invariants -------------------------------------------------------------------------------
+
+STEPS, N = 6, 16
+
+
+@functools.cache
+def compiled_run(name, dtype):
+    tx = ALL[name]()
+
+    @jax.jit
+    def run(w, grads):
+        state = tx.init(w)
+
+        def body(carry, g):
+            w, state = carry
+            u, state = tx.update(g, state, w)
+            return (optax.apply_updates(w, u), state), (u, optax.apply_updates(w, u))
+
+        (_, state), (us, ws) = jax.lax.scan(body, (w, state), grads)
+        return us, ws, state
+
+    return run
+
+
+finite_or_not = st.one_of(
+    st.floats(width=32, allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 1e-30, -1e-30, 3e38, -3e38]),
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(sorted(ALL)),
+    dtype=st.sampled_from(["float32", "bfloat16"]),
+    signs=hnp.arrays(np.bool_, (N,)),
+    grads=hnp.arrays(np.float32, (STEPS, N), elements=finite_or_not),
+)
+def test_weights_stay_exactly_binary_for_any_gradients(name, dtype, signs, grads):
+    dt = jnp.dtype(dtype)
+    w = jnp.where(jnp.asarray(signs), 1.0, -1.0).astype(dt)
+    us, ws, state = compiled_run(name, dtype)(w, jnp.asarray(grads).astype(dt))
+    assert us.dtype == dt and ws.dtype == dt
+    assert set(np.unique(np.asarray(ws, np.float32))) <= {-1.0, 1.0}
+    assert set(np.unique(np.asarray(us, np.float32))) <= {-2.0, 0.0, 2.0}
+    for leaf in jax.tree.leaves(state):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert np.all(np.isfinite(np.asarray(leaf, np.float32))), "state was poisoned"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    w=hnp.arrays(np.float32, (N,), elements=st.floats(-1, 1, width=32)),
+    g=hnp.arrays(np.float32, (N,), elements=st.floats(-1e3, 1e3, width=32)),
+    lr=st.floats(1e-3, 10.0),
+)
+def test_clip_latent_keeps_weights_in_the_box(w, g, lr):
+    tx = optax.chain(optax.sgd(lr), binax.clip_latent(1.0))
+    u, _ = tx.update(jnp.asarray(g), tx.init(jnp.asarray(w)), jnp.asarray(w))
+    new = np.asarray(optax.apply_updates(jnp.asarray(w), u))
+    assert np.all(np.abs(new) <= 1.0)
+    inside = np.abs(w - lr * g) < 0.999
+    np.testing.assert_allclose(new[inside], (w - F(lr) * g)[inside], rtol=1e-5, atol=1e-6)
+
+
+# ---- non-finite gradients ---------------------------------------------------------------------
+
+
+def test_non_finite_gradient_elements_are_skipped():
+    """A NaN/inf gradient element leaves that element's state as it was (as if skipped)."""
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(np.where(rng.random(32) < 0.5, -1.0, 1.0), jnp.float32)
+    grads = rng.normal(size=(50, 32)).astype(F) * 1e-2
+    bad = grads.copy()
+    bad[10, :4] = np.nan
+    bad[20, 4:8] = np.inf
+    bad[30, 8:12] = -np.inf
+    tx = binax.bop(threshold=1e-4, gamma=0.1)
+    # Reference: the same run where those elements simply do not update their momentum.
+    m, wr = np.zeros(32, F), np.asarray(w)
+    state, wb = tx.init(w), w
+    flips = 0
+    for g_ok, g_bad in zip(grads, bad, strict=True):
+        fin = np.isfinite(g_bad)
+        m = np.where(fin, m + F(0.1) * (g_ok - m), m)
+        new = np.where(wr * m > F(1e-4), -wr, wr)
+        flips += int(np.sum(new != wr))
+        wr = new
+        u, state = tx.update(jnp.asarray(g_bad), state, wb)
+        wb = optax.apply_updates(wb, u)
+        np.testing.assert_array_equal(np.asarray(wb), wr)
+    assert flips > 10
+
+
+def test_nan_signal_keeps_the_weight_in_every_flip_rule():
+    w = jnp.array([1.0, -1.0])
+    s = jnp.array([jnp.nan, jnp.nan])
+    for rule in (
+        T.flip_by_threshold(0.0),
+        T.flip_to_descent_sign(),
+        T.flip_by_adaptive_threshold(0.0),
+    ):
+        u, _ = rule.update(s, rule.init(w), w)
+        np.testing.assert_array_equal(u, [0.0, 0.0])
+
+
+def test_overflowing_second_moment_does_not_poison_state():
+    w = jnp.array([1.0, -1.0])
+    tx = binax.bop2nd_order(threshold=0.1, gamma=0.5, sigma=0.5)
+    state = tx.init(w)
+    u, state = tx.update(jnp.array([3e38, -3e38], jnp.float32), state, w)  # g*g overflows
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+
+
+# ---- composing new optimizers from the blocks -------------------------------------------------
+
+
+def test_cema_is_two_emas_and_a_zero_threshold_flip():
+    w = jnp.asarray(np.where(np.arange(20) % 3 == 0, -1.0, 1.0), jnp.float32)
+    grads = np.random.default_rng(1).normal(size=(30, 20)).astype(F)
+    a = binax.cema(gamma=0.3, alpha=0.4)
+    b = optax.chain(T.scale_by_ema(0.3), T.scale_by_ema(0.4), T.flip_by_threshold(0.0))
+    sa, sb = a.init(w), b.init(w)
+    for g in grads:
+        ua, sa = a.update(jnp.asarray(g), sa, w)
+        ub, sb = b.update(jnp.asarray(g), sb, w)
+        np.testing.assert_array_equal(ua, ub)
+
+
+def test_signal_sign_convention():
+    """Positive signal means 'decrease': a +1 weight with positive momentum flips."""
+    w = jnp.array([1.0, 1.0, -1.0, -1.0])
+    s = jnp.array([1.0, -1.0, 1.0, -1.0])
+    u, _ = T.flip_by_threshold(0.5).update(s, T.flip_by_threshold(0.5).init(w), w)
+    np.testing.assert_array_equal(w + u, [-1.0, 1.0, -1.0, 1.0])
+    u, _ = T.flip_to_descent_sign().update(s, T.flip_to_descent_sign().init(w), w)
+    np.testing.assert_array_equal(w + u, [-1.0, 1.0, -1.0, 1.0])
+
+
+def test_adaptive_threshold_grows_with_flips_and_counts_saturate():
+    w = jnp.array([1.0])
+    tx = T.flip_by_adaptive_threshold(1.0, count_dtype=jnp.int8)
+    state = tx.init(w)
+    state = state._replace(flips=jnp.array([126], jnp.int8))
+    u, state = tx.update(jnp.array([127.5]), state, w)  # 127.5 > 1 * 126: moves to -1
+    assert float((w + u)[0]) == -1.0 and int(state.flips[0]) == 127
+    w = w + u
+    u, state = tx.update(jnp.array([-200.0]), state, w)  # 200 > 127: moves, count saturates
+    assert float((w + u)[0]) == 1.0 and int(state.flips[0]) == 127
+    u, state = tx.update(jnp.array([100.0]), state, w + u)  # 100 < 127: holds
+    assert float(u[0]) == 0.0
+
+
+def test_flip_count_reset_every():
+    w = jnp.array([1.0])
+    tx = T.flip_by_adaptive_threshold(1.0, reset_every=2)
+    state = tx.init(w)
+    u, state = tx.update(jnp.array([0.5]), state, w)  # step 0: threshold 0 -> flip, n = 1
+    w = w + u
+    assert int(state.flips[0]) == 1
+    u, state = tx.update(jnp.array([-0.5]), state, w)  # step 1: 0.5 < 1*1 -> hold
+    assert float(u[0]) == 0.0
+    u, state = tx.update(jnp.array([-0.5]), state, w)  # step 2: reset, threshold 0 -> flip
+    assert float(u[0]) == 2.0 and int(state.flips[0]) == 1
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_update_without_params_is_an_error(name):
+    tx = ALL[name]()
+    w = {"k": jnp.ones(3)}
+    with pytest.raises(ValueError, match="params"):
+        tx.update({"k": jnp.ones(3)}, tx.init(w))
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_mismatched_trees_are_an_error(name):
+    tx = ALL[name]()
+    w = {"k": jnp.ones(3)}
+    state = tx.init(w)
+    with pytest.raises(ValueError, match="shapes differ|do not match"):
+        tx.update({"k": jnp.ones(4)}, state, w)
+    with pytest.raises(ValueError, match="do not match"):
+        T.flip_by_threshold(0.0).update({"a": jnp.ones(3)}, None, {"b": jnp.ones(3)})
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.bool_])
+def test_integer_or_boolean_params_are_an_error(dtype):
+    w = {"kernel": jnp.ones(3, dtype)}
+    tx = binax.bop()
+    with pytest.raises(TypeError, match="kernel.*floating"):
+        tx.update({"kernel": jnp.ones(3)}, tx.init({"kernel": jnp.ones(3)}), w)
+
+
+@pytest.mark.parametrize(
+    "build,arg",
+    [
+        (lambda: binax.bop(threshold=-1e-8), "threshold"),
+        (lambda: binax.bop(gamma=0.0), "gamma"),
+        (lambda: binax.bop(gamma=1.5), "gamma"),
+        (lambda: binax.bop(gamma=float("nan")), "gamma"),
+        (lambda: binax.bop2nd_order(sigma=2.0), "sigma"),
+        (lambda: binax.bop2nd_order(bias_correction="unbiased"), "bias_correction"),
+        (lambda: binax.bop2nd_order(eps=-1.0), "eps"),
+        (lambda: binax.sgdat(momentum=-0.9), "momentum"),
+        (lambda: binax.sgdat(learning_rate=-1e-4), "learning_rate"),
+        (lambda: binax.sgdat(threshold=-1.0), "threshold"),
+        (lambda: binax.sgdat(dampening=1.5), "dampening"),
+        (lambda: binax.sgdat(weight_decay=-1.0), "weight_decay"),
+        (lambda: binax.sgdat(flip_count_reset_every=0), "flip_count_reset_every"),
+        (lambda: binax.diode(b1=1.0), "b1"),
+        (lambda: binax.diode(b2=-0.1), "b2"),
+        (lambda: binax.diode(learning_rate=0.0), "learning_rate"),
+        (lambda: binax.diode(init_scale=-1.0), "init_scale"),
+        (lambda: binax.cema(gamma=0.1, alpha=0.0), "alpha"),
+        (lambda: binax.clip_latent(limit=0.0), "limit"),
+        (lambda: binax.bop(state_dtype=jnp.int32), "state_dtype"),
+        (lambda: binax.sgdat(count_dtype=jnp.float32), "count_dtype"),
+        (lambda: binax.bop(gamma="fast"), "gamma"),
+    ],
+)
+def test_hyperparameters_out_of_range_name_the_argument(build, arg):
+    with pytest.raises((ValueError, TypeError), match=arg):
+        build()
+
+
+def test_out_of_range_injected_hyperparameter_is_caught_at_init():
+    tx = optax.inject_hyperparams(binax.bop)(threshold=-1.0)
+    with pytest.raises(ValueError, match="threshold"):
+        tx.init({"k": jnp.ones(3)})
