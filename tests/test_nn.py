@@ -1,0 +1,303 @@
+"""Flax NNX binary layers: values, padding, gradients, labels, configuration errors."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from binax import nn as bnn
+from binax import quantizers as q
+
+
+def sign0(x):
+    return np.where(np.asarray(x) >= 0, 1.0, -1.0)
+
+
+def same_pads(size, k, s, d):
+    """TensorFlow/lax 'SAME' padding for one axis, written out independently."""
+    out = math.ceil(size / s)
+    total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def np_conv(xp, k, strides, dilation):
+    """Naive channels-last N-d cross-correlation of an already padded input."""
+    nsp = k.ndim - 2
+    out_sp = [
+        (xp.shape[1 + i] - ((k.shape[i] - 1) * dilation[i] + 1)) // strides[i] + 1
+        for i in range(nsp)
+    ]
+    out = np.zeros((xp.shape[0], *out_sp, k.shape[-1]))
+    for idx in np.ndindex(*out_sp):
+        for kidx in np.ndindex(*k.shape[:nsp]):
+            pos = tuple(idx[i] * strides[i] + kidx[i] * dilation[i] for i in range(nsp))
+            patch = xp[(slice(None), *pos, slice(None))]  # (N, Cin)
+            out[(slice(None), *idx, slice(None))] += patch @ k[kidx]
+    return out
+
+
+def rand(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def test_binary_kernel_init_is_exactly_plus_minus_one():
+    layer = bnn.BinaryConv(3, 16, (3, 3), rngs=nnx.Rngs(0))
+    k = np.asarray(layer.kernel[...])
+    assert type(layer.kernel) is bnn.BinaryParam and isinstance(layer.kernel, nnx.Param)
+    assert k.shape == (3, 3, 3, 16) and k.dtype == np.float32
+    assert set(np.unique(k)) == {-1.0, 1.0}
+    assert 0.3 < np.mean(k > 0) < 0.7
+    other = bnn.BinaryConv(3, 16, (3, 3), rngs=nnx.Rngs(1))
+    assert not np.array_equal(k, other.kernel[...])
+    dense = bnn.BinaryLinear(5, 7, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert dense.kernel[...].dtype == jnp.bfloat16
+    assert set(np.unique(np.asarray(dense.kernel[...], np.float32))) == {-1.0, 1.0}
+
+
+def test_real_kernel_layer_and_variable_types():
+    layer = bnn.BinaryLinear(
+        8, 4, binary_kernel=False, kernel_quantizer=None, scale="learned", rngs=nnx.Rngs(0)
+    )
+    assert type(layer.kernel) is nnx.Param
+    assert len(np.unique(np.asarray(layer.kernel[...]))) > 2  # LeCun normal, not signs
+    assert type(layer.bias) is nnx.Param and type(layer.scale) is nnx.Param
+    fixed = bnn.BinaryLinear(8, 4, scale="fixed", use_bias=False, rngs=nnx.Rngs(0))
+    assert type(fixed.scale) is bnn.FixedScale and not isinstance(fixed.scale, nnx.Param)
+    assert fixed.bias is None
+    assert "scale" not in nnx.state(fixed, nnx.Param)
+
+
+def test_binary_linear_matches_reference():
+    layer = bnn.BinaryLinear(6, 4, scale="learned", rngs=nnx.Rngs(0))
+    layer.scale[...] = jnp.array([0.5, 1.0, 2.0, -1.0])
+    layer.bias[...] = jnp.array([0.1, 0.2, 0.3, 0.4])
+    x = rand((2, 3, 6))
+    y = layer(x)
+    want = sign0(x) @ np.asarray(layer.kernel[...]) * np.asarray(layer.scale[...]) + np.asarray(
+        layer.bias[...]
+    )
+    assert y.shape == (2, 3, 4)
+    np.testing.assert_allclose(y, want, rtol=1e-6)
+    # Real input, latent real kernel quantized by ste_sign.
+    layer = bnn.BinaryLinear(6, 4, input_quantizer=None, use_bias=False, rngs=nnx.Rngs(0))
+    layer.kernel[...] = rand((6, 4), seed=1) * 0.3
+    np.testing.assert_allclose(
+        layer(x), np.asarray(x) @ sign0(layer.kernel[...]), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "kernel_size,strides,dilation,padding,pad_value",
+    [
+        ((3, 3), 1, 1, "SAME", 1.0),
+        ((3, 3), 1, 1, "SAME", -1.0),
+        ((3, 2), 2, 1, "SAME", -1.0),
+        ((3, 3), 1, 2, "SAME", 1.0),
+        ((3, 3), 2, 1, "VALID", 1.0),
+        ((2, 2), 1, 1, ((1, 0), (0, 2)), -1.0),
+        ((3,), 1, 1, "SAME", -1.0),
+        ((4,), 3, 1, "SAME", 1.0),
+        ((3,), 1, 1, 2, 1.0),
+    ],
+)
+def test_binary_conv_matches_reference(kernel_size, strides, dilation, padding, pad_value):
+    n = len(kernel_size)
+    spatial = (7, 6)[:n]
+    layer = bnn.BinaryConv(
+        3, 5, kernel_size, strides=strides, kernel_dilation=dilation, padding=padding,
+        pad_value=pad_value, use_bias=False, rngs=nnx.Rngs(0),
+    )
+    x = rand((2, *spatial, 3))
+    y = np.asarray(layer(x))
+    s, d = (strides,) * n, (dilation,) * n
+    if padding == "SAME":
+        pads = [same_pads(spatial[i], kernel_size[i], s[i], d[i]) for i in range(n)]
+    elif padding == "VALID":
+        pads = [(0, 0)] * n
+    elif isinstance(padding, int):
+        pads = [(padding, padding)] * n
+    else:
+        pads = list(padding)
+    xp = np.pad(sign0(x), [(0, 0), *pads, (0, 0)], constant_values=pad_value)
+    want = np_conv(xp, np.asarray(layer.kernel[...]), s, d)
+    assert y.shape == want.shape
+    np.testing.assert_allclose(y, want, rtol=1e-6)
+    # A binary input with a binary kernel gives integer outputs of the right parity.
+    assert np.all(y == np.round(y))
+
+
+def test_pad_value_reaches_the_borders():
+    ones = dict(kernel_init=lambda key, shape, dtype: jnp.ones(shape, dtype), use_bias=False)
+    x = jnp.ones((1, 4, 4, 2))
+    plus = bnn.BinaryConv(2, 1, (3, 3), pad_value=1.0, rngs=nnx.Rngs(0), **ones)(x)
+    minus = bnn.BinaryConv(2, 1, (3, 3), pad_value=-1.0, rngs=nnx.Rngs(0), **ones)(x)
+    np.testing.assert_array_equal(plus, 18.0)  # every tap sees +1
+    assert minus[0, 0, 0, 0] == 18 - 2 * 2 * 5  # a corner sees 5 padded taps of -1 per channel
+    assert minus[0, 1, 1, 0] == 18.0  # interior unchanged
+    # Zero padding is only for real inputs.
+    real = bnn.BinaryConv(2, 1, (3, 3), input_quantizer=None, pad_value=None, rngs=nnx.Rngs(0),
+                          **ones)(x)
+    assert real[0, 0, 0, 0] == 8.0
+
+
+def test_conv_batch_axes_grouped_and_unbatched():
+    layer = bnn.BinaryConv(4, 6, (3, 3), feature_group_count=2, strides=(1, 2), rngs=nnx.Rngs(0))
+    assert layer.kernel[...].shape == (3, 3, 2, 6)
+    x = rand((2, 3, 5, 8, 4))
+    y = layer(x)
+    assert y.shape == (2, 3, 5, 4, 6)
+    np.testing.assert_allclose(y[1, 2], layer(x[1, 2]), rtol=1e-6)
+    conv3d = bnn.BinaryConv(2, 3, (2, 2, 2), rngs=nnx.Rngs(0))
+    assert conv3d(rand((1, 4, 4, 4, 2))).shape == (1, 4, 4, 4, 3)
+
+
+def test_scales_and_custom_quantizers():
+    layer = bnn.BinaryConv(2, 3, (3, 3), scale="fixed", use_bias=False, rngs=nnx.Rngs(0))
+    x = rand((1, 5, 5, 2))
+    base = layer(x)
+    layer.scale[...] = jnp.array([2.0, -1.0, 0.5])
+    np.testing.assert_allclose(layer(x), base * jnp.array([2.0, -1.0, 0.5]), rtol=1e-6)
+    mag = bnn.BinaryLinear(4, 3, kernel_quantizer="magnitude_aware_sign", use_bias=False,
+                           rngs=nnx.Rngs(0))
+    mag.kernel[...] = rand((4, 3), seed=2)
+    k = np.asarray(mag.kernel[...])
+    xs = rand((2, 4), seed=3)
+    want = sign0(xs) @ (sign0(k) * np.mean(np.abs(k), axis=0))
+    np.testing.assert_allclose(mag(xs), want, rtol=1e-5)
+    custom = bnn.BinaryLinear(4, 3, input_quantizer=functools.partial(q.ste_sign, clip_value=2.0),
+                              rngs=nnx.Rngs(0))
+    assert custom.input_quantizer.keywords == {"clip_value": 2.0}
+    assert custom.input_precision == 1
+
+
+def test_gradients_reach_binary_kernels_and_inputs():
+    model = nnx.Sequential(
+        bnn.BinaryConv(2, 4, (3, 3), input_quantizer=None, pad_value=None, use_bias=False,
+                       rngs=nnx.Rngs(0)),
+        bnn.BinaryConv(4, 4, (3, 3), use_bias=False, rngs=nnx.Rngs(1)),
+        lambda x: x.reshape((x.shape[0], -1)),
+        bnn.BinaryLinear(4 * 5 * 5, 3, scale="learned", rngs=nnx.Rngs(2)),
+    )
+    x = rand((3, 5, 5, 2)) * 0.1
+
+    def loss(m, x):
+        return jnp.mean((m(x) - 1.0) ** 2)
+
+    grads = nnx.grad(loss)(model, x)
+    for i in (0, 1, 3):
+        g = np.asarray(grads.layers[i]["kernel"][...])
+        assert np.count_nonzero(g) > g.size // 2, i
+    gx = jax.grad(lambda x: loss(model, x))(x)
+    assert np.count_nonzero(gx) > 0
+    # STE: kernels of +-1 sit on the clip boundary and still pass the gradient; a latent
+    # weight beyond the clip gets none.
+    model.layers[3].kernel[...] = model.layers[3].kernel[...].at[0, 0].set(1.5)
+    g = nnx.grad(loss)(model, x).layers[3]["kernel"][...]
+    assert g[0, 0] == 0 and np.count_nonzero(g[1:]) > 0
+
+
+class Small(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = bnn.BinaryConv(1, 4, (3, 3), input_quantizer=None, pad_value=None,
+                                   use_bias=False, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.blocks = nnx.List([bnn.BinaryConv(4, 4, (3, 3), scale="fixed", rngs=rngs),
+                                nnx.Conv(4, 4, (1, 1), rngs=rngs)])
+        self.head = bnn.BinaryLinear(4, 3, binary_kernel=False, kernel_quantizer=None,
+                                     scale="learned", rngs=rngs)
+
+    def __call__(self, x):
+        x = self.bn(self.conv(x))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x.mean(axis=(1, 2)))
+
+
+def test_binary_labels_structure_matches_optimizer_trees():
+    model = Small(nnx.Rngs(0))
+    labels = bnn.binary_labels(model)
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    assert jax.tree.structure(labels) == jax.tree.structure(params)
+    grads = nnx.grad(lambda m, x: jnp.sum(m(x)))(model, rand((2, 6, 6, 1)))
+    assert jax.tree.structure(labels) == jax.tree.structure(
+        nnx.as_pure(nnx.state(grads, nnx.Param))
+    )
+    flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(labels)}
+    assert {k for k, v in flat.items() if v} == {"conv/kernel", "blocks/0/kernel"}
+    assert all(isinstance(v, bool) for v in flat.values())
+    # From a state, with a narrower filter, idempotent.
+    assert bnn.binary_labels(nnx.state(model)) == labels
+    only = bnn.binary_labels(model, bnn.BinaryParam)
+    assert all(jax.tree.leaves(only)) and len(jax.tree.leaves(only)) == 2
+    assert bnn.binary_labels(labels) is labels
+    # optax.partition with these labels trains binary and real leaves separately.
+    tx = optax.partition(
+        {True: optax.set_to_zero(), False: optax.sgd(1.0)}, labels
+    )
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    before = nnx.clone(model)
+    opt.update(model, grads)
+    assert np.array_equal(model.conv.kernel[...], before.conv.kernel[...])
+    assert not np.array_equal(model.head.kernel[...], before.head.kernel[...])
+
+
+def test_binary_labels_errors():
+    model = Small(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="model_or_state"):
+        bnn.binary_labels({"kernel": jnp.ones(2)})
+    with pytest.raises(ValueError, match="as_pure"):
+        bnn.binary_labels(nnx.as_pure(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(pad_value=0.0), "pad_value"),
+        (dict(pad_value=0.5), "pad_value"),
+        (dict(pad_value=True), "pad_value"),
+        (dict(pad_value=None), "pad_value"),
+        (dict(binary_kernel=False), "kernel_quantizer"),
+        (dict(binary_kernel=False, kernel_quantizer="approx_sign"), "kernel_quantizer"),
+        (dict(binary_kernel="yes"), "binary_kernel"),
+        (dict(input_quantizer="sign"), "input_quantizer"),
+        (dict(kernel_quantizer="stesign"), "kernel_quantizer"),
+        (dict(scale="xnor"), "scale"),
+        (dict(padding="CIRCULAR"), "padding"),
+        (dict(padding=((1, 1),)), "padding"),
+        (dict(strides=(1, 2, 3)), "strides"),
+        (dict(kernel_dilation=(1,)), "kernel_dilation"),
+        (dict(feature_group_count=3), "feature_group_count"),
+        (dict(kernel_size=(3, 0)), "kernel_size"),
+    ],
+)
+def test_conv_configuration_errors(kwargs, match):
+    args = dict(kernel_size=(3, 3))
+    args.update(kwargs)
+    ks = args.pop("kernel_size")
+    with pytest.raises(ValueError, match=match):
+        bnn.BinaryConv(4, 4, ks, rngs=nnx.Rngs(0), **args)
+
+
+def test_linear_configuration_errors():
+    with pytest.raises(ValueError, match="kernel_quantizer"):
+        bnn.BinaryLinear(3, 2, binary_kernel=False, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="scale"):
+        bnn.BinaryLinear(3, 2, scale=True, rngs=nnx.Rngs(0))
+    # Valid: a latent-free binary kernel without a quantizer, a real input.
+    layer = bnn.BinaryLinear(3, 2, kernel_quantizer=None, input_quantizer=None, rngs=nnx.Rngs(0))
+    assert layer.input_precision == 32
+
+
+def test_layers_jit_and_bfloat16():
+    layer = bnn.BinaryConv(3, 4, (3, 3), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
+                           rngs=nnx.Rngs(0))
+    x = rand((2, 5, 5, 3)).astype(jnp.bfloat16)
+    y = nnx.jit(lambda m, x: m(x))(layer, x)
+    assert y.dtype == jnp.bfloat16 and y.shape == (2, 5, 5, 4)
+    ref = bnn.BinaryConv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(np.asarray(y, np.float32), ref(x.astype(jnp.float32)))
