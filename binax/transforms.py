@@ -482,10 +482,21 @@ def flip_to_descent_sign() -> optax.GradientTransformationExtraArgs:
 
 
 class AdaptiveFlipState(NamedTuple):
-    """State of `flip_by_adaptive_threshold`."""
+    """State of `flip_by_adaptive_threshold`.
+
+    Per weight, ``packed = 2 * n + [w < 0]``: the flip count ``n`` and the weight's current sign
+    in one integer. Keeping the sign there lets the counts be updated without reading the
+    weights, so XLA can update weights and counts in place without copying either (see
+    ``benchmarks/optimizer_step.py``). Read the counts with ``state.flips``.
+    """
 
     count: jax.Array
-    flips: optax.Updates  # per-weight flip count n, integer
+    packed: optax.Updates
+
+    @property
+    def flips(self) -> optax.Updates:
+        """Per-weight flip counts."""
+        return jax.tree.map(lambda v: v >> 1, self.packed)
 
 
 def flip_by_adaptive_threshold(
@@ -513,8 +524,8 @@ def flip_by_adaptive_threshold(
       eps: :math:`\epsilon` >= 0 (the published runs used 1e-8; default 0).
       reset_every: if set, the flip counts are zeroed before updates ``k * reset_every``
         (``k >= 1``), as the reference does by rebuilding its optimizer each epoch.
-      count_dtype: integer dtype (default int32) of the flip counts (saturating: a count
-        never wraps around).
+      count_dtype: integer dtype (default int32) of the flip counts. Counts saturate (never wrap
+        around) at ``(max - 1) // 2`` of the dtype: 63 for int8, 16383 for int16.
     """
     _checks.check_nonnegative("threshold", threshold)
     _checks.check_nonnegative("eps", eps, schedule_ok=False)
@@ -522,31 +533,35 @@ def flip_by_adaptive_threshold(
     cdt = jnp.dtype(jnp.int32 if count_dtype is None else count_dtype)
     if not jnp.issubdtype(cdt, jnp.integer):
         raise TypeError(f"count_dtype must be an integer dtype, got {cdt}")
-    cmax = jnp.iinfo(cdt).max
+    cmax = (int(jnp.iinfo(cdt).max) - 1) // 2  # the largest count that packs
 
     def init_fn(params):
-        return AdaptiveFlipState(count=jnp.zeros([], jnp.int32), flips=_zeros(params, cdt))
+        packed = jax.tree.map(lambda w: (sign0(w) < 0).astype(cdt), params)
+        return AdaptiveFlipState(count=jnp.zeros([], jnp.int32), packed=packed)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         _checks.check_params("flip_by_adaptive_threshold", updates, params)
         keep = _not_reset(state.count, reset_every, cdt)
 
-        def step(s, w, n):
-            n = n * keep
+        def moves(s, v):
             dt = jnp.result_type(s)
             tau = _value(threshold, state.count, dt)
-            move = jnp.abs(s) > tau * n.astype(dt) + jnp.asarray(eps, dt)
-            old = sign0(w)
-            w_new = jnp.where(move, sign0(-s).astype(w.dtype), old)
-            flipped = w_new != old
-            n = jnp.where(flipped & (n < cmax), n + 1, n)
-            return _flip_update(w, w_new), n
+            return jnp.abs(s) > tau * ((v >> 1) * keep).astype(dt) + jnp.asarray(eps, dt)
 
-        out = jax.tree.map(step, updates, params, state.flips)
-        u = jax.tree.map(lambda _, o: o[0], updates, out)
-        n = jax.tree.map(lambda _, o: o[1], updates, out)
-        return u, AdaptiveFlipState(optax.safe_increment(state.count), n)
+        def new_weight(s, w, v):
+            return _flip_update(w, jnp.where(moves(s, v), sign0(-s).astype(w.dtype), sign0(w)))
+
+        def new_packed(s, v):
+            n = (v >> 1) * keep
+            old = jnp.where((v & 1) == 1, -1, 1).astype(jnp.result_type(s))
+            new = jnp.where(moves(s, v), sign0(-s), old)
+            n = jnp.where((new != old) & (n < cmax), n + 1, n)
+            return (2 * n + (new < 0)).astype(cdt)
+
+        packed = jax.tree.map(new_packed, updates, state.packed)
+        u = jax.tree.map(new_weight, updates, params, state.packed)
+        return u, AdaptiveFlipState(optax.safe_increment(state.count), packed)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -1,0 +1,175 @@
+"""Optimizer step cost: one `update` + `apply_updates` on N binary weights, side by side.
+
+For every binax optimizer, `optax.sgd`, `optax.adam` and the latent-weight baseline (Adam +
+`binax.clip_latent`) this times one jitted step ``(params, state, grads) -> (params, state)``
+with params and state donated (updated in place, as in training). Each optimizer is also compared
+with its *memory-bound floor*: a jitted elementwise kernel that reads and writes exactly the bytes
+the optimizer has to (gradients and params read, params written, every per-weight state array
+read and written), doing one add each.
+
+All candidates run interleaved, round after round, in one process; the table gives medians and
+ratios. Usage::
+
+    python benchmarks/optimizer_step.py               # 1M, 10M, 100M weights
+    python benchmarks/optimizer_step.py --quick       # 1M, 10M
+    python benchmarks/optimizer_step.py --sizes 1e6 --rounds 30 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import binax
+
+
+def candidates():
+    """name -> optimizer for the binary weights (all with their default hyperparameters)."""
+    return {
+        "bop": binax.bop(),
+        "bop2nd_order": binax.bop2nd_order(),
+        "bop2nd_order/adam": binax.bop2nd_order(bias_correction="adam"),
+        "sgdat": binax.sgdat(),
+        "sgdat/momentum": binax.sgdat(momentum=0.9),
+        "diode": binax.diode(),
+        "cema": binax.cema(gamma=1e-3, alpha=1e-2),
+        "bop/bf16-state": binax.bop(state_dtype=jnp.bfloat16),
+        "sgdat/int8-counts": binax.sgdat(count_dtype=jnp.int8),
+        "optax.sgd": optax.sgd(1e-2),
+        "optax.adam": optax.adam(1e-3),
+        "latent adam+clip": optax.chain(optax.adam(1e-3), binax.clip_latent(1.0)),
+    }
+
+
+def per_weight_state(state, n):
+    """The per-weight arrays of an optimizer state (those with n elements)."""
+    return [x for x in jax.tree.leaves(state) if x.size == n]
+
+
+def make_step(tx):
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_floor(dtypes):
+    """Reads grads, params and one array per dtype; writes params and those arrays."""
+
+    def floor(params, state, grads):
+        out = [s + grads.astype(s.dtype) for s in state]
+        return params + grads, out
+
+    del dtypes
+    return jax.jit(floor, donate_argnums=(0, 1))
+
+
+def bench(size, rounds, seed=0):
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(np.where(rng.random(size) < 0.5, -1.0, 1.0), jnp.float32)
+    g = jnp.asarray(rng.normal(size=size).astype(np.float32) * 1e-3)
+    runs = {}  # name -> [fn, params, state, grads]
+    for name, tx in candidates().items():
+        runs[name] = [make_step(tx), jnp.array(w), tx.init(w), g]
+        state_arrays = per_weight_state(runs[name][2], size)
+        floor_state = [jnp.zeros(size, x.dtype) for x in state_arrays]
+        runs[f"floor({name})"] = [make_floor(None), jnp.array(w), floor_state, g]
+    for r in runs.values():  # compile and warm up
+        for _ in range(2):
+            r[1], r[2] = r[0](r[1], r[2], r[3])
+        jax.block_until_ready(r[1])
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, r in runs.items():
+            t0 = time.perf_counter()
+            r[1], r[2] = r[0](r[1], r[2], r[3])
+            jax.block_until_ready((r[1], r[2]))
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    rows = []
+    for name in candidates():
+        state = runs[name][2]
+        arrays = per_weight_state(state, size)
+        state_bytes = sum(x.nbytes for x in jax.tree.leaves(state)) / size
+        moved = 4 + 4 + 4 + 2 * sum(x.dtype.itemsize for x in arrays)  # g, w in; w out
+        rows.append(
+            dict(
+                optimizer=name,
+                size=size,
+                median_ms=1e3 * med[name],
+                floor_ms=1e3 * med[f"floor({name})"],
+                vs_floor=med[name] / med[f"floor({name})"],
+                vs_adam=med[name] / med["optax.adam"],
+                vs_sgd=med[name] / med["optax.sgd"],
+                state_bytes_per_weight=state_bytes,
+                bytes_moved_per_weight=moved,
+                gbps=moved * size / med[name] / 1e9,
+            )
+        )
+    return rows
+
+
+def table(rows):
+    head = (
+        "optimizer",
+        "N",
+        "median ms",
+        "floor ms",
+        "x floor",
+        "x adam",
+        "x sgd",
+        "state B/w",
+        "moved B/w",
+        "GB/s",
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(
+            f"| {r['optimizer']} | {r['size']:.0e} | {r['median_ms']:.2f} | {r['floor_ms']:.2f} "
+            f"| {r['vs_floor']:.2f} | {r['vs_adam']:.2f} | {r['vs_sgd']:.2f} "
+            f"| {r['state_bytes_per_weight']:.1f} | {r['bytes_moved_per_weight']} "
+            f"| {r['gbps']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--sizes",
+        type=float,
+        nargs="+",
+        default=[1e6, 1e7, 1e8],
+        help="numbers of binary weights (default: 1e6 1e7 1e8)",
+    )
+    p.add_argument("--rounds", type=int, default=20, help="timed rounds per size (default 20)")
+    p.add_argument("--quick", action="store_true", help="sizes 1e6 1e7, 10 rounds")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    sizes, rounds = ([1e6, 1e7], 10) if args.quick else (args.sizes, args.rounds)
+    dev = jax.devices()[0]
+    print(
+        f"# {dev.platform} {dev.device_kind}, {jax.device_count()} device(s), "
+        f"{platform.processor() or platform.machine()}, jax {jax.__version__}, "
+        f"optax {optax.__version__}, rounds {rounds}"
+    )
+    rows = []
+    for size in sizes:
+        rows += bench(int(size), rounds)
+        print(table([r for r in rows if r["size"] == int(size)]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
