@@ -444,7 +444,9 @@ def flip_by_threshold(threshold: ScalarOrSchedule) -> optax.GradientTransformati
 
         def flip(s, w):
             tau = _value(threshold, state.count, jnp.result_type(s))
-            w_new = jnp.where(w * s > tau, sign0(-w), sign0(w))
+            # sign0(-w) on a flip, sign0(w) otherwise, in one select.
+            one = jnp.ones((), w.dtype)
+            w_new = jnp.where((w >= 0) != (w * s > tau), one, -one)
             return _flip_update(w, w_new)
 
         return jax.tree.map(flip, updates, params), FlipState(optax.safe_increment(state.count))
