@@ -1,0 +1,114 @@
+"""A small text language for hyperparameter schedules, turned into Optax schedules.
+
+A hyperparameter given on the command line (or in a `binax.train.Config`) is a number or a
+string in one of these forms:
+
+=============================  ======================================================
+``0.01``                       constant
+``constant:0.01``              constant
+``linear:START,END``           linear from START (first step) to END (last step)
+``cosine:START[,END]``         cosine decay from START to END (default 0) over the run
+``step:START,FACTOR,EVERY``    START, multiplied by FACTOR every EVERY epochs
+=============================  ======================================================
+
+Examples: ``--gamma step:1e-4,0.1,100`` is the Bop paper's CIFAR-10 schedule (gamma 1e-4
+multiplied by 0.1 every 100 epochs); ``--lr linear:2.5e-3,5e-6`` its ImageNet Adam schedule.
+Durations are in epochs, so a schedule means the same thing whatever the batch size. The
+schedules are Optax schedules evaluated at the optimizer's step count, as every binax
+optimizer does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import optax
+
+KINDS = ("constant", "linear", "cosine", "step")
+
+HELP = (
+    "a number, or linear:START,END | cosine:START[,END] | step:START,FACTOR,EVERY_EPOCHS "
+    "(linear and cosine span the whole run)"
+)
+
+
+class Schedule(NamedTuple):
+    """A parsed schedule: its kind and its numbers (see the module docstring)."""
+
+    kind: str
+    values: tuple[float, ...]
+
+
+def _number(text: str, spec: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise ValueError(f"schedule {spec!r}: {text!r} is not a number") from None
+    if not math.isfinite(x):
+        raise ValueError(f"schedule {spec!r}: {text!r} is not a finite number")
+    return x
+
+
+def parse(spec: float | int | str) -> Schedule:
+    """Parses a number or a schedule string; raises ValueError saying what is expected."""
+    if isinstance(spec, bool):
+        raise ValueError(f"expected a number or a schedule string, got {spec!r}")
+    if isinstance(spec, (int, float)):
+        return Schedule("constant", (_number(str(spec), str(spec)),))
+    if not isinstance(spec, str):
+        raise ValueError(f"expected a number or a schedule string, got {spec!r}")
+    text = spec.strip()
+    kind, sep, rest = text.partition(":")
+    if not sep:
+        return Schedule("constant", (_number(text, spec),))
+    kind = kind.strip().lower()
+    values = tuple(_number(v.strip(), spec) for v in rest.split(",")) if rest.strip() else ()
+    counts = {"constant": (1,), "linear": (2,), "cosine": (1, 2), "step": (3,)}
+    if kind not in counts:
+        raise ValueError(
+            f"schedule {spec!r}: unknown kind {kind!r}; valid kinds: {', '.join(KINDS)}"
+        )
+    if len(values) not in counts[kind]:
+        forms = {
+            "constant": "constant:VALUE",
+            "linear": "linear:START,END",
+            "cosine": "cosine:START[,END]",
+            "step": "step:START,FACTOR,EVERY_EPOCHS",
+        }
+        raise ValueError(f"schedule {spec!r}: expected {forms[kind]}")
+    if kind == "cosine" and len(values) == 1:
+        values = (values[0], 0.0)
+    if kind == "cosine" and values[0] <= 0:
+        raise ValueError(f"schedule {spec!r}: cosine needs START > 0")
+    if kind == "step" and (values[2] <= 0 or values[2] != int(values[2])):
+        raise ValueError(f"schedule {spec!r}: EVERY_EPOCHS must be a positive integer")
+    return Schedule(kind, values)
+
+
+def build(
+    spec: float | str, steps_per_epoch: int, total_steps: int
+) -> float | optax.Schedule:
+    """Turns a number or schedule string into a float or an `optax.Schedule`.
+
+    Args:
+      spec: see the module docstring.
+      steps_per_epoch: optimizer steps per epoch (``step`` schedules count epochs).
+      total_steps: optimizer steps in the whole run (``linear`` and ``cosine`` span it).
+    """
+    s = parse(spec)
+    if s.kind == "constant":
+        return s.values[0]
+    span = max(total_steps - 1, 1)
+    if s.kind == "linear":
+        return optax.linear_schedule(s.values[0], s.values[1], transition_steps=span)
+    if s.kind == "cosine":
+        start, end = s.values
+        return optax.cosine_decay_schedule(start, decay_steps=span, alpha=end / start)
+    start, factor, every = s.values
+    return optax.exponential_decay(
+        start,
+        transition_steps=max(int(every) * steps_per_epoch, 1),
+        decay_rate=factor,
+        staircase=True,
+    )
