@@ -1,0 +1,174 @@
+"""Checkpoints with Orbax: one per epoch, atomic, checked when read back.
+
+A checkpoint holds the whole `binax.train.step.TrainState` (parameters, BatchNorm statistics,
+optimizer state, step count) and a JSON record: the epoch, the config, the history of the
+epochs so far, and a fingerprint of the state. The data order needs nothing more: it is a pure
+function of ``(seed, epoch)`` (`binax.data.batches`).
+
+Orbax writes a checkpoint into a temporary directory and renames it when complete, so an
+interrupted save leaves the previous checkpoints as they were. The fingerprint, a 32-bit hash
+of every bit of the state computed on the devices, catches what Orbax does not (a file whose
+bytes changed but still parse).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: missing, truncated, corrupt or from another run."""
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """The bits of each element as uint32 (8-, 16- and 32-bit dtypes)."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    width = x.dtype.itemsize * 8
+    unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[width]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _mix(h: jax.Array) -> jax.Array:
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+@jax.jit
+def fingerprint(tree: Any) -> jax.Array:
+    """A uint32 hash of every bit of every leaf of ``tree`` (and of its leaf order).
+
+    Integer sums wrap modulo 2**32 and do not depend on the order of summation, so the value is
+    the same however the arrays are sharded, on one device or many.
+    """
+    total = jnp.uint32(0)
+    for i, leaf in enumerate(jax.tree.leaves(tree)):
+        bits = _bits(leaf).reshape(-1)
+        pos = jnp.arange(bits.size, dtype=jnp.uint32)
+        h = jnp.sum(_mix(bits * jnp.uint32(0x9E3779B1) + pos * jnp.uint32(0x85EBCA77)))
+        total = total + _mix(h + jnp.uint32(2 * i + 1))
+    return total
+
+
+def abstract_like(tree: Any) -> Any:
+    """`jax.ShapeDtypeStruct`\\ s (with shardings) of a tree of arrays: a restore target."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
+    )
+
+
+class Checkpoints:
+    """The checkpoints of a run directory, one per epoch, the last ``keep`` kept.
+
+    Args:
+      directory: where the checkpoints go (``<run_dir>/checkpoints``).
+      keep: how many to keep (older ones are deleted after a newer one is complete).
+      create: create the directory (never when only reading).
+    """
+
+    def __init__(self, directory: str, keep: int = 2, *, create: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=create,
+            # Saves block until written: the train step donates its buffers, and the write
+            # must be complete before the program can be interrupted safely.
+            enable_async_checkpointing=False,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def epochs(self) -> list[int]:
+        """The epochs with a complete checkpoint, in order."""
+        return sorted(self.manager.all_steps())
+
+    def save(self, epoch: int, state: Any, meta: dict[str, Any]) -> None:
+        """Saves ``state`` (arrays) and ``meta`` (JSON) as the checkpoint of ``epoch``."""
+        meta = dict(meta, epoch=int(epoch), fingerprint=int(_host(fingerprint(state))))
+        self.manager.save(
+            int(epoch),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+        self.manager.wait_until_finished()
+
+    def restore(self, target: Any, epoch: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restores the checkpoint of ``epoch`` (the latest by default).
+
+        Args:
+          target: a tree like the saved state (arrays or `jax.ShapeDtypeStruct`\\ s with
+            shardings); the restored arrays get its shardings.
+          epoch: which checkpoint.
+
+        Raises:
+          CheckpointError: there is none, or it cannot be read, or its contents do not match
+            the fingerprint saved with it. Nothing on disk is changed.
+        """
+        epochs = self.epochs()
+        if not epochs:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        epoch = epochs[-1] if epoch is None else epoch
+        if epoch not in epochs:
+            raise CheckpointError(
+                f"no checkpoint of epoch {epoch} in {self.directory} (there are: {epochs})"
+            )
+        where = os.path.join(self.directory, str(epoch))
+        advice = (
+            f"Nothing was changed. Delete {where} to resume from an earlier checkpoint"
+            if len(epochs) > 1
+            else f"Nothing was changed. Delete {where} (or the run directory) to start again"
+        )
+        try:
+            restored = self.manager.restore(
+                epoch,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_like(target)),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+            state, meta = restored.state, dict(restored.meta)
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            raise CheckpointError(
+                f"the checkpoint {where} cannot be read; it is truncated, corrupt, or from a "
+                f"different model or optimizer ({type(e).__name__}: {_first_line(e)}). {advice}."
+            ) from e
+        if jax.tree.structure(state) != jax.tree.structure(target):
+            raise CheckpointError(
+                f"the checkpoint {where} holds a different state structure (another model or "
+                f"optimizer?). {advice}."
+            )
+        expected = meta.get("fingerprint")
+        actual = int(_host(fingerprint(state)))
+        if expected != actual:
+            raise CheckpointError(
+                f"the checkpoint {where} is corrupt: its arrays do not match the fingerprint "
+                f"saved with them ({actual} != {expected}). {advice}."
+            )
+        return state, meta
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    if not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return np.asarray(x)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
