@@ -1,0 +1,320 @@
+"""The training command and loop: every optimizer end to end, checkpoints, resume, bad input."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from binax.train import (
+    BINARY_DEFAULTS,
+    OPTIMIZERS,
+    CheckpointError,
+    Checkpoints,
+    Config,
+    ConfigError,
+    cli,
+    schedules,
+    train,
+)
+from binax.train.loop import CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE
+
+FLIP_RULES = ("bop", "bop2nd_order", "sgdat", "diode", "cema")
+
+
+def tiny(run_dir, **kw):
+    """A config that trains in a second or two: 16 hidden units, a few steps of digits."""
+    base = dict(
+        model="mlp",
+        model_kwargs={"hidden_sizes": [16]},
+        dataset="digits",
+        epochs=1,
+        steps_per_epoch=3,
+        batch_size=32,
+        num_devices=1,
+        run_dir=str(run_dir),
+        progress=False,
+        plots=False,
+        checkpoint=False,
+    )
+    base.update(kw)
+    return Config(**base)
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def binary_leaves(result):
+    mask = jax.tree.leaves(result.program.binary_mask)
+    return [x for x, m in zip(leaves(result.state.params), mask, strict=True) if m]
+
+
+def snapshot(directory):
+    """Every file under ``directory`` with its size and SHA-256."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+# ------------------------------------------------------------------ every optimizer
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_optimizer_trains_end_to_end(optimizer, tmp_path):
+    result = train(tiny(tmp_path / optimizer, optimizer=optimizer))
+    (record,) = result.history
+    assert record["step"] == 3 and int(result.state.step) == 3
+    assert np.isfinite(record["train_loss"]) and np.isfinite(record["test_loss"])
+    assert 0.0 <= record["test_accuracy"] <= 1.0
+    assert set(record["flips"]) == {"layers/0/kernel", "layers/1/kernel"}
+    assert set(record["hparams"]) == {*(k for k in BINARY_DEFAULTS[optimizer]
+                                        if k in ("threshold", "gamma", "sigma", "alpha",
+                                                 "binary_lr")), "lr"}
+    kernels = binary_leaves(result)
+    if optimizer in FLIP_RULES:
+        for w in kernels:  # flip rules keep binary weights exactly +-1
+            assert set(np.unique(w)) <= {-1.0, 1.0}
+        if optimizer != "diode":  # diode needs thousands of steps for its first flips
+            assert sum(record["flips"].values()) > 0
+    elif optimizer == "latent":
+        assert all(np.abs(w).max() <= 1.0 for w in kernels)
+        assert any(len(np.unique(w)) > 2 for w in kernels)  # real latent weights
+    else:  # the full-precision baseline: real kernels, no clip
+        assert any(len(np.unique(w)) > 2 for w in kernels)
+    with open(tmp_path / optimizer / LOG_FILE) as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1]
+
+
+def test_cli_runs_writes_the_run_directory_and_follows_schedules(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = cli.main([
+        "--model", "mlp", "--hidden-sizes", "16", "--dataset", "digits", "--optimizer", "bop",
+        "--gamma", "step:1e-3,0.1,1", "--lr", "linear:1e-2,1e-3", "--epochs", "2",
+        "--steps-per-epoch", "3", "--batch-size", "32", "--num-devices", "1",
+        "--run-dir", str(run), "--no-progress",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "final test accuracy" in out and "flip ratio" in out
+    for name in (CONFIG_FILE, LOG_FILE, "loss.png", "accuracy.png", "flip_ratio.png"):
+        assert (run / name).is_file(), name
+    for name in ("loss.png", "accuracy.png", "flip_ratio.png"):
+        assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(run / CHECKPOINT_DIR)) == ["1", "2"]
+    config = json.loads((run / CONFIG_FILE).read_text())
+    assert config["hparams"] == {"gamma": "step:1e-3,0.1,1"}
+    assert config["model_kwargs"] == {"hidden_sizes": [16]}
+    records = [json.loads(line) for line in (run / LOG_FILE).read_text().splitlines()]
+    # gamma: 1e-3 during epoch 1, then times 0.1; lr: linear from 1e-2 (step 0) to 1e-3 (step 5).
+    assert records[0]["hparams"]["gamma"] == pytest.approx(1e-3)
+    assert records[1]["hparams"]["gamma"] == pytest.approx(1e-4)
+    assert records[0]["hparams"]["lr"] == pytest.approx(1e-2 - 2 * (9e-3 / 5))
+    assert records[1]["hparams"]["lr"] == pytest.approx(1e-3)
+
+
+# ------------------------------------------------------------------ checkpoints and resume
+
+RESUME = dict(optimizer="sgdat", hparams={"momentum": 0.9}, epochs=3, steps_per_epoch=4,
+              checkpoint=True)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    return train(tiny(tmp_path_factory.mktemp("reference") / "run", **RESUME))
+
+
+@pytest.fixture(scope="module")
+def interrupted_run_dir(tmp_path_factory):
+    """A run stopped by Ctrl-C in the middle of its second epoch."""
+    run_dir = tmp_path_factory.mktemp("interrupted") / "run"
+
+    def ctrl_c(epoch, step):
+        if (epoch, step) == (1, 2):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(run_dir, **RESUME), on_step=ctrl_c)
+    return run_dir
+
+
+def test_keyboard_interrupt_keeps_the_last_complete_checkpoint(interrupted_run_dir,
+                                                               reference_run):
+    ckpts = Checkpoints(str(interrupted_run_dir / CHECKPOINT_DIR), create=False)
+    try:
+        assert ckpts.epochs() == [1]
+        state, meta = ckpts.restore(reference_run.state)
+    finally:
+        ckpts.close()
+    assert meta["epoch"] == 1 and meta["step"] == 4 and int(state.step) == 4
+    assert len(meta["history"]) == 1
+    log = (interrupted_run_dir / LOG_FILE).read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [1]
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(interrupted_run_dir, reference_run,
+                                                         tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(interrupted_run_dir, run_dir)
+    resumed = train(tiny(run_dir, **RESUME, resume=True))
+    assert int(resumed.state.step) == int(reference_run.state.step) == 12
+    for a, b in zip(leaves(resumed.state), leaves(reference_run.state), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)  # params, BatchNorm stats, optimizer state
+    drop_time = lambda h: [{k: v for k, v in r.items() if k != "time_s"} for r in h]
+    assert drop_time(resumed.history) == drop_time(reference_run.history)
+    log = [json.loads(line) for line in (run_dir / LOG_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+
+
+def _largest_file(directory):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def test_truncated_checkpoint_is_a_clear_error_and_changes_nothing(reference_run, tmp_path,
+                                                                   capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run.run_dir, run_dir)
+    victim = _largest_file(run_dir / CHECKPOINT_DIR / "3")
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    before = snapshot(run_dir)
+    code = cli.main(["--resume", "--run-dir", str(run_dir), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "checkpoint" in err and str(run_dir / CHECKPOINT_DIR / "3") in err
+    assert "Nothing was changed" in err and "Traceback" not in err
+    assert snapshot(run_dir) == before
+
+
+def test_corrupt_checkpoint_bytes_are_detected(reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run.run_dir, run_dir)
+    victim = _largest_file(run_dir / CHECKPOINT_DIR / "3")
+    with open(victim, "r+b") as f:  # same size, one byte changed in the middle
+        f.seek(os.path.getsize(victim) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    before = snapshot(run_dir)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(tiny(run_dir, **RESUME, resume=True))
+    assert snapshot(run_dir) == before
+
+
+def test_an_existing_run_directory_needs_resume(reference_run, capsys):
+    before = snapshot(reference_run.run_dir)
+    code = cli.main(["--run-dir", reference_run.run_dir, "--no-progress"])
+    assert code == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert snapshot(reference_run.run_dir) == before
+
+
+def test_resume_with_a_different_config_is_refused(reference_run, capsys):
+    code = cli.main(["--resume", "--run-dir", reference_run.run_dir, "--batch-size", "16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "config differs" in err and "batch_size: 16 != 32" in err
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "flag, valid",
+    [
+        ("--model", ["mlp", "binarynet", "resnet18"]),
+        ("--dataset", ["digits", "mnist", "fashion_mnist", "cifar10"]),
+        ("--optimizer", list(OPTIMIZERS)),
+        ("--real-optimizer", ["adam", "adamw", "sgd"]),
+    ],
+)
+def test_unknown_choices_list_the_valid_ones(flag, valid, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([flag, "nope"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "invalid choice: 'nope'" in err
+    assert all(repr(v) in err for v in valid)
+
+
+def test_config_api_lists_the_valid_choices():
+    with pytest.raises(ConfigError, match="valid choices: mlp, binarynet, resnet18"):
+        Config(model="nope").validate()
+    with pytest.raises(ConfigError, match="valid choices: bop, bop2nd_order"):
+        Config(optimizer="adam").validate()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--optimizer", "bop", "--sigma", "0.1"], "'sigma' does not apply to optimizer 'bop'"),
+        (["--model", "binarynet", "--hidden-sizes", "8"], "--hidden-sizes applies to --model mlp"),
+        (["--epochs", "0"], "epochs must be a positive integer"),
+        (["--resume"], "--resume needs --run-dir"),
+    ],
+)
+def test_bad_flag_values_are_clear_errors(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_schedule_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--gamma", "exp:1,2"])
+    assert e.value.code == 2
+    assert "unknown kind 'exp'" in capsys.readouterr().err
+
+
+def test_missing_data_says_how_to_get_it(tmp_path, capsys):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    run_dir = tmp_path / "run"
+    code = cli.main(["--dataset", "mnist", "--data-dir", str(empty), "--run-dir", str(run_dir),
+                     "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "MNIST" in err and "train-images-idx3-ubyte" in err and str(empty) in err
+    assert "--download" in err and "Traceback" not in err
+    assert not run_dir.exists()
+
+
+def test_help_explains_every_flag(capsys):
+    parser = cli.build_parser()
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for name in OPTIMIZERS:
+        assert name in out
+    assert "step:START,FACTOR,EVERY" in out and "gamma=1e-3" not in out
+
+
+# ------------------------------------------------------------------ schedules
+
+
+def test_schedule_language():
+    assert schedules.parse("1e-4") == schedules.Schedule("constant", (1e-4,))
+    assert schedules.parse(0.5) == schedules.Schedule("constant", (0.5,))
+    assert schedules.parse("cosine:0.1") == schedules.Schedule("cosine", (0.1, 0.0))
+    step = schedules.build("step:1e-4,0.1,100", steps_per_epoch=5, total_steps=5000)
+    np.testing.assert_allclose([step(0), step(499), step(500), step(1000)],
+                               [1e-4, 1e-4, 1e-5, 1e-6], rtol=1e-5)
+    lin = schedules.build("linear:1.0,0.0", steps_per_epoch=2, total_steps=11)
+    np.testing.assert_allclose([lin(0), lin(5), lin(10)], [1.0, 0.5, 0.0], atol=1e-6)
+    cos = schedules.build("cosine:1.0,0.5", steps_per_epoch=2, total_steps=11)
+    np.testing.assert_allclose([cos(0), cos(5), cos(10)], [1.0, 0.75, 0.5], atol=1e-6)
+    for bad, message in [("linear:1", "linear:START,END"), ("step:1,0.1,0", "positive integer"),
+                         ("cosine:0", "START > 0"), ("abc", "not a number"),
+                         ("inf", "finite")]:
+        with pytest.raises(ValueError, match=message):
+            schedules.parse(bad)
