@@ -30,7 +30,7 @@ class Net(nn.Module):
 
 def test_params_names_and_labels():
     x = rand((2, 6, 6, 1))
-    variables = Net().init(jax.random.key(0), x)
+    variables = jax.jit(Net().init)(jax.random.key(0, impl="rbg"), x)
     params = variables["params"]
     labels = bl.binary_labels(params)
     flat = {
@@ -90,45 +90,40 @@ def test_fixed_scale_is_a_constant():
 def test_linen_gradients_and_partition_step():
     x, y = rand((4, 6, 6, 1)), jnp.array([0, 1, 2, 0])
     model = Net()
-    params = model.init(jax.random.key(0), x)["params"]
-    batch_stats = model.init(jax.random.key(0), x)["batch_stats"]
+    variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x)
+    params, batch_stats = variables["params"], variables["batch_stats"]
 
     def loss(p):
         logits = model.apply({"params": p, "batch_stats": batch_stats}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    grads = jax.grad(loss)(params)
-    for name in ("BinaryConv_0", "second", "BinaryDense_0"):
-        assert np.count_nonzero(grads[name]["binary_kernel"]) > 0, name
-
     tx = binax.partition(
         binary=binax.bop(threshold=0.0, gamma=1.0), real=optax.adam(1e-2),
         is_binary=bl.is_binary_path,
     )
-    state = tx.init(params)
+    # The label-tree form must give the same partition.
+    tx2 = binax.partition(
+        binary=binax.bop(threshold=0.0, gamma=1.0), real=optax.adam(1e-2),
+        is_binary=bl.binary_labels(params),
+    )
 
     @jax.jit
-    def step(p, s):
+    def step(p):
         g = jax.grad(loss)(p)
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
+        u, _ = tx.update(g, tx.init(p), p)
+        u2, _ = tx2.update(g, tx2.init(p), p)
+        return g, optax.apply_updates(p, u), u, u2
 
-    new, _ = step(params, state)
+    grads, new, u1, u2 = step(params)
+    jax.tree.map(np.testing.assert_array_equal, u1, u2)
     flips = 0
     for name in ("BinaryConv_0", "second", "BinaryDense_0"):
+        assert np.count_nonzero(grads[name]["binary_kernel"]) > 0, name
         k = np.asarray(new[name]["binary_kernel"])
         assert set(np.unique(k)) <= {-1.0, 1.0}
         flips += np.sum(k != np.asarray(params[name]["binary_kernel"]))
     assert flips > 0
     assert not np.array_equal(new["BinaryDense_1"]["kernel"], params["BinaryDense_1"]["kernel"])
-    # The label-tree form gives the same partition.
-    tx2 = binax.partition(
-        binary=binax.bop(threshold=0.0, gamma=1.0), real=optax.adam(1e-2),
-        is_binary=bl.binary_labels(params),
-    )
-    u2, _ = tx2.update(grads, tx2.init(params), params)
-    u1, _ = tx.update(grads, tx.init(params), params)
-    jax.tree.map(np.testing.assert_array_equal, u1, u2)
 
 
 @pytest.mark.parametrize(

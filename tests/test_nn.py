@@ -41,39 +41,44 @@ def np_conv(xp, k, strides, dilation):
     return out
 
 
+def rngs(seed=0):
+    """RBG keys: random signs without compiling threefry for every kernel shape (fast tests)."""
+    return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
 def rand(shape, seed=0):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
 def test_binary_kernel_init_is_exactly_plus_minus_one():
-    layer = bnn.BinaryConv(3, 16, (3, 3), rngs=nnx.Rngs(0))
+    layer = bnn.BinaryConv(3, 16, (3, 3), rngs=rngs())
     k = np.asarray(layer.kernel[...])
     assert type(layer.kernel) is bnn.BinaryParam and isinstance(layer.kernel, nnx.Param)
     assert k.shape == (3, 3, 3, 16) and k.dtype == np.float32
     assert set(np.unique(k)) == {-1.0, 1.0}
     assert 0.3 < np.mean(k > 0) < 0.7
-    other = bnn.BinaryConv(3, 16, (3, 3), rngs=nnx.Rngs(1))
+    other = bnn.BinaryConv(3, 16, (3, 3), rngs=rngs(1))
     assert not np.array_equal(k, other.kernel[...])
-    dense = bnn.BinaryLinear(5, 7, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    dense = bnn.BinaryLinear(5, 7, param_dtype=jnp.bfloat16, rngs=rngs())
     assert dense.kernel[...].dtype == jnp.bfloat16
     assert set(np.unique(np.asarray(dense.kernel[...], np.float32))) == {-1.0, 1.0}
 
 
 def test_real_kernel_layer_and_variable_types():
     layer = bnn.BinaryLinear(
-        8, 4, binary_kernel=False, kernel_quantizer=None, scale="learned", rngs=nnx.Rngs(0)
+        8, 4, binary_kernel=False, kernel_quantizer=None, scale="learned", rngs=rngs()
     )
     assert type(layer.kernel) is nnx.Param
     assert len(np.unique(np.asarray(layer.kernel[...]))) > 2  # LeCun normal, not signs
     assert type(layer.bias) is nnx.Param and type(layer.scale) is nnx.Param
-    fixed = bnn.BinaryLinear(8, 4, scale="fixed", use_bias=False, rngs=nnx.Rngs(0))
+    fixed = bnn.BinaryLinear(8, 4, scale="fixed", use_bias=False, rngs=rngs())
     assert type(fixed.scale) is bnn.FixedScale and not isinstance(fixed.scale, nnx.Param)
     assert fixed.bias is None
     assert "scale" not in nnx.state(fixed, nnx.Param)
 
 
 def test_binary_linear_matches_reference():
-    layer = bnn.BinaryLinear(6, 4, scale="learned", rngs=nnx.Rngs(0))
+    layer = bnn.BinaryLinear(6, 4, scale="learned", rngs=rngs())
     layer.scale[...] = jnp.array([0.5, 1.0, 2.0, -1.0])
     layer.bias[...] = jnp.array([0.1, 0.2, 0.3, 0.4])
     x = rand((2, 3, 6))
@@ -84,7 +89,7 @@ def test_binary_linear_matches_reference():
     assert y.shape == (2, 3, 4)
     np.testing.assert_allclose(y, want, rtol=1e-6)
     # Real input, latent real kernel quantized by ste_sign.
-    layer = bnn.BinaryLinear(6, 4, input_quantizer=None, use_bias=False, rngs=nnx.Rngs(0))
+    layer = bnn.BinaryLinear(6, 4, input_quantizer=None, use_bias=False, rngs=rngs())
     layer.kernel[...] = rand((6, 4), seed=1) * 0.3
     np.testing.assert_allclose(
         layer(x), np.asarray(x) @ sign0(layer.kernel[...]), rtol=1e-5, atol=1e-5
@@ -110,7 +115,7 @@ def test_binary_conv_matches_reference(kernel_size, strides, dilation, padding, 
     spatial = (7, 6)[:n]
     layer = bnn.BinaryConv(
         3, 5, kernel_size, strides=strides, kernel_dilation=dilation, padding=padding,
-        pad_value=pad_value, use_bias=False, rngs=nnx.Rngs(0),
+        pad_value=pad_value, use_bias=False, rngs=rngs(),
     )
     x = rand((2, *spatial, 3))
     y = np.asarray(layer(x))
@@ -134,43 +139,43 @@ def test_binary_conv_matches_reference(kernel_size, strides, dilation, padding, 
 def test_pad_value_reaches_the_borders():
     ones = dict(kernel_init=lambda key, shape, dtype: jnp.ones(shape, dtype), use_bias=False)
     x = jnp.ones((1, 4, 4, 2))
-    plus = bnn.BinaryConv(2, 1, (3, 3), pad_value=1.0, rngs=nnx.Rngs(0), **ones)(x)
-    minus = bnn.BinaryConv(2, 1, (3, 3), pad_value=-1.0, rngs=nnx.Rngs(0), **ones)(x)
+    plus = bnn.BinaryConv(2, 1, (3, 3), pad_value=1.0, rngs=rngs(), **ones)(x)
+    minus = bnn.BinaryConv(2, 1, (3, 3), pad_value=-1.0, rngs=rngs(), **ones)(x)
     np.testing.assert_array_equal(plus, 18.0)  # every tap sees +1
     assert minus[0, 0, 0, 0] == 18 - 2 * 2 * 5  # a corner sees 5 padded taps of -1 per channel
     assert minus[0, 1, 1, 0] == 18.0  # interior unchanged
     # Zero padding is only for real inputs.
-    real = bnn.BinaryConv(2, 1, (3, 3), input_quantizer=None, pad_value=None, rngs=nnx.Rngs(0),
+    real = bnn.BinaryConv(2, 1, (3, 3), input_quantizer=None, pad_value=None, rngs=rngs(),
                           **ones)(x)
     assert real[0, 0, 0, 0] == 8.0
 
 
 def test_conv_batch_axes_grouped_and_unbatched():
-    layer = bnn.BinaryConv(4, 6, (3, 3), feature_group_count=2, strides=(1, 2), rngs=nnx.Rngs(0))
+    layer = bnn.BinaryConv(4, 6, (3, 3), feature_group_count=2, strides=(1, 2), rngs=rngs())
     assert layer.kernel[...].shape == (3, 3, 2, 6)
     x = rand((2, 3, 5, 8, 4))
     y = layer(x)
     assert y.shape == (2, 3, 5, 4, 6)
     np.testing.assert_allclose(y[1, 2], layer(x[1, 2]), rtol=1e-6)
-    conv3d = bnn.BinaryConv(2, 3, (2, 2, 2), rngs=nnx.Rngs(0))
+    conv3d = bnn.BinaryConv(2, 3, (2, 2, 2), rngs=rngs())
     assert conv3d(rand((1, 4, 4, 4, 2))).shape == (1, 4, 4, 4, 3)
 
 
 def test_scales_and_custom_quantizers():
-    layer = bnn.BinaryConv(2, 3, (3, 3), scale="fixed", use_bias=False, rngs=nnx.Rngs(0))
+    layer = bnn.BinaryConv(2, 3, (3, 3), scale="fixed", use_bias=False, rngs=rngs())
     x = rand((1, 5, 5, 2))
     base = layer(x)
     layer.scale[...] = jnp.array([2.0, -1.0, 0.5])
     np.testing.assert_allclose(layer(x), base * jnp.array([2.0, -1.0, 0.5]), rtol=1e-6)
     mag = bnn.BinaryLinear(4, 3, kernel_quantizer="magnitude_aware_sign", use_bias=False,
-                           rngs=nnx.Rngs(0))
+                           rngs=rngs())
     mag.kernel[...] = rand((4, 3), seed=2)
     k = np.asarray(mag.kernel[...])
     xs = rand((2, 4), seed=3)
     want = sign0(xs) @ (sign0(k) * np.mean(np.abs(k), axis=0))
     np.testing.assert_allclose(mag(xs), want, rtol=1e-5)
     custom = bnn.BinaryLinear(4, 3, input_quantizer=functools.partial(q.ste_sign, clip_value=2.0),
-                              rngs=nnx.Rngs(0))
+                              rngs=rngs())
     assert custom.input_quantizer.keywords == {"clip_value": 2.0}
     assert custom.input_precision == 1
 
@@ -178,26 +183,27 @@ def test_scales_and_custom_quantizers():
 def test_gradients_reach_binary_kernels_and_inputs():
     model = nnx.Sequential(
         bnn.BinaryConv(2, 4, (3, 3), input_quantizer=None, pad_value=None, use_bias=False,
-                       rngs=nnx.Rngs(0)),
-        bnn.BinaryConv(4, 4, (3, 3), use_bias=False, rngs=nnx.Rngs(1)),
+                       rngs=rngs()),
+        bnn.BinaryConv(4, 4, (3, 3), use_bias=False, rngs=rngs(1)),
         lambda x: x.reshape((x.shape[0], -1)),
-        bnn.BinaryLinear(4 * 5 * 5, 3, scale="learned", rngs=nnx.Rngs(2)),
+        bnn.BinaryLinear(4 * 5 * 5, 3, scale="learned", rngs=rngs(2)),
     )
     x = rand((3, 5, 5, 2)) * 0.1
 
     def loss(m, x):
         return jnp.mean((m(x) - 1.0) ** 2)
 
-    grads = nnx.grad(loss)(model, x)
+    grad = nnx.jit(nnx.grad(loss))
+    grads = grad(model, x)
     for i in (0, 1, 3):
         g = np.asarray(grads.layers[i]["kernel"][...])
         assert np.count_nonzero(g) > g.size // 2, i
-    gx = jax.grad(lambda x: loss(model, x))(x)
+    gx = nnx.jit(nnx.grad(loss, argnums=1))(model, x)
     assert np.count_nonzero(gx) > 0
     # STE: kernels of +-1 sit on the clip boundary and still pass the gradient; a latent
     # weight beyond the clip gets none.
     model.layers[3].kernel[...] = model.layers[3].kernel[...].at[0, 0].set(1.5)
-    g = nnx.grad(loss)(model, x).layers[3]["kernel"][...]
+    g = grad(model, x).layers[3]["kernel"][...]
     assert g[0, 0] == 0 and np.count_nonzero(g[1:]) > 0
 
 
@@ -219,11 +225,11 @@ class Small(nnx.Module):
 
 
 def test_binary_labels_structure_matches_optimizer_trees():
-    model = Small(nnx.Rngs(0))
+    model = Small(rngs())
     labels = bnn.binary_labels(model)
     params = nnx.as_pure(nnx.state(model, nnx.Param))
     assert jax.tree.structure(labels) == jax.tree.structure(params)
-    grads = nnx.grad(lambda m, x: jnp.sum(m(x)))(model, rand((2, 6, 6, 1)))
+    grads = nnx.jit(nnx.grad(lambda m, x: jnp.sum(m(x))))(model, rand((2, 6, 6, 1)))
     assert jax.tree.structure(labels) == jax.tree.structure(
         nnx.as_pure(nnx.state(grads, nnx.Param))
     )
@@ -241,13 +247,13 @@ def test_binary_labels_structure_matches_optimizer_trees():
     )
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     before = nnx.clone(model)
-    opt.update(model, grads)
+    nnx.jit(lambda opt, model, grads: opt.update(model, grads))(opt, model, grads)
     assert np.array_equal(model.conv.kernel[...], before.conv.kernel[...])
     assert not np.array_equal(model.head.kernel[...], before.head.kernel[...])
 
 
 def test_binary_labels_errors():
-    model = Small(nnx.Rngs(0))
+    model = Small(rngs())
     with pytest.raises(ValueError, match="model_or_state"):
         bnn.binary_labels({"kernel": jnp.ones(2)})
     with pytest.raises(ValueError, match="as_pure"):
@@ -280,24 +286,24 @@ def test_conv_configuration_errors(kwargs, match):
     args.update(kwargs)
     ks = args.pop("kernel_size")
     with pytest.raises(ValueError, match=match):
-        bnn.BinaryConv(4, 4, ks, rngs=nnx.Rngs(0), **args)
+        bnn.BinaryConv(4, 4, ks, rngs=rngs(), **args)
 
 
 def test_linear_configuration_errors():
     with pytest.raises(ValueError, match="kernel_quantizer"):
-        bnn.BinaryLinear(3, 2, binary_kernel=False, rngs=nnx.Rngs(0))
+        bnn.BinaryLinear(3, 2, binary_kernel=False, rngs=rngs())
     with pytest.raises(ValueError, match="scale"):
-        bnn.BinaryLinear(3, 2, scale=True, rngs=nnx.Rngs(0))
+        bnn.BinaryLinear(3, 2, scale=True, rngs=rngs())
     # Valid: a latent-free binary kernel without a quantizer, a real input.
-    layer = bnn.BinaryLinear(3, 2, kernel_quantizer=None, input_quantizer=None, rngs=nnx.Rngs(0))
+    layer = bnn.BinaryLinear(3, 2, kernel_quantizer=None, input_quantizer=None, rngs=rngs())
     assert layer.input_precision == 32
 
 
 def test_layers_jit_and_bfloat16():
     layer = bnn.BinaryConv(3, 4, (3, 3), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
-                           rngs=nnx.Rngs(0))
+                           rngs=rngs())
     x = rand((2, 5, 5, 3)).astype(jnp.bfloat16)
     y = nnx.jit(lambda m, x: m(x))(layer, x)
     assert y.dtype == jnp.bfloat16 and y.shape == (2, 5, 5, 4)
-    ref = bnn.BinaryConv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+    ref = bnn.BinaryConv(3, 4, (3, 3), rngs=rngs())
     np.testing.assert_array_equal(np.asarray(y, np.float32), ref(x.astype(jnp.float32)))

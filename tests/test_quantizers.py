@@ -21,8 +21,13 @@ def sign0_np(x):
 
 def grads(f, x):
     """(reverse-mode, forward-mode) elementwise derivative of ``f`` at ``x``."""
-    rev = jax.grad(lambda v: jnp.sum(f(v)))(x)
-    _, fwd = jax.jvp(f, (x,), (jnp.ones_like(x),))
+    @jax.jit
+    def both(x):
+        rev = jax.grad(lambda v: jnp.sum(f(v)))(x)
+        _, fwd = jax.jvp(f, (x,), (jnp.ones_like(x),))
+        return rev, fwd
+
+    rev, fwd = both(x)
     return np.asarray(rev), np.asarray(fwd)
 
 
@@ -130,7 +135,7 @@ def test_jit_vmap_bfloat16(name):
     assert y.dtype == jnp.bfloat16
     if name != "magnitude_aware_sign":  # that one multiplies by mean |x|
         assert set(np.unique(np.asarray(y, np.float32))) <= {-1.0, 0.0, 1.0}
-    g = jax.grad(lambda v: jnp.sum(fn(v).astype(jnp.float32)))(x)
+    g = jax.jit(jax.grad(lambda v: jnp.sum(fn(v).astype(jnp.float32))))(x)
     assert g.dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(g, np.float32)))
 
@@ -144,12 +149,12 @@ def test_swish_sign_far_tails_are_finite():
 
 def test_second_order_works():
     # The surrogate of ste_sign is piecewise linear: its second derivative is zero.
-    h = jax.hessian(lambda v: jnp.sum(q.ste_sign(v)))(jnp.asarray(X))
+    h = jax.jit(jax.hessian(lambda v: jnp.sum(q.ste_sign(v))))(jnp.asarray(X))
     np.testing.assert_array_equal(h, 0.0)
     # approx_sign's surrogate 2x + x|x| has second derivative -2 sign(x) inside (0, 1).
     x = jnp.array([-0.5, 0.25, 0.75, 2.0])
     d2 = jax.grad(jax.grad(lambda v: q.approx_sign(v)))
-    np.testing.assert_allclose(jax.vmap(d2)(x), [2.0, -2.0, -2.0, 0.0])
+    np.testing.assert_allclose(jax.jit(jax.vmap(d2))(x), [2.0, -2.0, -2.0, 0.0])
 
 
 def test_get_resolves_names_callables_none():
