@@ -51,14 +51,13 @@ def binary_labels(model_or_state: nnx.Module | nnx.State, wrt: Any = nnx.Param, 
 
     Args:
       model_or_state: an NNX module, or an `nnx.State` that still holds Variables (not one passed
-        through `nnx.as_pure`, which no longer says which leaves are binary).
+        through `nnx.as_pure`, which no longer says which leaves are binary). A State of bools
+        (labels already) is returned unchanged.
       wrt: the filter the optimizer is built with (default `nnx.Param`).
       graph: passed to `nnx.state`.
 
     Returns:
       An `nnx.State` of Python bools.
-
-    A State of bools (labels already) is returned unchanged.
 
     Raises:
       ValueError: ``model_or_state`` is neither a module nor a State, or the State holds plain
