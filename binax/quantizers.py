@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from binax.transforms import sign0  # +1 where x >= 0, else -1: the one definition in binax
+
 Quantizer = Callable[[jax.Array], jax.Array]
 QuantizerLike = str | Quantizer | None
 
@@ -35,16 +37,6 @@ __all__ = [
     "ste_sign",
     "swish_sign",
 ]
-
-
-def sign0(x: jax.Array) -> jax.Array:
-    """The sign with ``sign0(0) = +1``: ``+1`` where ``x >= 0``, ``-1`` elsewhere, in ``x``'s dtype.
-
-    NaN maps to ``-1`` (``NaN >= 0`` is false); quantizers do not hide NaNs in the gradient.
-    """
-    x = jnp.asarray(x)
-    one = jnp.ones((), x.dtype)
-    return jnp.where(x >= 0, one, -one)
 
 
 def _heaviside(x: jax.Array) -> jax.Array:

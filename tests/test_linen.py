@@ -56,10 +56,13 @@ def test_params_names_and_labels():
     assert not any(jax.tree.leaves(bl.binary_labels(variables)["batch_stats"]))
 
 
-@pytest.mark.parametrize("pad_value,strides,scale", [(1.0, 1, None), (-1.0, 2, "learned")])
-def test_linen_matches_nnx(pad_value, strides, scale):
-    x = rand((2, 7, 5, 3))
-    layer = bnn.BinaryConv(3, 4, (3, 3), strides=strides, pad_value=pad_value, scale=scale,
+@pytest.mark.parametrize(
+    "kernel_size,pad_value,strides,scale",
+    [((3, 3), 1.0, 1, None), ((3, 3), -1.0, 2, "learned"), (3, -1.0, 1, None)],
+)
+def test_linen_matches_nnx(kernel_size, pad_value, strides, scale):
+    x = rand((2, 7, 5, 3)) if isinstance(kernel_size, tuple) else rand((2, 7, 3))
+    layer = bnn.BinaryConv(3, 4, kernel_size, strides=strides, pad_value=pad_value, scale=scale,
                            rngs=nnx.Rngs(0))
     if scale:
         layer.scale[...] = jnp.arange(1.0, 5.0)
@@ -67,7 +70,7 @@ def test_linen_matches_nnx(pad_value, strides, scale):
     params = {"binary_kernel": layer.kernel[...], "bias": layer.bias[...]}
     if scale:
         params["scale"] = layer.scale[...]
-    module = bl.BinaryConv(4, (3, 3), strides=strides, pad_value=pad_value, scale=scale)
+    module = bl.BinaryConv(4, kernel_size, strides=strides, pad_value=pad_value, scale=scale)
     np.testing.assert_array_equal(module.apply({"params": params}, x), layer(x))
 
     dense = bnn.BinaryLinear(3, 4, rngs=nnx.Rngs(1))
