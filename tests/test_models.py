@@ -104,21 +104,21 @@ def test_real_layers_where_the_papers_put_them(built):
 
 
 def test_shapes_and_train_eval_modes(built):
-    model = built("binarynet")
+    model = built("mlp")
     forward = nnx.jit(lambda m, x: m(x))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 28, 28, 1)), jnp.float32)
     model.train()
-    before = np.asarray(model.conv_norms[0].mean[...])
+    before = np.asarray(model.norms[0].mean[...])
     y = forward(model, x)
     assert y.shape == (4, 10)
-    assert not np.array_equal(before, model.conv_norms[0].mean[...])  # batch stats updated
+    assert not np.array_equal(before, model.norms[0].mean[...])  # batch stats updated
     model.eval()
     assert all(bn.use_running_average for _, bn in nnx.iter_modules(model)
                if isinstance(bn, nnx.BatchNorm))
-    stats = np.asarray(model.conv_norms[0].mean[...])
+    stats = np.asarray(model.norms[0].mean[...])
     y1, y2 = forward(model, x), forward(model, x.at[1:].set(0.0))
     np.testing.assert_array_equal(y1[0], y2[0])  # each example on its own in eval mode
-    np.testing.assert_array_equal(stats, model.conv_norms[0].mean[...])
+    np.testing.assert_array_equal(stats, model.norms[0].mean[...])
 
 
 @pytest.mark.parametrize(

@@ -118,7 +118,7 @@ def test_binary_conv_matches_reference(kernel_size, strides, dilation, padding, 
         pad_value=pad_value, use_bias=False, rngs=rngs(),
     )
     x = rand((2, *spatial, 3))
-    y = np.asarray(layer(x))
+    y = np.asarray(nnx.jit(lambda m, x: m(x))(layer, x))
     s, d = (strides,) * n, (dilation,) * n
     if padding == "SAME":
         pads = [same_pads(spatial[i], kernel_size[i], s[i], d[i]) for i in range(n)]
