@@ -8,7 +8,7 @@ Tolerance between device counts: the same step on 1 and on 8 devices sums the ba
 rule flips a weight where ``w * m > threshold``: a weight whose ``m`` lies within ulps of the
 threshold can flip on one run and not the other, and after that the runs differ by that
 weight. Such ties are rare, so flips per layer and per epoch must agree within 1% (+2) and test
-accuracy within 1 percentage point (3 of the 360 test digits). In practice Bop runs agree
+accuracy within 1 percentage point (3 of the 359 test digits). In practice Bop runs agree
 exactly; latent-weight Adam (which divides by sqrt(v)) differs by a flip or two.
 """
 

@@ -98,7 +98,7 @@ def test_cli_runs_writes_the_run_directory_and_follows_schedules(tmp_path, capsy
     code = cli.main([
         "--model", "mlp", "--hidden-sizes", "16", "--dataset", "digits", "--optimizer", "bop",
         "--gamma", "step:1e-3,0.1,1", "--lr", "linear:1e-2,1e-3", "--epochs", "2",
-        "--steps-per-epoch", "3", "--batch-size", "32", "--num-devices", "1",
+        "--steps-per-epoch", "3", "--batch-size", "32", "--num-devices", "1", "--augment",
         "--run-dir", str(run), "--no-progress",
     ])
     out = capsys.readouterr().out
@@ -142,7 +142,24 @@ def interrupted_run_dir(tmp_path_factory):
 
     with pytest.raises(KeyboardInterrupt):
         train(tiny(run_dir, **RESUME), on_step=ctrl_c)
+    # What an interrupt during Orbax's save of epoch 2 leaves: a half-written temporary
+    # directory (Orbax renames it to "2" only once complete).
+    partial = run_dir / CHECKPOINT_DIR / "2.orbax-checkpoint-tmp-1700000000"
+    shutil.copytree(run_dir / CHECKPOINT_DIR / "1", partial)
+    for marker in partial.rglob("commit_success.txt"):
+        marker.unlink()
+    with open(_largest_file(partial), "r+b") as f:
+        f.truncate(10)
     return run_dir
+
+
+def test_cli_exits_130_on_ctrl_c(monkeypatch, tmp_path, capsys):
+    def interrupted(config, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("binax.train.loop.train", interrupted)
+    assert cli.main(["--run-dir", str(tmp_path / "run"), "--no-progress"]) == 130
+    assert "interrupted" in capsys.readouterr().err
 
 
 def test_keyboard_interrupt_keeps_the_last_complete_checkpoint(interrupted_run_dir,
@@ -293,10 +310,11 @@ def test_help_explains_every_flag(capsys):
         assert action.help, f"{action.option_strings} has no help"
     with pytest.raises(SystemExit):
         cli.main(["--help"])
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     for name in OPTIMIZERS:
         assert name in out
-    assert "step:START,FACTOR,EVERY" in out and "gamma=1e-3" not in out
+    assert "step:START,FACTOR,EVERY" in out
+    assert "cema --gamma 0.001, --alpha 0.01" in out and "no published defaults" in out
 
 
 # ------------------------------------------------------------------ schedules

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import sys
+import textwrap
 from typing import Any
 
 from binax.train import optim, schedules
@@ -22,6 +23,7 @@ EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 # Flag name -> hyperparameter key, for the binary optimizers' hyperparameters.
 _SCHEDULED = ("threshold", "gamma", "sigma", "alpha", "binary_lr")
 _NUMBERS = ("momentum", "eps", "b1", "b2", "init_scale", "clip")
+_PER_OPTIMIZER = " (default: per optimizer, see the table below)"
 _MODEL_FLAGS = {"hidden_sizes": "mlp", "width_multiplier": "binarynet", "width": "resnet18"}
 
 _EPILOG_HEAD = """\
@@ -33,8 +35,10 @@ schedules: every hyperparameter marked SCHEDULE takes a number or
   cosine:START[,END]          cosine decay over the whole run (END default 0)
   step:START,FACTOR,EVERY     times FACTOR every EVERY epochs, e.g. --gamma step:1e-4,0.1,100
 
-binary optimizers and their defaults here (tuned for short runs; the papers' are in each
-optimizer's docstring; a flag the chosen optimizer does not take is an error):
+binary optimizers and their defaults (the papers' for bop, bop2nd_order and sgdat; diode's
+are faster than the paper's 1e-4/0.99/0.9999, which need thousands of steps per flip; cema's
+are this command's choice, none being published); a hyperparameter flag the chosen optimizer
+does not take is an error:
 """
 
 _EPILOG_TAIL = """
@@ -42,7 +46,7 @@ output: <run-dir>/config.json, log.jsonl (one record per epoch), loss.png, accur
   flip_ratio.png, checkpoints/<epoch>/ (Orbax). Resume with --resume --run-dir <run-dir>.
 
 several devices: every local device is used (data parallel); --model-parallel N also splits
-  large kernels over N devices. Several hosts: run the same command on every host with
+  kernels over N devices. Several hosts: run the same command on every host with
   --coordinator-address HOST:PORT --num-processes N --process-id I (or the JAX_* variables),
   or --distributed on a Cloud TPU pod slice / SLURM. See docs/training.md.
 """
@@ -52,7 +56,9 @@ def _epilog() -> str:
     lines = []
     for name, hp in optim.BINARY_DEFAULTS.items():
         args = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in hp.items()) or "(none)"
-        lines.append(f"  {name:<13} {args}\n  {'':<13} {optim.DESCRIPTIONS[name]}")
+        text = textwrap.fill(optim.DESCRIPTIONS[name], width=78, initial_indent=" " * 16,
+                             subsequent_indent=" " * 16)
+        lines.append(f"  {name:<13} {args}\n{text}")
     return _EPILOG_HEAD + "\n".join(lines) + "\n" + _EPILOG_TAIL
 
 
@@ -128,23 +134,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=optim.OPTIMIZERS,
                    help=f"optimizer of the binary weights (default {d.optimizer}); see below")
     g.add_argument("--threshold", type=_schedule, metavar="SCHEDULE",
-                   help="bop, bop2nd_order, sgdat: flip threshold tau")
+                   help="bop, bop2nd_order, sgdat: flip threshold tau"
+                   + _PER_OPTIMIZER)
     g.add_argument("--gamma", type=_schedule, metavar="SCHEDULE",
-                   help="bop, bop2nd_order, cema: gradient EMA rate in (0, 1]")
+                   help="bop, bop2nd_order, cema: gradient EMA rate in (0, 1]"
+                   + _PER_OPTIMIZER)
     g.add_argument("--sigma", type=_schedule, metavar="SCHEDULE",
-                   help="bop2nd_order: squared-gradient EMA rate in (0, 1]")
+                   help="bop2nd_order: squared-gradient EMA rate in (0, 1]"
+                   + _PER_OPTIMIZER)
     g.add_argument("--alpha", type=_schedule, metavar="SCHEDULE",
-                   help="cema: inertia EMA rate in (0, 1]")
+                   help="cema: inertia EMA rate in (0, 1]"
+                   + _PER_OPTIMIZER)
     g.add_argument("--binary-lr", type=_schedule, metavar="SCHEDULE",
                    help="sgdat, diode: learning rate; latent: Adam learning rate of the "
-                   "latent weights")
+                   "latent weights"
+                   + _PER_OPTIMIZER)
     g.add_argument("--bias-correction", choices=optim.BIAS_CORRECTIONS,
                    help="bop2nd_order: none (biased, default), rate (authors' code) or adam")
     g.add_argument("--momentum", type=float, help="sgdat: momentum (default 0)")
-    g.add_argument("--eps", type=float, help="sgdat: added to the adaptive threshold")
-    g.add_argument("--b1", type=float, help="diode: gradient EMA decay")
-    g.add_argument("--b2", type=float, help="diode: sign EMA decay")
-    g.add_argument("--init-scale", type=float, help="diode: scale of its random initial state")
+    g.add_argument("--eps", type=float, help="sgdat: added to the adaptive threshold (default 0)")
+    g.add_argument("--b1", type=float, help="diode: gradient EMA decay (default 0.9)")
+    g.add_argument("--b2", type=float, help="diode: sign EMA decay (default 0.999)")
+    g.add_argument("--init-scale", type=float,
+                   help="diode: scale of its random initial state (default 1e-3)")
     g.add_argument("--clip", type=float,
                    help="latent: latent weights are clipped to [-clip, clip] (default 1)")
 
@@ -155,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"its learning rate (default {d.lr})")
 
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, help=f"number of epochs (default {d.epochs})")
+    g.add_argument("--epochs", type=int,
+                   help=f"number of epochs (default {d.epochs}); with --resume, a larger "
+                   "number extends the run (schedules then span the new length)")
     g.add_argument("--batch-size", type=int,
                    help=f"global batch size, over all devices and hosts (default {d.batch_size})")
     g.add_argument("--eval-batch-size", type=int,

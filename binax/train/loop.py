@@ -92,6 +92,14 @@ def _say(text: str) -> None:
         tqdm.write(text, file=sys.stdout)
 
 
+def _sync(name: str) -> None:
+    """A barrier over all processes (nothing to do in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _default_run_dir(config: Config) -> str:
     stamp = np.array([int(c) for c in time.strftime("%Y%m%d%H%M%S")], np.int32)
     if jax.process_count() > 1:  # every process must name the same directory
@@ -228,6 +236,7 @@ def train(
     run_dir = config.run_dir or _default_run_dir(config)
     config = dataclasses.replace(config, run_dir=run_dir)
     _check_run_dir(config, run_dir)
+    _sync("binax-train: run directory checked")  # before any process writes into it
     hp = optim.hparams(config.optimizer, config.hparams)
 
     train_set, test_set, augment = _load_data(config)
@@ -306,9 +315,12 @@ def train(
     sharding = program.batch_sharding
     if start_epoch == 0:
         n_binary = sum(program.flip_sizes)
+        kind = ("real-valued (full-precision baseline)" if config.optimizer == "real"
+                else "binary")
         _say(
-            f"{config.model} on {config.dataset} with {config.optimizer}: {n_binary:,} binary "
-            f"weights in {len(program.flip_names)} layers; {len(train_set):,} training examples, "
+            f"{config.model} on {config.dataset} with {config.optimizer}: {n_binary:,} {kind} "
+            f"weights in {len(program.flip_names)} binary layers; {len(train_set):,} training "
+            f"examples, "
             f"{spe} steps of {config.batch_size} per epoch; {len(mesh.devices.flat)} device(s), "
             f"mesh {dict(mesh.shape)}; run dir {run_dir}"
         )

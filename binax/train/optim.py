@@ -20,18 +20,19 @@ import binax
 from binax.train import schedules
 
 #: Optimizers for the binary weights, with their hyperparameters and the defaults used by the
-#: training command. The defaults are chosen for short runs (tens of epochs, a few thousand
-#: steps) such as the offline ``digits`` job; the papers' defaults are in
-#: ``spec/optimizers.md`` and in each optimizer's docstring. CEMA has no published defaults.
+#: training command: the papers' defaults (``spec/optimizers.md``) for Bop, Bop2ndOrder and
+#: SGDAT; for Diode, whose published defaults need thousands of steps per flip, faster rates
+#: for runs of tens of epochs; CEMA has no published defaults. On the digits main job (MLP,
+#: 20 epochs) the papers' Diode defaults reach 82% test accuracy, these 96%.
 BINARY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "bop": {"threshold": 1e-6, "gamma": 1e-3},
+    "bop": {"threshold": 1e-8, "gamma": 1e-4},
     "bop2nd_order": {
         "threshold": 1e-6,
-        "gamma": 1e-3,
+        "gamma": 1e-6,
         "sigma": 1e-2,
         "bias_correction": "none",
     },
-    "sgdat": {"binary_lr": 1e-3, "threshold": 1e-6, "momentum": 0.0, "eps": 0.0},
+    "sgdat": {"binary_lr": 1e-4, "threshold": 1e-7, "momentum": 0.0, "eps": 0.0},
     "diode": {"binary_lr": 1e-3, "b1": 0.9, "b2": 0.999, "init_scale": 1e-3},
     "cema": {"gamma": 1e-3, "alpha": 1e-2},
     "latent": {"binary_lr": 1e-2, "clip": 1.0},

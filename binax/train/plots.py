@@ -14,12 +14,14 @@ def write_plots(history: list[dict[str, Any]], directory: str) -> list[str]:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
     paths = []
 
     def save(fig, name):
         path = os.path.join(directory, name)
+        fig.axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         fig.savefig(path + ".tmp.png", dpi=100)
         os.replace(path + ".tmp.png", path)  # a reader never sees half a PNG
