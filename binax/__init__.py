@@ -1,8 +1,11 @@
 """binax: binary neural network optimizers as pure Optax transforms."""
 
+from binax import data, export, linen, models, nn, quantizers
 from binax.metrics import flip_counts, flip_metrics
+from binax.nn import BinaryParam
 from binax.optimizers import bop, bop2nd_order, cema, diode, sgdat
 from binax.partition import binarize, binary_mask, partition
+from binax.summary import summary
 from binax.transforms import (
     clip_latent,
     flip_by_adaptive_threshold,
@@ -18,6 +21,7 @@ from binax.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BinaryParam",
     "binarize",
     "binary_mask",
     "bop",
@@ -37,4 +41,11 @@ __all__ = [
     "scale_by_sign_ema",
     "sgdat",
     "sign0",
+    "summary",
+    "data",
+    "export",
+    "linen",
+    "models",
+    "nn",
+    "quantizers",
 ]

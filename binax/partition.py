@@ -68,6 +68,10 @@ def binary_mask(is_binary: IsBinary, tree: Any) -> Any:
         from binax import nn
 
         is_binary = nn.binary_labels(is_binary)
+    if _is_flax_nnx(tree):  # nnx.Optimizer passes its init a tree of Variables
+        from flax import nnx
+
+        tree = nnx.as_pure(tree)
     if callable(is_binary):
         pred = is_binary
 

@@ -224,12 +224,6 @@ def test_one_jitted_step_per_optimizer_keeps_kernels_binary(built, key):
         assert real_changed, name  # the real-valued leaves were trained
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="binax.partition compares the pure label tree with the tree nnx.Optimizer passes to "
-    "tx.init, nnx.state(model, wrt), whose leaves are still wrapped in Variables",
-)
 def test_nnx_optimizer_end_to_end_with_partition(built):
     """The user path: nnx.Optimizer(model, binax.partition(..., is_binary=model), wrt=Param)."""
     model = built("binarynet_sgdat")
