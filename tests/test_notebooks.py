@@ -2,10 +2,14 @@
 
 The notebooks are executed with nbclient in a fresh kernel, in ``notebooks/`` and with
 ``BINAX_NOTEBOOK_QUICK=1`` (each notebook then cuts its epochs and steps to a smoke-test size).
-A cell that raises fails the test. The kernel is the interpreter running the tests: its
-kernelspec is written to a temporary directory, so no ``ipykernel install`` step is needed and
-a ``python3`` kernelspec installed elsewhere (another environment) cannot be picked up by
-mistake.
+A cell that raises fails the test.
+
+Kernel: with ipykernel installed, jupyter_client finds a ``python3`` kernel by itself even in a
+fresh environment with no kernelspec directory (it falls back to ipykernel's built-in spec, run
+with ``sys.executable``), so no ``python -m ipykernel install`` step is needed. The test still
+writes its own ``python3`` spec for this interpreter to a temporary directory and uses only
+that one, so that a ``python3`` kernelspec installed for another interpreter (for example in
+``~/.local/share/jupyter/kernels``, which takes precedence) cannot run the notebooks instead.
 """
 
 import json
