@@ -272,7 +272,10 @@ def train(
     init_params = None
     if config.optimizer in ("latent", "real"):
         key = jax.random.key(config.seed + 1)
-        init_params = lambda params, mask: optim.latent_init(params, mask, key)
+        # One compiled program for every leaf (drawing eagerly compiles one per shape).
+        init_params = lambda params, mask: jax.jit(
+            lambda p: optim.latent_init(p, mask, key)
+        )(params)
     program = make_program(
         model,
         lambda labels: optim.make_optimizer(
