@@ -191,6 +191,18 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(interrupted_run_dir, re
     assert [r["epoch"] for r in log] == [1, 2, 3]
 
 
+def test_result_model_is_the_trained_model_in_eval_mode(reference_run):
+    from flax import nnx
+
+    from binax.data import load
+
+    test = load("digits", "test")
+    model = reference_run.model()
+    logits = nnx.jit(lambda m, x: m(x))(model, test.images)
+    correct = int(np.sum(np.argmax(logits, -1) == test.labels))
+    assert correct == round(reference_run.final["test_accuracy"] * len(test.labels))
+
+
 def _largest_file(directory):
     files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs]
     return max(files, key=os.path.getsize)
