@@ -237,7 +237,8 @@ def scale_by_sign_ema(
         \text{output } m_t,
 
     with :math:`\mathrm{sign}(0) = 0` and :math:`m_0 = -\mathrm{sign0}(w)\,u\,s_0`, :math:`u \sim
-    U[0, 1)` drawn per weight from ``seed`` and :math:`s_0` = ``init_scale``: each weight starts
+    U[0, 1)` drawn per weight from ``seed`` (by a counter-based hash of the seed and the weight's
+    index, cheap to compile) and :math:`s_0` = ``init_scale``: each weight starts
     on its own side, at a random distance from the flip point. Chained after
     ``scale_by_ema(1 - b1)`` this is the binary branch of Diode (Guo et al., "Stochastic Sign
     Descent", ECCV 2024); ``-m`` acts as a bounded latent weight.
@@ -260,16 +261,18 @@ def scale_by_sign_ema(
                 "scale_by_sign_ema: `init` needs the params (the initial state "
                 "depends on the sign of each weight)"
             )
-        key = _as_key(seed)
+        seed32 = _seed32(seed)
         leaves, treedef = jax.tree.flatten(params)
-        keys = jax.random.split(key, max(len(leaves), 1))
         scale = jnp.asarray(init_scale, dtype)
-        ema = [
-            -sign0(w).astype(dtype)
-            * jax.random.uniform(k, jnp.shape(w), dtype, out_sharding=jax.typeof(w).sharding)
-            * scale
-            for w, k in zip(leaves, keys, strict=False)
-        ]
+
+        @jax.jit  # one small program instead of many eagerly dispatched ops
+        def initial(leaves, seed32, scale):
+            return [
+                -sign0(w).astype(dtype) * _uniform_like(w, seed32, i, dtype) * scale
+                for i, w in enumerate(leaves)
+            ]
+
+        ema = initial(leaves, seed32, scale)
         return ScaleBySignEmaState(
             count=jnp.zeros([], jnp.int32), ema=jax.tree.unflatten(treedef, ema)
         )
@@ -291,15 +294,45 @@ def scale_by_sign_ema(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _as_key(seed: int | jax.Array) -> jax.Array:
-    """A typed PRNG key from an int seed, a typed key, or a raw ``uint32[2]`` key."""
+def _hash32(x: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer: a cheap bijective mix of uint32 values."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _seed32(seed: int | jax.Array) -> jax.Array:
+    """A uint32 seed from an int (or integer array) or a JAX PRNG key."""
     if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
-        return seed
-    if isinstance(seed, jax.Array) and seed.dtype == jnp.uint32 and seed.shape == (2,):
-        return jax.random.wrap_key_data(seed)
-    if jnp.ndim(seed) != 0 or not jnp.issubdtype(jnp.result_type(seed), jnp.integer):
+        seed = jax.random.key_data(seed)
+    if isinstance(seed, bool) or not jnp.issubdtype(jnp.result_type(seed), jnp.integer):
         raise TypeError(f"seed must be an int or a JAX PRNG key, got {seed!r}")
-    return jax.random.key(seed)
+    words = jnp.ravel(jnp.asarray(seed)).astype(jnp.uint32)
+    out = jnp.uint32(0x2545F491)
+    for k in range(words.shape[0]):
+        out = _hash32(out ^ words[k])
+    return out
+
+
+def _uniform_like(w: jax.Array, seed32: jax.Array, stream: int, dtype) -> jax.Array:
+    """U[0, 1) per element of ``w`` (its shape and sharding), from a counter-based hash of
+    (seed, stream, element index). Unlike `jax.random`, nothing heavy to compile when ``init``
+    runs eagerly (threefry took seconds per leaf shape)."""
+    shape = jnp.shape(w)
+    sharding = jax.typeof(w).sharding
+    idx = jnp.zeros(shape, jnp.uint32) if not shape else None
+    stride = 1
+    for d in reversed(range(len(shape))):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, shape, d, out_sharding=sharding)
+        idx = iota * jnp.uint32(stride) if idx is None else idx + iota * jnp.uint32(stride)
+        stride = (stride * shape[d]) % (1 << 32)
+    key = _hash32(seed32 ^ _hash32(jnp.uint32(stream) * jnp.uint32(0x9E3779B9)))
+    bits = _hash32(_hash32(idx ^ key) + key)
+    u = (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)  # 24 random bits: exact in f32
+    below_one = jnp.asarray(jnp.nextafter(jnp.ones((), dtype), jnp.zeros((), dtype)), dtype)
+    return jnp.minimum(u.astype(dtype), below_one)  # rounding to a narrow dtype stays < 1
 
 
 class ScaleByAccumulationState(NamedTuple):
