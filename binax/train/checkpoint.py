@@ -91,7 +91,7 @@ class Checkpoints:
 
     def epochs(self) -> list[int]:
         """The epochs with a complete checkpoint, in order."""
-        return sorted(self.manager.all_steps())
+        return sorted(self.manager.all_steps(read=True))
 
     def save(self, epoch: int, state: Any, meta: dict[str, Any]) -> None:
         """Saves ``state`` (arrays) and ``meta`` (JSON) as the checkpoint of ``epoch``."""
