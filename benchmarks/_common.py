@@ -1,0 +1,75 @@
+"""Helpers shared by the throughput and accuracy benchmarks: machine description, tables, files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+
+def machine() -> str:
+    """One line: CPU model, cores, load average, JAX/Optax/Flax versions, device."""
+    import flax
+    import jax
+    import optax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    try:
+        load = "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "load average unknown"
+    return (
+        f"{cpu}, {os.cpu_count()} cores visible ({len(os.sched_getaffinity(0))} usable), "
+        f"{load}; {dev.platform} {dev.device_kind} x{jax.device_count()}; "
+        f"Python {platform.python_version()}, jax {jax.__version__}, optax {optax.__version__}, "
+        f"flax {flax.__version__}"
+    )
+
+
+def command() -> str:
+    """The command line that started this process."""
+    return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def median_iqr(xs):
+    """(median, first quartile, third quartile) of a list of numbers."""
+    xs = sorted(xs)
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return statistics.median(xs), q[0], q[2]
+
+
+def md_table(head, rows) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes atomically (a reader never sees half a file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1) + "\n")

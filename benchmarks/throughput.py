@@ -1,0 +1,193 @@
+"""Training throughput: images/s of the whole training step, binary optimizers vs real + Adam.
+
+What is timed is the training library's own jitted step, `binax.train.make_program(...)
+.train_step` (forward, backward, optimizer update, flip counting and the running metrics, as
+``binax-train`` runs it), with its state donated as in training. Candidates, all on the same
+architecture and batch:
+
+- every binary optimizer of `binax.train.optim` (bop, bop2nd_order, sgdat, diode, cema) and the
+  latent-weight baseline (Adam on latent kernels + `binax.clip_latent`), each with the training
+  command's default hyperparameters and Adam on the real-valued parameters;
+- ``real``: the same architecture with real-valued kernels and hard-tanh activations
+  (`binax.train.build_model(..., full_precision=True)`), every parameter trained by Adam, which
+  is what ``binax-train --optimizer real`` runs.
+
+The inputs are a fixed random batch of 32x32x3 images (CIFAR-10's shape; the data pipeline is
+not timed). Models: BinaryNet (Bop paper widths 128-128-P-256-256-P-512-512-P-1024-1024 scaled by
+``--binarynet-width``) and the Bi-Real-style binary ResNet-18 (first stage ``--resnet-width``
+channels, 64 in ResNet-18, CIFAR stem). After compilation and ``--warmup`` steps, ``--rounds``
+rounds are timed; in each round every candidate takes one step in turn (interleaved, so a
+change in machine load hits all of them alike). Reported: median images/s (and the interquartile
+range of the step time) and the ratio to ``real`` of the same model.
+
+Usage::
+
+    python benchmarks/throughput.py             # published widths, batch 256, 5 timed rounds
+    python benchmarks/throughput.py --quick     # 1/8 widths, batch 256, 5 rounds (a minute)
+    python benchmarks/throughput.py --models binarynet --binarynet-width 0.5 --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+from binax.train import build_model, make_mesh, make_program, optim  # noqa: E402
+
+CANDIDATES = ("bop", "bop2nd_order", "sgdat", "diode", "cema", "latent", "real")
+INPUT_SHAPE = (32, 32, 3)
+NUM_CLASSES = 10
+
+
+def model_kwargs(model: str, args) -> dict:
+    if model == "binarynet":
+        return {"width_multiplier": args.binarynet_width}
+    if model == "resnet18":
+        return {"width": args.resnet_width}
+    raise ValueError(f"unknown model {model!r}")
+
+
+def build(model: str, kwargs: dict, optimizer: str, batch: int, seed: int = 0):
+    """(program, state, metrics, images, labels) as `binax.train.train` would set them up."""
+    mesh = make_mesh(1)
+    net = build_model(model, kwargs, INPUT_SHAPE, NUM_CLASSES, seed,
+                      full_precision=optimizer == "real")
+    hp = optim.hparams(optimizer)
+    init_params = None
+    if optimizer in ("latent", "real"):
+        key = jax.random.key(seed + 1)
+        init_params = lambda params, mask: optim.latent_init(params, mask, key)
+    program = make_program(
+        net,
+        lambda labels: optim.make_optimizer(optimizer, hp, "adam", 1e-2, labels, seed=seed,
+                                            steps_per_epoch=1000, total_steps=100_000),
+        mesh,
+        init_params=init_params,
+    )
+    rng = np.random.default_rng(seed)
+    images = jax.device_put(rng.normal(size=(batch, *INPUT_SHAPE)).astype(np.float32),
+                            program.batch_sharding)
+    labels = jax.device_put(rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
+                            program.batch_sharding)
+    return [program, program.init_state(), program.zero_metrics(), images, labels]
+
+
+def step(run):
+    program, state, metrics, images, labels = run
+    run[1], run[2] = program.train_step(state, metrics, images, labels)
+    jax.block_until_ready(run[1])
+
+
+def bench_model(model: str, kwargs: dict, candidates, batch: int, warmup: int, rounds: int,
+                log=print):
+    runs, compile_s, n_params = {}, {}, {}
+    for name in candidates:
+        t0 = time.perf_counter()
+        runs[name] = build(model, kwargs, name, batch)
+        step(runs[name])  # compiles
+        compile_s[name] = time.perf_counter() - t0
+        n_params[name] = sum(runs[name][0].flip_sizes)
+        log(f"  {model} {name}: built and compiled in {compile_s[name]:.1f}s")
+    for _ in range(warmup):
+        for name in candidates:
+            step(runs[name])
+    times = {name: [] for name in candidates}
+    for r in range(rounds):
+        for name in candidates:
+            t0 = time.perf_counter()
+            step(runs[name])
+            times[name].append(time.perf_counter() - t0)
+        log(f"  {model} round {r + 1}/{rounds}: "
+            + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in candidates))
+    rows = []
+    real_med = _common.median_iqr(times["real"])[0] if "real" in times else None
+    for name in candidates:
+        med, q1, q3 = _common.median_iqr(times[name])
+        rows.append(dict(
+            model=model, model_kwargs=kwargs, optimizer=name, batch=batch,
+            kernel_weights=n_params[name], rounds=rounds, step_s=times[name],
+            median_step_s=med, q1_step_s=q1, q3_step_s=q3, images_per_s=batch / med,
+            vs_real=(real_med / med) if real_med else None, compile_s=compile_s[name],
+        ))
+    return rows
+
+
+def table(rows) -> str:
+    head = ("model", "optimizer", "kernel weights", "median step s (IQR)", "images/s",
+            "x real (images/s ratio)")
+    out = []
+    for r in rows:
+        width = ", ".join(f"{k}={v}" for k, v in r["model_kwargs"].items())
+        out.append((
+            f"{r['model']} ({width})", r["optimizer"], f"{r['kernel_weights']:,}",
+            f"{r['median_step_s']:.3f} ({r['q1_step_s']:.3f}-{r['q3_step_s']:.3f})",
+            f"{r['images_per_s']:.1f}",
+            "-" if r["vs_real"] is None else f"{r['vs_real']:.2f}",
+        ))
+    return _common.md_table(head, out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["binarynet", "resnet18"],
+                   choices=["binarynet", "resnet18"])
+    p.add_argument("--optimizers", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
+    p.add_argument("--binarynet-width", type=float, default=1.0,
+                   help="BinaryNet width multiplier (1.0: the published 128..1024 widths)")
+    p.add_argument("--resnet-width", type=int, default=64,
+                   help="ResNet-18 first-stage width (64: the published width)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (one step each)")
+    p.add_argument("--quick", action="store_true",
+                   help="BinaryNet width 1/8, ResNet-18 width 8, batch 256, 1 warm-up, 5 rounds")
+    p.add_argument("--out", default=None,
+                   help="write <out>.md and <out>.json (default: benchmarks/results/"
+                   "throughput[_quick])")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.binarynet_width, args.resnet_width, args.warmup, args.rounds = 0.125, 8, 1, 5
+    if "real" not in args.optimizers:
+        args.optimizers.append("real")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   "throughput_quick" if args.quick else "throughput")
+    header = (
+        "# Training throughput (images/s of the jitted training step)\n\n"
+        f"Command: `{_common.command()}`\n\n"
+        f"Started {_common.now()} on: {_common.machine()}\n\n"
+        f"Batch {args.batch_size} of random 32x32x3 images, 10 classes; the training library's "
+        "own step (`binax.train.make_program(...).train_step`: forward, backward, optimizer "
+        "update, flip and metric accumulation), state donated; compiled, "
+        f"{args.warmup} warm-up step(s), then {args.rounds} timed rounds with every candidate "
+        "stepping once per round, interleaved. `real`: the same architecture with real-valued "
+        "kernels and hard-tanh activations, every parameter trained by Adam "
+        "(`binax-train --optimizer real`). Binary optimizers use `binax.train`'s defaults and "
+        "Adam(1e-2) on the real-valued parameters. `x real` = images/s of the row / images/s "
+        "of `real` for the same model, from the medians of the same run.\n"
+    )
+    print(header, flush=True)
+    rows = []
+    for model in args.models:
+        kwargs = model_kwargs(model, args)
+        rows += bench_model(model, kwargs, args.optimizers, args.batch_size, args.warmup,
+                            args.rounds, log=lambda s: print(s, flush=True))
+        text = header + "\n" + table(rows) + "\n"
+        _common.write_text(out + ".md", text)
+        _common.write_json(out + ".json", {"command": _common.command(),
+                                           "machine": _common.machine(), "rows": rows})
+        print(table([r for r in rows if r["model"] == model]), flush=True)
+    text = header + "\n" + table(rows) + f"\n\nFinished {_common.now()}; {_common.machine()}\n"
+    _common.write_text(out + ".md", text)
+    print(f"wrote {out}.md and {out}.json")
+
+
+if __name__ == "__main__":
+    main()
