@@ -519,9 +519,11 @@ def flip_to_descent_sign() -> optax.GradientTransformationExtraArgs:
 class AdaptiveFlipState(NamedTuple):
     """State of `flip_by_adaptive_threshold`.
 
-    Per weight, ``packed = 2 * n + [w < 0]``: the flip count ``n`` and the weight's current sign
-    in one integer. Keeping the sign there lets the counts be updated without reading the
-    weights, so XLA can update weights and counts in place without copying either (see
+    Per weight, one integer ``packed = 4 n + 2 [moved at the last update] + [w < 0]``: the flip
+    count ``n``, whether the last update moved the weight, and the weight's sign. Packed this
+    way, the counts are updated without reading the weights and the weights from the new packed
+    value alone, so XLA updates both in place in two loops without copying either (with
+    separate arrays each update reads the other's old value; see
     ``benchmarks/optimizer_step.py``). Read the counts with ``state.flips``.
     """
 
@@ -531,7 +533,7 @@ class AdaptiveFlipState(NamedTuple):
     @property
     def flips(self) -> optax.Updates:
         """Per-weight flip counts."""
-        return jax.tree.map(lambda v: v >> 1, self.packed)
+        return jax.tree.map(lambda v: v >> 2, self.packed)
 
 
 def flip_by_adaptive_threshold(
@@ -560,7 +562,7 @@ def flip_by_adaptive_threshold(
       reset_every: if set, the flip counts are zeroed before updates ``k * reset_every``
         (``k >= 1``), as the reference does by rebuilding its optimizer each epoch.
       count_dtype: integer dtype (default int32) of the flip counts. Counts saturate (never wrap
-        around) at ``(max - 1) // 2`` of the dtype: 63 for int8, 16383 for int16.
+        around) at ``(max - 3) // 4`` of the dtype: 31 for int8, 8191 for int16.
     """
     _checks.check_nonnegative("threshold", threshold)
     _checks.check_nonnegative("eps", eps, schedule_ok=False)
@@ -568,7 +570,7 @@ def flip_by_adaptive_threshold(
     cdt = jnp.dtype(jnp.int32 if count_dtype is None else count_dtype)
     if not jnp.issubdtype(cdt, jnp.integer):
         raise TypeError(f"count_dtype must be an integer dtype, got {cdt}")
-    cmax = (int(jnp.iinfo(cdt).max) - 1) // 2  # the largest count that packs
+    cmax = (int(jnp.iinfo(cdt).max) - 3) // 4  # the largest count that packs
 
     def init_fn(params):
         packed = jax.tree.map(lambda w: (sign0(w) < 0).astype(cdt), params)
@@ -579,23 +581,23 @@ def flip_by_adaptive_threshold(
         _checks.check_params("flip_by_adaptive_threshold", updates, params)
         keep = _not_reset(state.count, reset_every, cdt)
 
-        def moves(s, v):
-            dt = jnp.result_type(s)
-            tau = _value(threshold, state.count, dt)
-            return jnp.abs(s) > tau * ((v >> 1) * keep).astype(dt) + jnp.asarray(eps, dt)
-
-        def new_weight(s, w, v):
-            return _flip_update(w, jnp.where(moves(s, v), sign0(-s).astype(w.dtype), sign0(w)))
-
         def new_packed(s, v):
-            n = (v >> 1) * keep
-            old = jnp.where((v & 1) == 1, -1, 1).astype(jnp.result_type(s))
-            new = jnp.where(moves(s, v), sign0(-s), old)
+            dt = jnp.result_type(s)
+            n = (v >> 2) * keep
+            tau = _value(threshold, state.count, dt)
+            move = jnp.abs(s) > tau * n.astype(dt) + jnp.asarray(eps, dt)
+            old = jnp.where((v & 1) == 1, -1, 1).astype(dt)
+            new = jnp.where(move, sign0(-s), old)
             n = jnp.where((new != old) & (n < cmax), n + 1, n)
-            return (2 * n + (new < 0)).astype(cdt)
+            return (4 * n + 2 * move + (new < 0)).astype(cdt)
+
+        def new_weight(w, v):
+            one = jnp.ones((), w.dtype)
+            target = jnp.where((v & 1) == 1, -one, one)  # the descent sign, where it moved
+            return _flip_update(w, jnp.where((v & 2) != 0, target, sign0(w)))
 
         packed = jax.tree.map(new_packed, updates, state.packed)
-        u = jax.tree.map(new_weight, updates, params, state.packed)
+        u = jax.tree.map(new_weight, params, packed)
         return u, AdaptiveFlipState(optax.safe_increment(state.count), packed)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -172,16 +172,16 @@ def test_adaptive_threshold_grows_with_flips_and_counts_saturate():
     w = jnp.array([1.0])
     tx = T.flip_by_adaptive_threshold(1.0, count_dtype=jnp.int8)
     state = tx.init(w)
-    state = state._replace(packed=jnp.array([2 * 62], jnp.int8))  # 62 flips, weight +1
-    u, state = tx.update(jnp.array([62.5]), state, w)  # 62.5 > 1 * 62: moves to -1
-    assert float((w + u)[0]) == -1.0 and int(state.flips[0]) == 63
+    state = state._replace(packed=jnp.array([4 * 30], jnp.int8))  # 30 flips, weight +1
+    u, state = tx.update(jnp.array([30.5]), state, w)  # 30.5 > 1 * 30: moves to -1
+    assert float((w + u)[0]) == -1.0 and int(state.flips[0]) == 31
     w = w + u
-    u, state = tx.update(jnp.array([-200.0]), state, w)  # 200 > 63: moves, count saturates
-    assert float((w + u)[0]) == 1.0 and int(state.flips[0]) == 63
+    u, state = tx.update(jnp.array([-200.0]), state, w)  # 200 > 31: moves, count saturates
+    assert float((w + u)[0]) == 1.0 and int(state.flips[0]) == 31
     w = w + u
-    u, state = tx.update(jnp.array([60.0]), state, w)  # 60 < 63: holds
+    u, state = tx.update(jnp.array([20.0]), state, w)  # 20 < 31: holds
     assert float(u[0]) == 0.0
-    assert int(state.packed[0]) == 2 * 63  # the packed sign follows the weight (+1)
+    assert int(state.packed[0]) == 4 * 31  # count 31, not moved, sign +1
 
 
 def test_flip_count_reset_every():
