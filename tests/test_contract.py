@@ -125,10 +125,11 @@ def test_multi_steps_accumulates_then_applies_mean_gradient(name):
     ref_tx = make(name)
     ref_state = ref_tx.init(params)
     ref_params = params
+    update = jax.jit(tx.update)
     for k in range(2):
         chunk = grads[4 * k : 4 * k + 4]
         for i, g in enumerate(chunk):
-            u, state = jax.jit(tx.update)(g, state, params)
+            u, state = update(g, state, params)
             if i < 3:
                 assert all(not jnp.any(x) for x in jax.tree.leaves(u)), "no update before k=4"
         params = optax.apply_updates(params, u)
