@@ -306,6 +306,7 @@ def main(argv=None):
     arch = f"binary MLP 784-{'-'.join(map(str, args.hidden))}-10 (BatchNorm, no scale)"
     setting = (f"{arch}, batch {args.batch_size}, Adam lr {args.lr:g} on real-valued "
                "parameters")
+    per_epoch = "" if steps is None else f" of {steps} steps"
     header = (
         "# Accuracy on Fashion-MNIST: binary optimizers vs latent-weight Adam and full "
         "precision\n\n"
@@ -313,11 +314,13 @@ def main(argv=None):
         f"Started {_common.now()} on: {_common.machine()}\n\n"
         f"Setting: {setting}; official split (60,000 train / 10,000 test), inputs normalised, "
         "no augmentation; every run is `binax.train.train(Config(...))` (what `binax-train` "
-        "runs). Main: "
-        f"{args.epochs} epochs{'' if steps is None else f' of {steps} steps'}, seeds "
-        f"0..{args.seeds - 1}. Sweep: seed 0, {args.sweep_epochs} epochs"
-        f"{'' if steps is None else f' of {steps} steps'}. Wall time per run includes "
-        "compilation, data loading and evaluation after every epoch, on a shared machine.\n"
+        "runs)."
+        + (f" Main: {args.epochs} epochs{per_epoch}, seeds 0..{args.seeds - 1}."
+           if args.part in ("main", "all") else "")
+        + (f" Sweep: seed 0, {args.sweep_epochs} epochs{per_epoch}."
+           if args.part in ("sweep", "all") else "")
+        + " Wall time per run includes compilation, data loading and evaluation after every "
+        "epoch, on a shared machine.\n"
     )
     print(header, flush=True)
 
@@ -346,9 +349,10 @@ def main(argv=None):
                      + per_epoch_table(main_rs) + "\n")
             plot(main_rs, out + ".png", f"Fashion-MNIST, {arch}, batch {args.batch_size}")
             text += f"\nPlot: `{os.path.basename(out)}.png`\n"
-        if sweep_rs:
+        for epochs in sorted({r["epochs"] for r in sweep_rs}):
+            rs = [r for r in sweep_rs if r["epochs"] == epochs]
             text += ("\n## Sweep: sensitivity to threshold and rate (seed 0, "
-                     f"{args.sweep_epochs} epochs)\n\n" + sweep_tables(sweep_rs, grids) + "\n")
+                     f"{epochs} epochs)\n\n" + sweep_tables(rs, grids) + "\n")
         text += f"\nLast updated {_common.now()}; {_common.machine()}\n"
         _common.write_text(out + ".md", text)
 

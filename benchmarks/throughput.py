@@ -15,16 +15,24 @@ architecture and batch:
 The inputs are a fixed random batch of 32x32x3 images (CIFAR-10's shape; the data pipeline is
 not timed). Models: BinaryNet (Bop paper widths 128-128-P-256-256-P-512-512-P-1024-1024 scaled by
 ``--binarynet-width``) and the Bi-Real-style binary ResNet-18 (first stage ``--resnet-width``
-channels, 64 in ResNet-18, CIFAR stem). After compilation and ``--warmup`` steps, ``--rounds``
-rounds are timed; in each round every candidate takes one step in turn (interleaved, so a
-change in machine load hits all of them alike). Reported: median images/s (and the interquartile
-range of the step time) and the ratio to ``real`` of the same model.
+channels, 64 in ResNet-18, CIFAR stem). On 2 CPU cores a step of the published widths at
+batch 256 takes tens of seconds and compiling each candidate about a minute, so the default is
+half the published widths for all candidates, and the published widths are timed for Bop and
+the real-valued baseline alone (the optimizer update is a negligible part of such a step).
+
+After compilation and ``--warmup`` steps, ``--rounds`` rounds are timed; in each round every
+candidate takes one step in turn (interleaved, so a change in machine load hits all of them
+alike). Reported: median images/s (and the interquartile range of the step time) and the ratio
+to ``real`` of the same model.
 
 Usage::
 
-    python benchmarks/throughput.py             # published widths, batch 256, 5 timed rounds
-    python benchmarks/throughput.py --quick     # 1/8 widths, batch 256, 5 rounds (a minute)
-    python benchmarks/throughput.py --models binarynet --binarynet-width 0.5 --rounds 10
+    # all candidates, half widths (BinaryNet x0.5, ResNet-18 width 32), batch 256, 5 rounds
+    python benchmarks/throughput.py
+    # published widths (BinaryNet x1, ResNet-18 width 64), Bop vs real, batch 256, 3 rounds
+    python benchmarks/throughput.py --published
+    # smoke test: bop, sgdat, real; BinaryNet x1/16, ResNet-18 width 4, batch 64, 3 rounds
+    python benchmarks/throughput.py --quick
 """
 
 from __future__ import annotations
@@ -140,25 +148,34 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=["binarynet", "resnet18"],
                    choices=["binarynet", "resnet18"])
     p.add_argument("--optimizers", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
-    p.add_argument("--binarynet-width", type=float, default=1.0,
+    p.add_argument("--binarynet-width", type=float, default=0.5,
                    help="BinaryNet width multiplier (1.0: the published 128..1024 widths)")
-    p.add_argument("--resnet-width", type=int, default=64,
+    p.add_argument("--resnet-width", type=int, default=32,
                    help="ResNet-18 first-stage width (64: the published width)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (one step each)")
+    p.add_argument("--published", action="store_true",
+                   help="published widths (BinaryNet x1, ResNet-18 width 64), bop and real, "
+                   "1 warm-up, 3 rounds")
     p.add_argument("--quick", action="store_true",
-                   help="BinaryNet width 1/8, ResNet-18 width 8, batch 256, 1 warm-up, 5 rounds")
+                   help="bop, sgdat, real; BinaryNet x1/16, ResNet-18 width 4, batch 64, "
+                   "1 warm-up, 3 rounds")
     p.add_argument("--out", default=None,
                    help="write <out>.md and <out>.json (default: benchmarks/results/"
-                   "throughput[_quick])")
+                   "throughput[_published|_quick])")
     args = p.parse_args(argv)
+    if args.published:
+        args.binarynet_width, args.resnet_width, args.warmup, args.rounds = 1.0, 64, 1, 3
+        args.optimizers = ["bop"]
     if args.quick:
-        args.binarynet_width, args.resnet_width, args.warmup, args.rounds = 0.125, 8, 1, 5
+        args.binarynet_width, args.resnet_width, args.batch_size = 1 / 16, 4, 64
+        args.warmup, args.rounds, args.optimizers = 1, 3, ["bop", "sgdat"]
     if "real" not in args.optimizers:
         args.optimizers.append("real")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   "throughput_quick" if args.quick else "throughput")
+                                   "throughput_quick" if args.quick else
+                                   "throughput_published" if args.published else "throughput")
     header = (
         "# Training throughput (images/s of the jitted training step)\n\n"
         f"Command: `{_common.command()}`\n\n"
