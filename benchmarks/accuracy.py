@@ -275,6 +275,37 @@ def plot(records, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def sweep_plot(records, path: str, title: str) -> None:
+    """Final test accuracy against the last epoch's flip rate, every sweep cell."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, name in enumerate(CANDIDATES):
+        rs = [r for r in records if r["optimizer"] == name]
+        if not rs:
+            continue
+        color = f"C{i}"
+        xs = [max(r["history"][-1]["flip_ratio_total"], 1e-7) for r in rs]
+        ys = [100 * r["history"][-1]["test_accuracy"] for r in rs]
+        ax.scatter(xs, ys, color=color, label=name, s=22)
+        for r, x, y in zip(rs, xs, ys, strict=True):
+            if r["hparams"] == BINARY_DEFAULTS[name]:  # the default cell
+                ax.scatter([x], [y], s=90, facecolors="none", edgecolors=color, linewidths=1.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("flips per weight per step, last epoch (log)")
+    ax.set_ylabel("final test accuracy %")
+    ax.set_title(title + "\n(circled: the default hyperparameters)", fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["main", "sweep", "all"], default="all")
@@ -290,6 +321,8 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--quick", action="store_true",
                    help="1 seed, 1 epoch of 40 steps; sweep: 2 values of one hyperparameter each")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw the PNGs from <out>.jsonl (runs nothing, keeps <out>.md)")
     p.add_argument("--out", default=None,
                    help="prefix of the result files (default: benchmarks/results/accuracy"
                    "[_quick])")
@@ -310,7 +343,12 @@ def main(argv=None):
     header = (
         "# Accuracy on Fashion-MNIST: binary optimizers vs latent-weight Adam and full "
         "precision\n\n"
-        f"Command: `{_common.command()}`\n\n"
+        f"Command: `{_common.command()}` (`--quick`: a smoke test of a few minutes). "
+        f"Writes `{os.path.basename(out)}.md` (these tables), `{os.path.basename(out)}.jsonl` "
+        f"(one record per run, with every epoch), `{os.path.basename(out)}.png` (test "
+        f"accuracy per epoch, main part) and `{os.path.basename(out)}_sweep.png` (sweep: "
+        "accuracy against flip rate); `--replot` redraws the PNGs from the `.jsonl`; "
+        "rerunning skips the runs already in the `.jsonl`.\n\n"
         f"Started {_common.now()} on: {_common.machine()}\n\n"
         f"Setting: {setting}; official split (60,000 train / 10,000 test), inputs normalised, "
         "no augmentation; every run is `binax.train.train(Config(...))` (what `binax-train` "
@@ -322,8 +360,6 @@ def main(argv=None):
         + " Wall time per run includes compilation, data loading and evaluation after every "
         "epoch, on a shared machine.\n"
     )
-    print(header, flush=True)
-
     plan = []
     if args.part in ("main", "all"):
         for seed in range(args.seeds):  # seed-major: partial results cover every candidate
@@ -338,21 +374,40 @@ def main(argv=None):
                 plan.append(("sweep", name, dict(zip(grid, values, strict=True)), 0,
                              args.sweep_epochs))
 
+    def plots(records):
+        main_rs = [r for r in records if r["part"] == "main"]
+        sweep_rs = [r for r in records if r["part"] == "sweep"]
+        if main_rs:
+            plot(main_rs, out + ".png", f"Fashion-MNIST, {arch}, batch {args.batch_size}")
+        if sweep_rs:
+            epochs = max(r["epochs"] for r in sweep_rs)
+            sweep_plot([r for r in sweep_rs if r["epochs"] == epochs], out + "_sweep.png",
+                       f"Sweep, Fashion-MNIST, {arch}, {epochs} epochs, seed 0")
+
+    if args.replot:
+        plots(load_records(log_path))
+        print(f"redrew the plots of {log_path}")
+        return
+
+    print(header, flush=True)
+
     def report():
         records = load_records(log_path)
         main_rs = [r for r in records if r["part"] == "main"]
         sweep_rs = [r for r in records if r["part"] == "sweep"]
+        plots(records)
         text = header
         if main_rs:
             text += ("\n## Main: final test accuracy over seeds\n\n" + main_table(main_rs)
                      + "\n\n### Test accuracy per epoch (mean over seeds)\n\n"
                      + per_epoch_table(main_rs) + "\n")
-            plot(main_rs, out + ".png", f"Fashion-MNIST, {arch}, batch {args.batch_size}")
             text += f"\nPlot: `{os.path.basename(out)}.png`\n"
         for epochs in sorted({r["epochs"] for r in sweep_rs}):
             rs = [r for r in sweep_rs if r["epochs"] == epochs]
             text += ("\n## Sweep: sensitivity to threshold and rate (seed 0, "
                      f"{epochs} epochs)\n\n" + sweep_tables(rs, grids) + "\n")
+        if sweep_rs:
+            text += f"\nPlot: `{os.path.basename(out)}_sweep.png`\n"
         text += f"\nLast updated {_common.now()}; {_common.machine()}\n"
         _common.write_text(out + ".md", text)
 
