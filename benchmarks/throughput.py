@@ -178,7 +178,10 @@ def main(argv=None):
                                    "throughput_published" if args.published else "throughput")
     header = (
         "# Training throughput (images/s of the jitted training step)\n\n"
-        f"Command: `{_common.command()}`\n\n"
+        f"Command: `{_common.command()}`. Writes `{os.path.basename(out)}.md` (this table) "
+        f"and `{os.path.basename(out)}.json` (every timed step). Other settings: "
+        "`python benchmarks/throughput.py` (all candidates, half widths), `--published` "
+        "(published widths, bop vs real), `--quick` (smoke test).\n\n"
         f"Started {_common.now()} on: {_common.machine()}\n\n"
         f"Batch {args.batch_size} of random 32x32x3 images, 10 classes; the training library's "
         "own step (`binax.train.make_program(...).train_step`: forward, backward, optimizer "
