@@ -11,11 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def is_concrete(value: Any) -> bool:
-    """True when `value` is a number we can look at now (not a schedule or a tracer)."""
-    return not callable(value) and not isinstance(value, jax.core.Tracer)
-
-
 def check_scalar(
     name: str,
     value: Any,

@@ -443,7 +443,7 @@ def _not_reset(count: jax.Array, reset_every: int | None, dtype) -> jax.Array:
 
 
 class FlipState(NamedTuple):
-    """State of `flip_by_threshold` and `flip_to_descent_sign`."""
+    """State of `flip_by_threshold` (the count evaluates threshold schedules)."""
 
     count: jax.Array
 
@@ -501,7 +501,7 @@ def flip_to_descent_sign() -> optax.GradientTransformationExtraArgs:
 
     def init_fn(params):
         del params
-        return FlipState(count=jnp.zeros([], jnp.int32))
+        return optax.EmptyState()
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
@@ -511,7 +511,7 @@ def flip_to_descent_sign() -> optax.GradientTransformationExtraArgs:
             w_new = jnp.where(jnp.isnan(s), sign0(w), sign0(-s).astype(w.dtype))
             return _flip_update(w, w_new)
 
-        return jax.tree.map(flip, updates, params), FlipState(optax.safe_increment(state.count))
+        return jax.tree.map(flip, updates, params), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
