@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import optax
 
 from binax import _checks
+from binax._hashing import mix32
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
@@ -294,15 +295,6 @@ def scale_by_sign_ema(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _hash32(x: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finalizer: a cheap bijective mix of uint32 values."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
 def _seed32(seed: int | jax.Array) -> jax.Array:
     """A uint32 seed from an int (or integer array) or a JAX PRNG key."""
     if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
@@ -312,7 +304,7 @@ def _seed32(seed: int | jax.Array) -> jax.Array:
     words = jnp.ravel(jnp.asarray(seed)).astype(jnp.uint32)
     out = jnp.uint32(0x2545F491)
     for k in range(words.shape[0]):
-        out = _hash32(out ^ words[k])
+        out = mix32(out ^ words[k])
     return out
 
 
@@ -328,8 +320,8 @@ def _uniform_like(w: jax.Array, seed32: jax.Array, stream: int, dtype) -> jax.Ar
         iota = jax.lax.broadcasted_iota(jnp.uint32, shape, d, out_sharding=sharding)
         idx = iota * jnp.uint32(stride) if idx is None else idx + iota * jnp.uint32(stride)
         stride = (stride * shape[d]) % (1 << 32)
-    key = _hash32(seed32 ^ _hash32(jnp.uint32(stream) * jnp.uint32(0x9E3779B9)))
-    bits = _hash32(_hash32(idx ^ key) + key)
+    key = mix32(seed32 ^ mix32(jnp.uint32(stream) * jnp.uint32(0x9E3779B9)))
+    bits = mix32(mix32(idx ^ key) + key)
     u = (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)  # 24 random bits: exact in f32
     below_one = jnp.asarray(jnp.nextafter(jnp.ones((), dtype), jnp.zeros((), dtype)), dtype)
     return jnp.minimum(u.astype(dtype), below_one)  # rounding to a narrow dtype stays < 1

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from binax._hashing import mix32
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: missing, truncated, corrupt or from another run."""
@@ -38,14 +40,6 @@ def _bits(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
-def _mix(h: jax.Array) -> jax.Array:
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x7FEB352D)
-    h = h ^ (h >> 15)
-    h = h * jnp.uint32(0x846CA68B)
-    return h ^ (h >> 16)
-
-
 @jax.jit
 def fingerprint(tree: Any) -> jax.Array:
     """A uint32 hash of every bit of every leaf of ``tree`` (and of its leaf order).
@@ -57,16 +51,14 @@ def fingerprint(tree: Any) -> jax.Array:
     for i, leaf in enumerate(jax.tree.leaves(tree)):
         bits = _bits(leaf).reshape(-1)
         pos = jnp.arange(bits.size, dtype=jnp.uint32)
-        h = jnp.sum(_mix(bits * jnp.uint32(0x9E3779B1) + pos * jnp.uint32(0x85EBCA77)))
-        total = total + _mix(h + jnp.uint32(2 * i + 1))
+        h = jnp.sum(mix32(bits * jnp.uint32(0x9E3779B1) + pos * jnp.uint32(0x85EBCA77)))
+        total = total + mix32(h + jnp.uint32(2 * i + 1))
     return total
 
 
 def abstract_like(tree: Any) -> Any:
     """`jax.ShapeDtypeStruct`\\ s (with shardings) of a tree of arrays: a restore target."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
-    )
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 class Checkpoints:
