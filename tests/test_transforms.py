@@ -123,6 +123,51 @@ def test_non_finite_gradient_elements_are_skipped():
     assert flips > 10
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_keep_finite_is_where_isfinite_also_in_place(dtype):
+    """The guard's spelling (a sum of two selects, see `_keep_finite`) computes
+    ``where(isfinite(new), new, old)``, also jitted with ``old`` donated (updated in place)."""
+    new = jnp.array([1.5, -2.0, jnp.nan, jnp.inf, -jnp.inf, -0.0, 0.0, jnp.nan, 3.0], dtype)
+    old = jnp.array([7.0, 7.0, 0.25, -0.5, 8.0, 7.0, 7.0, -0.0, -0.0], dtype)
+    want = np.where(np.isfinite(np.asarray(new, F)), np.asarray(new, F), np.asarray(old, F))
+    in_place = jax.jit(lambda o, n: T._keep_finite(n, o), donate_argnums=0)
+    for got in (T._keep_finite(new, old), in_place(jnp.array(old), new)):
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(got, F), want)  # -0.0 may come out as +0.0
+
+
+def test_guard_spelling_changes_no_value_in_a_donated_jitted_step(monkeypatch):
+    """In the training path (jit, state donated) the shipped guard gives the same weights and
+    state as the plain ``jnp.where`` spelling, with NaN, inf and overflowing gradients."""
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(np.where(rng.random(64) < 0.5, -1.0, 1.0), jnp.float32)
+    grads = rng.normal(size=(30, 64)).astype(F) * 1e-2
+    grads[5, :8], grads[9, 8:16], grads[12, 16:20] = np.nan, np.inf, 1e30  # 1e30**2 overflows
+
+    def run():
+        tx = binax.bop2nd_order(threshold=1e-3, gamma=0.1, sigma=0.1)
+
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def step(params, state, g):
+            u, state = tx.update(g, state, params)
+            return optax.apply_updates(params, u), state
+
+        params, state, out = jnp.array(w), tx.init(w), []
+        for g in grads:
+            params, state = step(params, state, jnp.asarray(g))
+            out.append([np.asarray(params)] + [np.asarray(x) for x in jax.tree.leaves(state)])
+        return out
+
+    shipped = run()
+    monkeypatch.setattr(T, "_keep_finite", lambda new, old: jnp.where(jnp.isfinite(new), new, old))
+    plain = run()
+    for a, b in zip(shipped, plain, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+            assert np.all(np.isfinite(x))
+    assert np.sum(shipped[-1][0] != np.asarray(w)) > 0  # some weights flipped
+
+
 def test_nan_signal_keeps_the_weight_in_every_flip_rule():
     w = jnp.array([1.0, -1.0])
     s = jnp.array([jnp.nan, jnp.nan])
