@@ -89,14 +89,25 @@ def sweep_grids(quick: bool = False) -> dict[str, dict[str, list[float]]]:
     return grids
 
 
-def run_one(args, optimizer: str, hparams: dict, seed: int, epochs: int,
-            steps_per_epoch: int | None) -> dict:
+def run_one(
+    args, optimizer: str, hparams: dict, seed: int, epochs: int, steps_per_epoch: int | None
+) -> dict:
     """One training run; returns its record (config, per-epoch history, wall time)."""
     config = Config(
-        model="mlp", model_kwargs={"hidden_sizes": list(args.hidden)},
-        dataset="fashion_mnist", data_dir=args.data_dir, optimizer=optimizer, hparams=hparams,
-        real_optimizer="adam", lr=args.lr, epochs=epochs, batch_size=args.batch_size,
-        steps_per_epoch=steps_per_epoch, seed=seed, checkpoint=False, plots=False,
+        model="mlp",
+        model_kwargs={"hidden_sizes": list(args.hidden)},
+        dataset="fashion_mnist",
+        data_dir=args.data_dir,
+        optimizer=optimizer,
+        hparams=hparams,
+        real_optimizer="adam",
+        lr=args.lr,
+        epochs=epochs,
+        batch_size=args.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        seed=seed,
+        checkpoint=False,
+        plots=False,
         progress=False,
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,9 +118,21 @@ def run_one(args, optimizer: str, hparams: dict, seed: int, epochs: int,
         wall = time.perf_counter() - t0
     history = []
     for r in result.history:
-        history.append({k: r[k] for k in ("epoch", "step", "train_loss", "train_accuracy",
-                                            "test_loss", "test_accuracy", "flip_ratio_total",
-                                            "time_s")})
+        history.append(
+            {
+                k: r[k]
+                for k in (
+                    "epoch",
+                    "step",
+                    "train_loss",
+                    "train_accuracy",
+                    "test_loss",
+                    "test_accuracy",
+                    "flip_ratio_total",
+                    "time_s",
+                )
+            }
+        )
         history[-1]["flips"] = sum(r["flips"].values())
     return {
         "optimizer": optimizer,
@@ -157,9 +180,18 @@ def spread(xs):
 
 
 def main_table(records) -> str:
-    head = ("optimizer", "hyperparameters", "seeds", "final test acc % mean ± sd",
-            "[min, max]", "best-epoch test acc % (mean)", "final train acc %",
-            "flips/epoch (mean)", "flips/weight/step, last epoch", "wall s/run (mean)")
+    head = (
+        "optimizer",
+        "hyperparameters",
+        "seeds",
+        "final test acc % mean ± sd",
+        "[min, max]",
+        "best-epoch test acc % (mean)",
+        "final train acc %",
+        "flips/epoch (mean)",
+        "flips/weight/step, last epoch",
+        "wall s/run (mean)",
+    )
     rows = []
     for name in CANDIDATES:
         rs = [r for r in records if r["optimizer"] == name]
@@ -172,12 +204,20 @@ def main_table(records) -> str:
         ratio = [r["history"][-1]["flip_ratio_total"] for r in rs]
         m, sd, lo, hi = spread(final)
         hp = fmt_hp(rs[0]["hparams"]) or "(Adam on all parameters)"
-        rows.append((
-            name, hp, len(rs), f"{m:.2f} ± {sd:.2f}", f"[{lo:.2f}, {hi:.2f}]",
-            f"{statistics.fmean(best):.2f}", f"{statistics.fmean(train_acc):.2f}",
-            f"{statistics.fmean(flips):,.0f}", f"{statistics.fmean(ratio):.2e}",
-            f"{statistics.fmean(r['wall_s'] for r in rs):.0f}",
-        ))
+        rows.append(
+            (
+                name,
+                hp,
+                len(rs),
+                f"{m:.2f} ± {sd:.2f}",
+                f"[{lo:.2f}, {hi:.2f}]",
+                f"{statistics.fmean(best):.2f}",
+                f"{statistics.fmean(train_acc):.2f}",
+                f"{statistics.fmean(flips):,.0f}",
+                f"{statistics.fmean(ratio):.2e}",
+                f"{statistics.fmean(r['wall_s'] for r in rs):.0f}",
+            )
+        )
     return _common.md_table(head, rows)
 
 
@@ -190,8 +230,11 @@ def per_epoch_table(records) -> str:
     for e in range(epochs):
         row = [e + 1]
         for n in names:
-            accs = [100 * r["history"][e]["test_accuracy"] for r in records
-                    if r["optimizer"] == n and len(r["history"]) > e]
+            accs = [
+                100 * r["history"][e]["test_accuracy"]
+                for r in records
+                if r["optimizer"] == n and len(r["history"]) > e
+            ]
             row.append(f"{statistics.fmean(accs):.2f}" if accs else "")
         rows.append(row)
     return _common.md_table(("epoch", *names), rows)
@@ -203,13 +246,19 @@ def sweep_tables(records, grids) -> str:
         rs = [r for r in records if r["optimizer"] == name]
         if not rs:
             continue
-        acc = {json.dumps(r["overrides"], sort_keys=True): 100 * r["history"][-1]["test_accuracy"]
-               for r in rs}
-        flips = {json.dumps(r["overrides"], sort_keys=True): r["history"][-1]["flip_ratio_total"]
-                 for r in rs}
+        acc = {
+            json.dumps(r["overrides"], sort_keys=True): 100 * r["history"][-1]["test_accuracy"]
+            for r in rs
+        }
+        flips = {
+            json.dumps(r["overrides"], sort_keys=True): r["history"][-1]["flip_ratio_total"]
+            for r in rs
+        }
         keys = list(grid)
-        out.append(f"**{name}** (final test accuracy %, and flips per weight per step in the "
-                   "last epoch; the middle value of each hyperparameter is the default)\n")
+        out.append(
+            f"**{name}** (final test accuracy %, and flips per weight per step in the "
+            "last epoch; the middle value of each hyperparameter is the default)\n"
+        )
         if len(keys) == 1:
             (k,) = keys
             rows = []
@@ -226,12 +275,15 @@ def sweep_tables(records, grids) -> str:
                     c = json.dumps({ka: a, kb: b}, sort_keys=True)
                     row.append(_cell(acc.get(c), flips.get(c)))
                 rows.append(row)
-            out.append(_common.md_table((f"{ka} \\ {kb}", *(f"{kb}={b:g}" for b in grid[kb])),
-                                        rows))
+            out.append(
+                _common.md_table((f"{ka} \\ {kb}", *(f"{kb}={b:g}" for b in grid[kb])), rows)
+            )
         vals = list(acc.values())
         if len(vals) > 1:
-            out.append(f"\nrange over the grid: {min(vals):.2f} – {max(vals):.2f} "
-                       f"(spread {max(vals) - min(vals):.2f} points)\n")
+            out.append(
+                f"\nrange over the grid: {min(vals):.2f} – {max(vals):.2f} "
+                f"(spread {max(vals) - min(vals):.2f} points)\n"
+            )
     return "\n".join(out)
 
 
@@ -255,8 +307,10 @@ def plot(records, path: str, title: str) -> None:
             continue
         epochs = min(len(r["history"]) for r in rs)
         xs = list(range(1, epochs + 1))
-        mean = [statistics.fmean(100 * r["history"][e]["test_accuracy"] for r in rs)
-                for e in range(epochs)]
+        mean = [
+            statistics.fmean(100 * r["history"][e]["test_accuracy"] for r in rs)
+            for e in range(epochs)
+        ]
         lo = [min(100 * r["history"][e]["test_accuracy"] for r in rs) for e in range(epochs)]
         hi = [max(100 * r["history"][e]["test_accuracy"] for r in rs) for e in range(epochs)]
         style = "--" if name in ("latent", "real") else "-"
@@ -309,36 +363,55 @@ def sweep_plot(records, path: str, title: str) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["main", "sweep", "all"], default="all")
-    p.add_argument("--hidden", type=int, nargs="+", default=[256, 256],
-                   help="hidden widths of the binary MLP (default 256 256)")
+    p.add_argument(
+        "--hidden",
+        type=int,
+        nargs="+",
+        default=[256, 256],
+        help="hidden widths of the binary MLP (default 256 256)",
+    )
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--sweep-epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-2,
-                   help="Adam learning rate of the real-valued parameters (binax-train's default)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-2,
+        help="Adam learning rate of the real-valued parameters (binax-train's default)",
+    )
     p.add_argument("--optimizers", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--quick", action="store_true",
-                   help="1 seed, 1 epoch of 40 steps; sweep: 2 values of one hyperparameter each")
-    p.add_argument("--replot", action="store_true",
-                   help="only redraw the PNGs from <out>.jsonl (runs nothing, keeps <out>.md)")
-    p.add_argument("--out", default=None,
-                   help="prefix of the result files (default: benchmarks/results/accuracy"
-                   "[_quick])")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 seed, 1 epoch of 40 steps; sweep: 2 values of one hyperparameter each",
+    )
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="only redraw the PNGs from <out>.jsonl (runs nothing, keeps <out>.md)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="prefix of the result files (default: benchmarks/results/accuracy[_quick])",
+    )
     args = p.parse_args(argv)
     steps = None
     grids = sweep_grids()
     if args.quick:
         args.epochs, args.seeds, args.sweep_epochs, steps = 1, 1, 1, 40
         grids = sweep_grids(quick=True)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   "accuracy_quick" if args.quick else "accuracy")
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)),
+        "results",
+        "accuracy_quick" if args.quick else "accuracy",
+    )
     log_path = out + ".jsonl"
     done = {r["key"] for r in load_records(log_path)}
     arch = f"binary MLP 784-{'-'.join(map(str, args.hidden))}-10 (BatchNorm, no scale)"
-    setting = (f"{arch}, batch {args.batch_size}, Adam lr {args.lr:g} on real-valued "
-               "parameters")
+    setting = f"{arch}, batch {args.batch_size}, Adam lr {args.lr:g} on real-valued parameters"
     per_epoch = "" if steps is None else f" of {steps} steps"
     header = (
         "# Accuracy on Fashion-MNIST: binary optimizers vs latent-weight Adam and full "
@@ -353,10 +426,16 @@ def main(argv=None):
         f"Setting: {setting}; official split (60,000 train / 10,000 test), inputs normalised, "
         "no augmentation; every run is `binax.train.train(Config(...))` (what `binax-train` "
         "runs)."
-        + (f" Main: {args.epochs} epochs{per_epoch}, seeds 0..{args.seeds - 1}."
-           if args.part in ("main", "all") else "")
-        + (f" Sweep: seed 0, {args.sweep_epochs} epochs{per_epoch}."
-           if args.part in ("sweep", "all") else "")
+        + (
+            f" Main: {args.epochs} epochs{per_epoch}, seeds 0..{args.seeds - 1}."
+            if args.part in ("main", "all")
+            else ""
+        )
+        + (
+            f" Sweep: seed 0, {args.sweep_epochs} epochs{per_epoch}."
+            if args.part in ("sweep", "all")
+            else ""
+        )
         + " Wall time per run includes compilation, data loading and evaluation after every "
         "epoch, on a shared machine.\n"
     )
@@ -371,8 +450,9 @@ def main(argv=None):
             if not grid:
                 continue
             for values in itertools.product(*grid.values()):
-                plan.append(("sweep", name, dict(zip(grid, values, strict=True)), 0,
-                             args.sweep_epochs))
+                plan.append(
+                    ("sweep", name, dict(zip(grid, values, strict=True)), 0, args.sweep_epochs)
+                )
 
     def plots(records):
         main_rs = [r for r in records if r["part"] == "main"]
@@ -381,8 +461,11 @@ def main(argv=None):
             plot(main_rs, out + ".png", f"Fashion-MNIST, {arch}, batch {args.batch_size}")
         if sweep_rs:
             epochs = max(r["epochs"] for r in sweep_rs)
-            sweep_plot([r for r in sweep_rs if r["epochs"] == epochs], out + "_sweep.png",
-                       f"Sweep, Fashion-MNIST, {arch}, {epochs} epochs, seed 0")
+            sweep_plot(
+                [r for r in sweep_rs if r["epochs"] == epochs],
+                out + "_sweep.png",
+                f"Sweep, Fashion-MNIST, {arch}, {epochs} epochs, seed 0",
+            )
 
     if args.replot:
         plots(load_records(log_path))
@@ -398,14 +481,20 @@ def main(argv=None):
         plots(records)
         text = header
         if main_rs:
-            text += ("\n## Main: final test accuracy over seeds\n\n" + main_table(main_rs)
-                     + "\n\n### Test accuracy per epoch (mean over seeds)\n\n"
-                     + per_epoch_table(main_rs) + "\n")
+            text += (
+                "\n## Main: final test accuracy over seeds\n\n"
+                + main_table(main_rs)
+                + "\n\n### Test accuracy per epoch (mean over seeds)\n\n"
+                + per_epoch_table(main_rs)
+                + "\n"
+            )
             text += f"\nPlot: `{os.path.basename(out)}.png`\n"
         for epochs in sorted({r["epochs"] for r in sweep_rs}):
             rs = [r for r in sweep_rs if r["epochs"] == epochs]
-            text += ("\n## Sweep: sensitivity to threshold and rate (seed 0, "
-                     f"{epochs} epochs)\n\n" + sweep_tables(rs, grids) + "\n")
+            text += (
+                "\n## Sweep: sensitivity to threshold and rate (seed 0, "
+                f"{epochs} epochs)\n\n" + sweep_tables(rs, grids) + "\n"
+            )
         if sweep_rs:
             text += f"\nPlot: `{os.path.basename(out)}_sweep.png`\n"
         text += f"\nLast updated {_common.now()}; {_common.machine()}\n"
@@ -420,9 +509,12 @@ def main(argv=None):
         rec.update(part=part, key=k, setting=setting)
         append_record(log_path, rec)
         h = rec["history"][-1]
-        print(f"[{i + 1}/{len(plan)}] {part} {name} {fmt_hp(hp)} seed {seed}: test acc "
-              f"{100 * h['test_accuracy']:.2f}% after {epochs} epochs, {rec['wall_s']:.0f}s "
-              f"(elapsed {time.perf_counter() - t_start:.0f}s)", flush=True)
+        print(
+            f"[{i + 1}/{len(plan)}] {part} {name} {fmt_hp(hp)} seed {seed}: test acc "
+            f"{100 * h['test_accuracy']:.2f}% after {epochs} epochs, {rec['wall_s']:.0f}s "
+            f"(elapsed {time.perf_counter() - t_start:.0f}s)",
+            flush=True,
+        )
         report()
     report()
     print(f"wrote {out}.md, {out}.jsonl, {out}.png")

@@ -66,8 +66,9 @@ def model_kwargs(model: str, args) -> dict:
 def build(model: str, kwargs: dict, optimizer: str, batch: int, seed: int = 0):
     """(program, state, metrics, images, labels) as `binax.train.train` would set them up."""
     mesh = make_mesh(1)
-    net = build_model(model, kwargs, INPUT_SHAPE, NUM_CLASSES, seed,
-                      full_precision=optimizer == "real")
+    net = build_model(
+        model, kwargs, INPUT_SHAPE, NUM_CLASSES, seed, full_precision=optimizer == "real"
+    )
     hp = optim.hparams(optimizer)
     init_params = None
     if optimizer in ("latent", "real"):
@@ -75,16 +76,26 @@ def build(model: str, kwargs: dict, optimizer: str, batch: int, seed: int = 0):
         init_params = lambda params, mask: optim.latent_init(params, mask, key)
     program = make_program(
         net,
-        lambda labels: optim.make_optimizer(optimizer, hp, "adam", 1e-2, labels, seed=seed,
-                                            steps_per_epoch=1000, total_steps=100_000),
+        lambda labels: optim.make_optimizer(
+            optimizer,
+            hp,
+            "adam",
+            1e-2,
+            labels,
+            seed=seed,
+            steps_per_epoch=1000,
+            total_steps=100_000,
+        ),
         mesh,
         init_params=init_params,
     )
     rng = np.random.default_rng(seed)
-    images = jax.device_put(rng.normal(size=(batch, *INPUT_SHAPE)).astype(np.float32),
-                            program.batch_sharding)
-    labels = jax.device_put(rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
-                            program.batch_sharding)
+    images = jax.device_put(
+        rng.normal(size=(batch, *INPUT_SHAPE)).astype(np.float32), program.batch_sharding
+    )
+    labels = jax.device_put(
+        rng.integers(0, NUM_CLASSES, batch).astype(np.int32), program.batch_sharding
+    )
     return [program, program.init_state(), program.zero_metrics(), images, labels]
 
 
@@ -94,8 +105,9 @@ def step(run):
     jax.block_until_ready(run[1])
 
 
-def bench_model(model: str, kwargs: dict, candidates, batch: int, warmup: int, rounds: int,
-                log=print):
+def bench_model(
+    model: str, kwargs: dict, candidates, batch: int, warmup: int, rounds: int, log=print
+):
     runs, compile_s, n_params = {}, {}, {}
     for name in candidates:
         t0 = time.perf_counter()
@@ -113,57 +125,97 @@ def bench_model(model: str, kwargs: dict, candidates, batch: int, warmup: int, r
             t0 = time.perf_counter()
             step(runs[name])
             times[name].append(time.perf_counter() - t0)
-        log(f"  {model} round {r + 1}/{rounds}: "
-            + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in candidates))
+        log(
+            f"  {model} round {r + 1}/{rounds}: "
+            + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in candidates)
+        )
     rows = []
     real_med = _common.median_iqr(times["real"])[0] if "real" in times else None
     for name in candidates:
         med, q1, q3 = _common.median_iqr(times[name])
-        rows.append(dict(
-            model=model, model_kwargs=kwargs, optimizer=name, batch=batch,
-            kernel_weights=n_params[name], rounds=rounds, step_s=times[name],
-            median_step_s=med, q1_step_s=q1, q3_step_s=q3, images_per_s=batch / med,
-            vs_real=(real_med / med) if real_med else None, compile_s=compile_s[name],
-        ))
+        rows.append(
+            dict(
+                model=model,
+                model_kwargs=kwargs,
+                optimizer=name,
+                batch=batch,
+                kernel_weights=n_params[name],
+                rounds=rounds,
+                step_s=times[name],
+                median_step_s=med,
+                q1_step_s=q1,
+                q3_step_s=q3,
+                images_per_s=batch / med,
+                vs_real=(real_med / med) if real_med else None,
+                compile_s=compile_s[name],
+            )
+        )
     return rows
 
 
 def table(rows) -> str:
-    head = ("model", "optimizer", "kernel weights", "median step s (IQR)", "images/s",
-            "x real (images/s ratio)")
+    head = (
+        "model",
+        "optimizer",
+        "kernel weights",
+        "median step s (IQR)",
+        "images/s",
+        "x real (images/s ratio)",
+    )
     out = []
     for r in rows:
         width = ", ".join(f"{k}={v}" for k, v in r["model_kwargs"].items())
-        out.append((
-            f"{r['model']} ({width})", r["optimizer"], f"{r['kernel_weights']:,}",
-            f"{r['median_step_s']:.3f} ({r['q1_step_s']:.3f}-{r['q3_step_s']:.3f})",
-            f"{r['images_per_s']:.1f}",
-            "-" if r["vs_real"] is None else f"{r['vs_real']:.2f}",
-        ))
+        out.append(
+            (
+                f"{r['model']} ({width})",
+                r["optimizer"],
+                f"{r['kernel_weights']:,}",
+                f"{r['median_step_s']:.3f} ({r['q1_step_s']:.3f}-{r['q3_step_s']:.3f})",
+                f"{r['images_per_s']:.1f}",
+                "-" if r["vs_real"] is None else f"{r['vs_real']:.2f}",
+            )
+        )
     return _common.md_table(head, out)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["binarynet", "resnet18"],
-                   choices=["binarynet", "resnet18"])
+    p.add_argument(
+        "--models", nargs="+", default=["binarynet", "resnet18"], choices=["binarynet", "resnet18"]
+    )
     p.add_argument("--optimizers", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
-    p.add_argument("--binarynet-width", type=float, default=0.5,
-                   help="BinaryNet width multiplier (1.0: the published 128..1024 widths)")
-    p.add_argument("--resnet-width", type=int, default=32,
-                   help="ResNet-18 first-stage width (64: the published width)")
+    p.add_argument(
+        "--binarynet-width",
+        type=float,
+        default=0.5,
+        help="BinaryNet width multiplier (1.0: the published 128..1024 widths)",
+    )
+    p.add_argument(
+        "--resnet-width",
+        type=int,
+        default=32,
+        help="ResNet-18 first-stage width (64: the published width)",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (one step each)")
-    p.add_argument("--published", action="store_true",
-                   help="published widths (BinaryNet x1, ResNet-18 width 64), bop and real, "
-                   "1 warm-up, 3 rounds")
-    p.add_argument("--quick", action="store_true",
-                   help="bop, sgdat, real; BinaryNet x1/16, ResNet-18 width 4, batch 64, "
-                   "1 warm-up, 3 rounds")
-    p.add_argument("--out", default=None,
-                   help="write <out>.md and <out>.json (default: benchmarks/results/"
-                   "throughput[_published|_quick])")
+    p.add_argument(
+        "--published",
+        action="store_true",
+        help="published widths (BinaryNet x1, ResNet-18 width 64), bop and real, "
+        "1 warm-up, 3 rounds",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="bop, sgdat, real; BinaryNet x1/16, ResNet-18 width 4, batch 64, 1 warm-up, 3 rounds",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write <out>.md and <out>.json (default: benchmarks/results/"
+        "throughput[_published|_quick])",
+    )
     args = p.parse_args(argv)
     if args.published:
         args.binarynet_width, args.resnet_width, args.warmup, args.rounds = 1.0, 64, 1, 3
@@ -173,9 +225,15 @@ def main(argv=None):
         args.warmup, args.rounds, args.optimizers = 1, 3, ["bop", "sgdat"]
     if "real" not in args.optimizers:
         args.optimizers.append("real")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   "throughput_quick" if args.quick else
-                                   "throughput_published" if args.published else "throughput")
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)),
+        "results",
+        "throughput_quick"
+        if args.quick
+        else "throughput_published"
+        if args.published
+        else "throughput",
+    )
     header = (
         "# Training throughput (images/s of the jitted training step)\n\n"
         f"Command: `{_common.command()}`. Writes `{os.path.basename(out)}.md` (this table) "
@@ -197,12 +255,21 @@ def main(argv=None):
     rows = []
     for model in args.models:
         kwargs = model_kwargs(model, args)
-        rows += bench_model(model, kwargs, args.optimizers, args.batch_size, args.warmup,
-                            args.rounds, log=lambda s: print(s, flush=True))
+        rows += bench_model(
+            model,
+            kwargs,
+            args.optimizers,
+            args.batch_size,
+            args.warmup,
+            args.rounds,
+            log=lambda s: print(s, flush=True),
+        )
         text = header + "\n" + table(rows) + "\n"
         _common.write_text(out + ".md", text)
-        _common.write_json(out + ".json", {"command": _common.command(),
-                                           "machine": _common.machine(), "rows": rows})
+        _common.write_json(
+            out + ".json",
+            {"command": _common.command(), "machine": _common.machine(), "rows": rows},
+        )
         print(table([r for r in rows if r["model"] == model]), flush=True)
     text = header + "\n" + table(rows) + f"\n\nFinished {_common.now()}; {_common.machine()}\n"
     _common.write_text(out + ".md", text)

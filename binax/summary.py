@@ -231,24 +231,42 @@ def _fmt(x: Any) -> str:
 
 def _format(s: ModelSummary) -> str:
     header = [
-        "Layer", "Type", "In bits", "Output shape", "1-bit params", "32-bit params",
-        "Memory (kB)", "1-bit MACs", "32-bit MACs",
+        "Layer",
+        "Type",
+        "In bits",
+        "Output shape",
+        "1-bit params",
+        "32-bit params",
+        "Memory (kB)",
+        "1-bit MACs",
+        "32-bit MACs",
     ]
     rows = [
         [
-            r["path"], r["type"], _fmt(r["input_precision"]),
+            r["path"],
+            r["type"],
+            _fmt(r["input_precision"]),
             "-" if r["output_shape"] is None else str(r["output_shape"]),
-            _fmt(r["params_1bit"]), _fmt(r["params_32bit"] + r["non_trainable"]),
-            _fmt(r["memory_kb"]), _fmt(r["binary_macs"]), _fmt(r["real_macs"]),
+            _fmt(r["params_1bit"]),
+            _fmt(r["params_32bit"] + r["non_trainable"]),
+            _fmt(r["memory_kb"]),
+            _fmt(r["binary_macs"]),
+            _fmt(r["real_macs"]),
         ]
         for r in s.layers
     ]
     t = s.totals
     rows.append(
         [
-            "Total", "", "", "", _fmt(t["params_1bit"]),
-            _fmt(t["params_32bit"] + t["non_trainable"]), _fmt(t["memory_kb"]),
-            _fmt(t["binary_macs"]), _fmt(t["real_macs"]),
+            "Total",
+            "",
+            "",
+            "",
+            _fmt(t["params_1bit"]),
+            _fmt(t["params_32bit"] + t["non_trainable"]),
+            _fmt(t["memory_kb"]),
+            _fmt(t["binary_macs"]),
+            _fmt(t["real_macs"]),
         ]
     )
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]

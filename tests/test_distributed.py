@@ -36,8 +36,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = jax.device_count()
 pytestmark = pytest.mark.skipif(DEVICES < 8, reason="needs the 8 CPU devices of conftest.py")
 
-RUN = dict(model="mlp", model_kwargs={"hidden_sizes": [16]}, dataset="digits", epochs=2,
-           steps_per_epoch=6, batch_size=64, progress=False, plots=False, checkpoint=False)
+RUN = dict(
+    model="mlp",
+    model_kwargs={"hidden_sizes": [16]},
+    dataset="digits",
+    epochs=2,
+    steps_per_epoch=6,
+    batch_size=64,
+    progress=False,
+    plots=False,
+    checkpoint=False,
+)
 
 
 def quiet_train(config):
@@ -57,13 +66,15 @@ def assert_close_runs(a_history, b_history):
 
 
 def program(num_devices, model_parallel=1, optimizer="bop", hidden=16):
-    model = build_model("mlp", {"hidden_sizes": [hidden]}, (8, 8, 1), 10, seed=0,
-                        full_precision=optimizer == "real")
+    model = build_model(
+        "mlp", {"hidden_sizes": [hidden]}, (8, 8, 1), 10, seed=0, full_precision=optimizer == "real"
+    )
     hp = hparams(optimizer, {"momentum": 0.9} if optimizer == "sgdat" else None)
 
     def make_tx(labels):
-        return make_optimizer(optimizer, hp, "adam", 1e-2, labels, seed=0, steps_per_epoch=10,
-                              total_steps=100)
+        return make_optimizer(
+            optimizer, hp, "adam", 1e-2, labels, seed=0, steps_per_epoch=10, total_steps=100
+        )
 
     return make_program(model, make_tx, make_mesh(num_devices, model_parallel))
 
@@ -79,8 +90,9 @@ def test_optimizer_state_has_the_sharding_of_its_parameter(optimizer):
     prog = program(8, model_parallel=2, optimizer=optimizer)
     assert dict(prog.mesh.shape) == {"data": 4, "model": 2}
     state = prog.init_state()
-    params = {jax.tree_util.keystr(p): x
-              for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+    params = {
+        jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(state.params)
+    }
     split = [k for k, x in params.items() if "model" in str(x.sharding.spec)]
     assert split, "no parameter is split over the 'model' axis"
     checked = set()
@@ -115,10 +127,12 @@ def test_eight_devices_match_one(one_device_run, eight_device_run, model_paralle
     if model_parallel == 1:
         result = eight_device_run
     else:
-        result = quiet_train(Config(**RUN, num_devices=8, model_parallel=model_parallel,
-                                    run_dir=str(tmp_path / "r8")))
-    assert dict(result.program.mesh.shape) == {"data": 8 // model_parallel,
-                                               "model": model_parallel}
+        result = quiet_train(
+            Config(
+                **RUN, num_devices=8, model_parallel=model_parallel, run_dir=str(tmp_path / "r8")
+            )
+        )
+    assert dict(result.program.mesh.shape) == {"data": 8 // model_parallel, "model": model_parallel}
     assert result.program.train_step._cache_size() == 1  # compiled once for the whole run
     params = jax.tree.leaves(result.state.params)
     assert all(len(x.sharding.device_set) == 8 for x in params)
@@ -163,16 +177,40 @@ def test_two_processes_on_localhost_train_together(one_device_run, tmp_path):
     """Two CLI processes with 2 CPU devices each (4 in all) over JAX's distributed runtime."""
     run_dir = tmp_path / "run"
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    args = ["--model", "mlp", "--hidden-sizes", "16", "--dataset", "digits", "--epochs", "2",
-            "--steps-per-epoch", "6", "--batch-size", "64", "--run-dir", str(run_dir),
-            "--no-progress", "--no-plots", "--coordinator-address", f"127.0.0.1:{port}",
-            "--num-processes", "2"]
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2"
+    )
+    args = [
+        "--model",
+        "mlp",
+        "--hidden-sizes",
+        "16",
+        "--dataset",
+        "digits",
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        "6",
+        "--batch-size",
+        "64",
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+        "--no-plots",
+        "--coordinator-address",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        "2",
+    ]
     procs = [
-        subprocess.Popen([sys.executable, "-m", "binax.train", *args, "--process-id", str(i)],
-                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "binax.train", *args, "--process-id", str(i)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     outputs = []
@@ -218,13 +256,17 @@ def test_optimizers_work_inside_pmap():
     n = 8
     rng = np.random.default_rng(1)
     signs = lambda: np.where(rng.random((16, 8)) < 0.5, -1.0, 1.0).astype(np.float32)
-    params = {name: {"kernel": jnp.asarray(signs() * (0.05 if name == "latent" else 1.0))}
-              for name in PMAP_OPTIMIZERS}
+    params = {
+        name: {"kernel": jnp.asarray(signs() * (0.05 if name == "latent" else 1.0))}
+        for name in PMAP_OPTIMIZERS
+    }
     params["head"] = {"bias": jnp.zeros((8,), jnp.float32)}
     labels = {name: jax.tree.map(lambda _, n=name: n, p) for name, p in params.items()}
     tx = optax.partition({**PMAP_OPTIMIZERS, "head": optax.adam(1e-2)}, labels)
-    grads = [jax.tree.map(lambda x: rng.normal(size=(n, *x.shape)).astype(np.float32) * 1e-2,
-                          params) for _ in range(6)]
+    grads = [
+        jax.tree.map(lambda x: rng.normal(size=(n, *x.shape)).astype(np.float32) * 1e-2, params)
+        for _ in range(6)
+    ]
 
     def step(params, state, g):
         g = jax.lax.pmean(g, axis_name="batch")
@@ -247,8 +289,12 @@ def test_optimizers_work_inside_pmap():
         np.testing.assert_allclose(replicas[0], ref, rtol=1e-5, atol=1e-6, err_msg=name)
         if name != "diode":  # diode needs thousands of steps for its first flips
             assert (np.sign(replicas[0]) != np.sign(start)).any(), f"{name}: no flip"
-    np.testing.assert_allclose(np.asarray(p_params["head"]["bias"][0]),
-                               np.asarray(ref_params["head"]["bias"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(p_params["head"]["bias"][0]),
+        np.asarray(ref_params["head"]["bias"]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def _plain(tx, params, state, g):

@@ -60,8 +60,11 @@ class Scaled(nnx.Module):
         self.a = bnn.BinaryConv(2, 3, (3, 3), scale="learned", rngs=rngs)
         self.b = bnn.BinaryLinear(3, 4, kernel_quantizer="magnitude_aware_sign", rngs=rngs)
         self.c = bnn.BinaryLinear(
-            3, 4, kernel_quantizer=functools.partial(q.magnitude_aware_sign, clip_value=2.0),
-            scale="fixed", rngs=rngs,
+            3,
+            4,
+            kernel_quantizer=functools.partial(q.magnitude_aware_sign, clip_value=2.0),
+            scale="fixed",
+            rngs=rngs,
         )
         self.real = nnx.Linear(4, 2, rngs=rngs)
 

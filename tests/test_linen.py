@@ -62,8 +62,9 @@ def test_params_names_and_labels():
 )
 def test_linen_matches_nnx(kernel_size, pad_value, strides, scale):
     x = rand((2, 7, 5, 3)) if isinstance(kernel_size, tuple) else rand((2, 7, 3))
-    layer = bnn.BinaryConv(3, 4, kernel_size, strides=strides, pad_value=pad_value, scale=scale,
-                           rngs=nnx.Rngs(0))
+    layer = bnn.BinaryConv(
+        3, 4, kernel_size, strides=strides, pad_value=pad_value, scale=scale, rngs=nnx.Rngs(0)
+    )
     if scale:
         layer.scale[...] = jnp.arange(1.0, 5.0)
     layer.bias[...] = jnp.arange(4.0) / 10
@@ -101,12 +102,14 @@ def test_linen_gradients_and_partition_step():
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     tx = binax.partition(
-        binary=binax.bop(threshold=0.0, gamma=1.0), real=optax.adam(1e-2),
+        binary=binax.bop(threshold=0.0, gamma=1.0),
+        real=optax.adam(1e-2),
         is_binary=bl.is_binary_path,
     )
     # The label-tree form must give the same partition.
     tx2 = binax.partition(
-        binary=binax.bop(threshold=0.0, gamma=1.0), real=optax.adam(1e-2),
+        binary=binax.bop(threshold=0.0, gamma=1.0),
+        real=optax.adam(1e-2),
         is_binary=bl.binary_labels(params),
     )
 

@@ -88,8 +88,13 @@ def test_binary_labels_find_exactly_the_binary_kernels(built, key):
 def test_real_layers_where_the_papers_put_them(built):
     resnet = built("resnet18")
     real = set(kernel_paths(resnet, nnx.Param)) - set(RESNET_BINARY)
-    assert real == {"stem/kernel", "blocks/2/downsample/kernel", "blocks/4/downsample/kernel",
-                    "blocks/6/downsample/kernel", "head/kernel"}
+    assert real == {
+        "stem/kernel",
+        "blocks/2/downsample/kernel",
+        "blocks/4/downsample/kernel",
+        "blocks/6/downsample/kernel",
+        "head/kernel",
+    }
     assert resnet.stem.kernel.shape == (3, 3, 1, 4)  # small-input stem
     net = built("binarynet")
     # BatchNorm without scale after every layer; the network input is not binarized.
@@ -113,8 +118,9 @@ def test_shapes_and_train_eval_modes(built):
     assert y.shape == (4, 10)
     assert not np.array_equal(before, model.norms[0].mean[...])  # batch stats updated
     model.eval()
-    assert all(bn.use_running_average for _, bn in nnx.iter_modules(model)
-               if isinstance(bn, nnx.BatchNorm))
+    assert all(
+        bn.use_running_average for _, bn in nnx.iter_modules(model) if isinstance(bn, nnx.BatchNorm)
+    )
     stats = np.asarray(model.norms[0].mean[...])
     y1, y2 = forward(model, x), forward(model, x.at[1:].set(0.0))
     np.testing.assert_array_equal(y1[0], y2[0])  # each example on its own in eval mode
@@ -124,14 +130,25 @@ def test_shapes_and_train_eval_modes(built):
 @pytest.mark.parametrize(
     "name,kwargs,shape,out",
     [
-        ("mlp", dict(input_shape=(8, 8, 1), hidden_sizes=(16,), num_classes=3), (2, 8, 8, 1),
-         (2, 3)),
-        ("binarynet", dict(input_shape=(32, 32, 3), width_multiplier=1 / 32), (2, 32, 32, 3),
-         (2, 10)),
-        ("resnet18", dict(input_shape=(32, 32, 3), num_classes=7, width=2), (2, 32, 32, 3),
-         (2, 7)),
-        ("resnet18", dict(input_shape=(224, 224, 3), num_classes=5, width=2), (1, 224, 224, 3),
-         (1, 5)),
+        (
+            "mlp",
+            dict(input_shape=(8, 8, 1), hidden_sizes=(16,), num_classes=3),
+            (2, 8, 8, 1),
+            (2, 3),
+        ),
+        (
+            "binarynet",
+            dict(input_shape=(32, 32, 3), width_multiplier=1 / 32),
+            (2, 32, 32, 3),
+            (2, 10),
+        ),
+        ("resnet18", dict(input_shape=(32, 32, 3), num_classes=7, width=2), (2, 32, 32, 3), (2, 7)),
+        (
+            "resnet18",
+            dict(input_shape=(224, 224, 3), num_classes=5, width=2),
+            (1, 224, 224, 3),
+            (1, 5),
+        ),
     ],
 )
 def test_output_shapes(name, kwargs, shape, out):
@@ -182,8 +199,9 @@ def test_one_jitted_step_per_optimizer_keeps_kernels_binary(built, key):
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
     labels = bnn.binary_labels(model)
     opts = optimizers()
-    txs = [binax.partition(binary=tx, real=optax.sgd(1e-2), is_binary=labels)
-           for _, tx, _, _ in opts]
+    txs = [
+        binax.partition(binary=tx, real=optax.sgd(1e-2), is_binary=labels) for _, tx, _, _ in opts
+    ]
 
     def loss_fn(p, rest, x, y):
         logits = nnx.merge(graphdef, p, rest)(x)

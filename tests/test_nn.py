@@ -114,8 +114,15 @@ def test_binary_conv_matches_reference(kernel_size, strides, dilation, padding, 
     n = len(kernel_size)
     spatial = (7, 6)[:n]
     layer = bnn.BinaryConv(
-        3, 5, kernel_size, strides=strides, kernel_dilation=dilation, padding=padding,
-        pad_value=pad_value, use_bias=False, rngs=rngs(),
+        3,
+        5,
+        kernel_size,
+        strides=strides,
+        kernel_dilation=dilation,
+        padding=padding,
+        pad_value=pad_value,
+        use_bias=False,
+        rngs=rngs(),
     )
     x = rand((2, *spatial, 3))
     y = np.asarray(nnx.jit(lambda m, x: m(x))(layer, x))
@@ -145,8 +152,9 @@ def test_pad_value_reaches_the_borders():
     assert minus[0, 0, 0, 0] == 18 - 2 * 2 * 5  # a corner sees 5 padded taps of -1 per channel
     assert minus[0, 1, 1, 0] == 18.0  # interior unchanged
     # Zero padding is only for real inputs.
-    real = bnn.BinaryConv(2, 1, (3, 3), input_quantizer=None, pad_value=None, rngs=rngs(),
-                          **ones)(x)
+    real = bnn.BinaryConv(2, 1, (3, 3), input_quantizer=None, pad_value=None, rngs=rngs(), **ones)(
+        x
+    )
     assert real[0, 0, 0, 0] == 8.0
 
 
@@ -167,23 +175,26 @@ def test_scales_and_custom_quantizers():
     base = layer(x)
     layer.scale[...] = jnp.array([2.0, -1.0, 0.5])
     np.testing.assert_allclose(layer(x), base * jnp.array([2.0, -1.0, 0.5]), rtol=1e-6)
-    mag = bnn.BinaryLinear(4, 3, kernel_quantizer="magnitude_aware_sign", use_bias=False,
-                           rngs=rngs())
+    mag = bnn.BinaryLinear(
+        4, 3, kernel_quantizer="magnitude_aware_sign", use_bias=False, rngs=rngs()
+    )
     mag.kernel[...] = rand((4, 3), seed=2)
     k = np.asarray(mag.kernel[...])
     xs = rand((2, 4), seed=3)
     want = sign0(xs) @ (sign0(k) * np.mean(np.abs(k), axis=0))
     np.testing.assert_allclose(mag(xs), want, rtol=1e-5)
-    custom = bnn.BinaryLinear(4, 3, input_quantizer=functools.partial(q.ste_sign, clip_value=2.0),
-                              rngs=rngs())
+    custom = bnn.BinaryLinear(
+        4, 3, input_quantizer=functools.partial(q.ste_sign, clip_value=2.0), rngs=rngs()
+    )
     assert custom.input_quantizer.keywords == {"clip_value": 2.0}
     assert custom.input_precision == 1
 
 
 def test_gradients_reach_binary_kernels_and_inputs():
     model = nnx.Sequential(
-        bnn.BinaryConv(2, 4, (3, 3), input_quantizer=None, pad_value=None, use_bias=False,
-                       rngs=rngs()),
+        bnn.BinaryConv(
+            2, 4, (3, 3), input_quantizer=None, pad_value=None, use_bias=False, rngs=rngs()
+        ),
         bnn.BinaryConv(4, 4, (3, 3), use_bias=False, rngs=rngs(1)),
         lambda x: x.reshape((x.shape[0], -1)),
         bnn.BinaryLinear(4 * 5 * 5, 3, scale="learned", rngs=rngs(2)),
@@ -209,13 +220,19 @@ def test_gradients_reach_binary_kernels_and_inputs():
 
 class Small(nnx.Module):
     def __init__(self, rngs):
-        self.conv = bnn.BinaryConv(1, 4, (3, 3), input_quantizer=None, pad_value=None,
-                                   use_bias=False, rngs=rngs)
+        self.conv = bnn.BinaryConv(
+            1, 4, (3, 3), input_quantizer=None, pad_value=None, use_bias=False, rngs=rngs
+        )
         self.bn = nnx.BatchNorm(4, rngs=rngs)
-        self.blocks = nnx.List([bnn.BinaryConv(4, 4, (3, 3), scale="fixed", rngs=rngs),
-                                nnx.Conv(4, 4, (1, 1), rngs=rngs)])
-        self.head = bnn.BinaryLinear(4, 3, binary_kernel=False, kernel_quantizer=None,
-                                     scale="learned", rngs=rngs)
+        self.blocks = nnx.List(
+            [
+                bnn.BinaryConv(4, 4, (3, 3), scale="fixed", rngs=rngs),
+                nnx.Conv(4, 4, (1, 1), rngs=rngs),
+            ]
+        )
+        self.head = bnn.BinaryLinear(
+            4, 3, binary_kernel=False, kernel_quantizer=None, scale="learned", rngs=rngs
+        )
 
     def __call__(self, x):
         x = self.bn(self.conv(x))
@@ -242,9 +259,7 @@ def test_binary_labels_structure_matches_optimizer_trees():
     assert all(jax.tree.leaves(only)) and len(jax.tree.leaves(only)) == 2
     assert bnn.binary_labels(labels) is labels
     # optax.partition with these labels trains binary and real leaves separately.
-    tx = optax.partition(
-        {True: optax.set_to_zero(), False: optax.sgd(1.0)}, labels
-    )
+    tx = optax.partition({True: optax.set_to_zero(), False: optax.sgd(1.0)}, labels)
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     before = nnx.clone(model)
     nnx.jit(lambda opt, model, grads: opt.update(model, grads))(opt, model, grads)
@@ -300,8 +315,7 @@ def test_linear_configuration_errors():
 
 
 def test_layers_jit_and_bfloat16():
-    layer = bnn.BinaryConv(3, 4, (3, 3), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
-                           rngs=rngs())
+    layer = bnn.BinaryConv(3, 4, (3, 3), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, rngs=rngs())
     x = rand((2, 5, 5, 3)).astype(jnp.bfloat16)
     y = nnx.jit(lambda m, x: m(x))(layer, x)
     assert y.dtype == jnp.bfloat16 and y.shape == (2, 5, 5, 4)

@@ -21,6 +21,7 @@ def sign0_np(x):
 
 def grads(f, x):
     """(reverse-mode, forward-mode) elementwise derivative of ``f`` at ``x``."""
+
     @jax.jit
     def both(x):
         rev = jax.grad(lambda v: jnp.sum(f(v)))(x)

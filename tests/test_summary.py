@@ -16,8 +16,9 @@ def rngs():
 
 class Small(nnx.Module):
     def __init__(self, rngs):
-        self.conv0 = bnn.BinaryConv(1, 4, (3, 3), input_quantizer=None, pad_value=None,
-                                    use_bias=False, rngs=rngs)
+        self.conv0 = bnn.BinaryConv(
+            1, 4, (3, 3), input_quantizer=None, pad_value=None, use_bias=False, rngs=rngs
+        )
         self.bn = nnx.BatchNorm(4, rngs=rngs)
         self.conv1 = bnn.BinaryConv(4, 4, (3, 3), scale="fixed", rngs=rngs)
         self.head = nnx.Linear(4, 3, rngs=rngs)
@@ -32,10 +33,17 @@ def test_small_model_by_hand():
     rows = {r["path"]: r for r in s.layers}
     assert [r["path"] for r in s.layers] == ["conv0", "bn", "conv1", "head"]  # execution order
     assert rows["conv0"] == {
-        "path": "conv0", "type": "BinaryConv", "input_precision": 32,
-        "output_shape": (1, 6, 6, 4), "params_1bit": 36, "params_32bit": 0,
-        "non_trainable": 0, "memory_bits": 36, "memory_kb": 36 / 8192,
-        "binary_macs": 0, "real_macs": 6 * 6 * 4 * 9,  # real input: real MACs
+        "path": "conv0",
+        "type": "BinaryConv",
+        "input_precision": 32,
+        "output_shape": (1, 6, 6, 4),
+        "params_1bit": 36,
+        "params_32bit": 0,
+        "non_trainable": 0,
+        "memory_bits": 36,
+        "memory_kb": 36 / 8192,
+        "binary_macs": 0,
+        "real_macs": 6 * 6 * 4 * 9,  # real input: real MACs
     }
     assert rows["bn"]["params_32bit"] == 8 and rows["bn"]["non_trainable"] == 8
     assert rows["bn"]["memory_bits"] == 2 * 4 * 32  # folded scale and shift
@@ -89,8 +97,14 @@ def test_printed_table(capsys):
     s = summary(Small(rngs()), input_shape=(1, 6, 6, 1))
     out = capsys.readouterr().out
     assert out.strip() == str(s).strip()
-    for text in ("conv1", "BinaryConv", "1-bit MACs", "Compression ratio of memory",
-                 "Ratio of MACs that are binarized", "5,184"):
+    for text in (
+        "conv1",
+        "BinaryConv",
+        "1-bit MACs",
+        "Compression ratio of memory",
+        "Ratio of MACs that are binarized",
+        "5,184",
+    ):
         assert text in out
     lines = []
     summary(Small(rngs()), print_fn=lines.append)

@@ -75,9 +75,14 @@ def test_every_optimizer_trains_end_to_end(optimizer, tmp_path):
     assert np.isfinite(record["train_loss"]) and np.isfinite(record["test_loss"])
     assert 0.0 <= record["test_accuracy"] <= 1.0
     assert set(record["flips"]) == {"layers/0/kernel", "layers/1/kernel"}
-    assert set(record["hparams"]) == {*(k for k in BINARY_DEFAULTS[optimizer]
-                                        if k in ("threshold", "gamma", "sigma", "alpha",
-                                                 "binary_lr")), "lr"}
+    assert set(record["hparams"]) == {
+        *(
+            k
+            for k in BINARY_DEFAULTS[optimizer]
+            if k in ("threshold", "gamma", "sigma", "alpha", "binary_lr")
+        ),
+        "lr",
+    }
     kernels = binary_leaves(result)
     if optimizer in FLIP_RULES:
         for w in kernels:  # flip rules keep binary weights exactly +-1
@@ -95,12 +100,34 @@ def test_every_optimizer_trains_end_to_end(optimizer, tmp_path):
 
 def test_cli_runs_writes_the_run_directory_and_follows_schedules(tmp_path, capsys):
     run = tmp_path / "run"
-    code = cli.main([
-        "--model", "mlp", "--hidden-sizes", "16", "--dataset", "digits", "--optimizer", "bop",
-        "--gamma", "step:1e-3,0.1,1", "--lr", "linear:1e-2,1e-3", "--epochs", "2",
-        "--steps-per-epoch", "3", "--batch-size", "32", "--num-devices", "1", "--augment",
-        "--run-dir", str(run), "--no-progress",
-    ])
+    code = cli.main(
+        [
+            "--model",
+            "mlp",
+            "--hidden-sizes",
+            "16",
+            "--dataset",
+            "digits",
+            "--optimizer",
+            "bop",
+            "--gamma",
+            "step:1e-3,0.1,1",
+            "--lr",
+            "linear:1e-2,1e-3",
+            "--epochs",
+            "2",
+            "--steps-per-epoch",
+            "3",
+            "--batch-size",
+            "32",
+            "--num-devices",
+            "1",
+            "--augment",
+            "--run-dir",
+            str(run),
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "final test accuracy" in out and "flip ratio" in out
@@ -122,8 +149,9 @@ def test_cli_runs_writes_the_run_directory_and_follows_schedules(tmp_path, capsy
 
 # ------------------------------------------------------------------ checkpoints and resume
 
-RESUME = dict(optimizer="sgdat", hparams={"momentum": 0.9}, epochs=3, steps_per_epoch=4,
-              checkpoint=True)
+RESUME = dict(
+    optimizer="sgdat", hparams={"momentum": 0.9}, epochs=3, steps_per_epoch=4, checkpoint=True
+)
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +190,7 @@ def test_cli_exits_130_on_ctrl_c(monkeypatch, tmp_path, capsys):
     assert "interrupted" in capsys.readouterr().err
 
 
-def test_keyboard_interrupt_keeps_the_last_complete_checkpoint(interrupted_run_dir,
-                                                               reference_run):
+def test_keyboard_interrupt_keeps_the_last_complete_checkpoint(interrupted_run_dir, reference_run):
     ckpts = Checkpoints(str(interrupted_run_dir / CHECKPOINT_DIR), create=False)
     try:
         assert ckpts.epochs() == [1]
@@ -176,8 +203,9 @@ def test_keyboard_interrupt_keeps_the_last_complete_checkpoint(interrupted_run_d
     assert [json.loads(line)["epoch"] for line in log] == [1]
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(interrupted_run_dir, reference_run,
-                                                         tmp_path):
+def test_resume_is_bit_identical_to_an_uninterrupted_run(
+    interrupted_run_dir, reference_run, tmp_path
+):
     run_dir = tmp_path / "run"
     shutil.copytree(interrupted_run_dir, run_dir)
     resumed = train(tiny(run_dir, **RESUME, resume=True))
@@ -208,8 +236,7 @@ def _largest_file(directory):
     return max(files, key=os.path.getsize)
 
 
-def test_truncated_checkpoint_is_a_clear_error_and_changes_nothing(reference_run, tmp_path,
-                                                                   capsys):
+def test_truncated_checkpoint_is_a_clear_error_and_changes_nothing(reference_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run.run_dir, run_dir)
     victim = _largest_file(run_dir / CHECKPOINT_DIR / "3")
@@ -307,8 +334,9 @@ def test_missing_data_says_how_to_get_it(tmp_path, capsys):
     empty = tmp_path / "data"
     empty.mkdir()
     run_dir = tmp_path / "run"
-    code = cli.main(["--dataset", "mnist", "--data-dir", str(empty), "--run-dir", str(run_dir),
-                     "--no-progress"])
+    code = cli.main(
+        ["--dataset", "mnist", "--data-dir", str(empty), "--run-dir", str(run_dir), "--no-progress"]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "MNIST" in err and "train-images-idx3-ubyte" in err and str(empty) in err
@@ -337,14 +365,19 @@ def test_schedule_language():
     assert schedules.parse(0.5) == schedules.Schedule("constant", (0.5,))
     assert schedules.parse("cosine:0.1") == schedules.Schedule("cosine", (0.1, 0.0))
     step = schedules.build("step:1e-4,0.1,100", steps_per_epoch=5, total_steps=5000)
-    np.testing.assert_allclose([step(0), step(499), step(500), step(1000)],
-                               [1e-4, 1e-4, 1e-5, 1e-6], rtol=1e-5)
+    np.testing.assert_allclose(
+        [step(0), step(499), step(500), step(1000)], [1e-4, 1e-4, 1e-5, 1e-6], rtol=1e-5
+    )
     lin = schedules.build("linear:1.0,0.0", steps_per_epoch=2, total_steps=11)
     np.testing.assert_allclose([lin(0), lin(5), lin(10)], [1.0, 0.5, 0.0], atol=1e-6)
     cos = schedules.build("cosine:1.0,0.5", steps_per_epoch=2, total_steps=11)
     np.testing.assert_allclose([cos(0), cos(5), cos(10)], [1.0, 0.75, 0.5], atol=1e-6)
-    for bad, message in [("linear:1", "linear:START,END"), ("step:1,0.1,0", "positive integer"),
-                         ("cosine:0", "START > 0"), ("abc", "not a number"),
-                         ("inf", "finite")]:
+    for bad, message in [
+        ("linear:1", "linear:START,END"),
+        ("step:1,0.1,0", "positive integer"),
+        ("cosine:0", "START > 0"),
+        ("abc", "not a number"),
+        ("inf", "finite"),
+    ]:
         with pytest.raises(ValueError, match=message):
             schedules.parse(bad)

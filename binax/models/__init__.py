@@ -42,7 +42,6 @@ def get(name: str, **kwargs: Any) -> nnx.Module:
         cls = _REGISTRY[name.lower() if isinstance(name, str) else name]
     except (KeyError, TypeError):
         raise ValueError(
-            f"name: unknown model {name!r}; valid names are "
-            f"{', '.join(repr(n) for n in _REGISTRY)}"
+            f"name: unknown model {name!r}; valid names are {', '.join(repr(n) for n in _REGISTRY)}"
         ) from None
     return cls(**kwargs)

@@ -76,10 +76,15 @@ class BinaryNet(nnx.Module):
                 conv = nnx.Conv(features, out, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
             else:
                 conv = BinaryConv(
-                    features, out, (3, 3), padding="SAME", use_bias=False,
+                    features,
+                    out,
+                    (3, 3),
+                    padding="SAME",
+                    use_bias=False,
                     input_quantizer=None if i == 0 else input_quantizer,
                     kernel_quantizer=kernel_quantizer,
-                    pad_value=None if i == 0 else pad_value, rngs=rngs,
+                    pad_value=None if i == 0 else pad_value,
+                    rngs=rngs,
                 )
             convs.append(conv)
             conv_norms.append(_common.batch_norm(out, **bn))
@@ -93,9 +98,13 @@ class BinaryNet(nnx.Module):
             last = j == len(sizes) - 1
             dense.append(
                 BinaryLinear(
-                    features, out, use_bias=False, input_quantizer=input_quantizer,
+                    features,
+                    out,
+                    use_bias=False,
+                    input_quantizer=input_quantizer,
                     kernel_quantizer=None if (last and real_first_last) else kernel_quantizer,
-                    binary_kernel=not (last and real_first_last), rngs=rngs,
+                    binary_kernel=not (last and real_first_last),
+                    rngs=rngs,
                 )
             )
             dense_norms.append(_common.batch_norm(out, **bn))

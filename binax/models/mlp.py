@@ -61,14 +61,22 @@ class BinaryMLP(nnx.Module):
                 layer = nnx.Linear(d_in, d_out, use_bias=False, rngs=rngs)
             elif last and real_last and not first:
                 layer = BinaryLinear(
-                    d_in, d_out, use_bias=False, input_quantizer=input_quantizer,
-                    kernel_quantizer=None, binary_kernel=False, rngs=rngs,
+                    d_in,
+                    d_out,
+                    use_bias=False,
+                    input_quantizer=input_quantizer,
+                    kernel_quantizer=None,
+                    binary_kernel=False,
+                    rngs=rngs,
                 )
             else:
                 layer = BinaryLinear(
-                    d_in, d_out, use_bias=False,
+                    d_in,
+                    d_out,
+                    use_bias=False,
                     input_quantizer=None if first else input_quantizer,
-                    kernel_quantizer=kernel_quantizer, rngs=rngs,
+                    kernel_quantizer=kernel_quantizer,
+                    rngs=rngs,
                 )
             layers.append(layer)
             norms.append(

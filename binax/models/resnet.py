@@ -37,8 +37,11 @@ class BiRealBlock(nnx.Module):
         rngs: nnx.Rngs,
     ):
         conv = dict(
-            use_bias=False, input_quantizer=input_quantizer, kernel_quantizer=kernel_quantizer,
-            pad_value=pad_value, rngs=rngs,
+            use_bias=False,
+            input_quantizer=input_quantizer,
+            kernel_quantizer=kernel_quantizer,
+            pad_value=pad_value,
+            rngs=rngs,
         )
         bn = dict(use_scale=True, momentum=bn_momentum, rngs=rngs)
         self.stride = stride
@@ -137,9 +140,14 @@ class BinaryResNet18(nnx.Module):
                 stride = 2 if (i > 0 and j == 0) else 1
                 blocks.append(
                     BiRealBlock(
-                        features, out, stride, input_quantizer=input_quantizer,
-                        kernel_quantizer=kernel_quantizer, pad_value=pad_value,
-                        bn_momentum=bn_momentum, rngs=rngs,
+                        features,
+                        out,
+                        stride,
+                        input_quantizer=input_quantizer,
+                        kernel_quantizer=kernel_quantizer,
+                        pad_value=pad_value,
+                        bn_momentum=bn_momentum,
+                        rngs=rngs,
                     )
                 )
                 features = out

@@ -82,9 +82,11 @@ def check_layer_config(
                 f"{layer}: pad_value=None pads with zeros, which is not binary; with an "
                 "input_quantizer use pad_value=1.0 or -1.0 (or set input_quantizer=None)"
             )
-    elif isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)) or float(
-        pad_value
-    ) not in (1.0, -1.0):
+    elif (
+        isinstance(pad_value, bool)
+        or not isinstance(pad_value, (int, float))
+        or float(pad_value) not in (1.0, -1.0)
+    ):
         raise ValueError(
             f"{layer}: pad_value must be +1.0 or -1.0 (zero padding is not binary; None is "
             f"allowed only without an input_quantizer), got {pad_value!r}"
@@ -250,10 +252,19 @@ def binary_conv(
     dilation = ntuple(kernel_dilation, n, "kernel_dilation")
     if x.ndim == n + 1:
         return binary_conv(
-            x[None], kernel, strides=strides, padding=padding, kernel_dilation=dilation,
-            feature_group_count=feature_group_count, input_quantizer=input_quantizer,
-            kernel_quantizer=kernel_quantizer, pad_value=pad_value, scale=scale, bias=bias,
-            dtype=dtype, precision=precision,
+            x[None],
+            kernel,
+            strides=strides,
+            padding=padding,
+            kernel_dilation=dilation,
+            feature_group_count=feature_group_count,
+            input_quantizer=input_quantizer,
+            kernel_quantizer=kernel_quantizer,
+            pad_value=pad_value,
+            scale=scale,
+            bias=bias,
+            dtype=dtype,
+            precision=precision,
         )[0]
     if x.ndim < n + 1:
         raise ValueError(

@@ -56,8 +56,9 @@ def _epilog() -> str:
     lines = []
     for name, hp in optim.BINARY_DEFAULTS.items():
         args = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in hp.items()) or "(none)"
-        text = textwrap.fill(optim.DESCRIPTIONS[name], width=78, initial_indent=" " * 16,
-                             subsequent_indent=" " * 16)
+        text = textwrap.fill(
+            optim.DESCRIPTIONS[name], width=78, initial_indent=" " * 16, subsequent_indent=" " * 16
+        )
         lines.append(f"  {name:<13} {args}\n{text}")
     return _EPILOG_HEAD + "\n".join(lines) + "\n" + _EPILOG_TAIL
 
@@ -108,109 +109,199 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", choices=models.names(),
-                   help=f"architecture (default {d.model})")
-    g.add_argument("--hidden-sizes", type=_int_list, metavar="N,N,...",
-                   help="mlp: hidden layer widths (default 512,512)")
-    g.add_argument("--width-multiplier", type=float, metavar="F",
-                   help="binarynet: scales every width (default 1.0)")
-    g.add_argument("--width", type=int, metavar="N",
-                   help="resnet18: width of the first stage (default 64)")
-    g.add_argument("--model-arg", type=_key_value, action="append", metavar="KEY=VALUE",
-                   help="any other keyword argument of the model (a Python literal), e.g. "
-                   "--model-arg real_first_last=True; repeatable")
-    g.add_argument("--dataset", choices=DATASET_NAMES,
-                   help=f"dataset (default {d.dataset}, bundled with scikit-learn: no download)")
-    g.add_argument("--data-dir", metavar="DIR",
-                   help="where the dataset files are (default $BINAX_DATA_DIR or "
-                   "~/.cache/binax/datasets)")
-    g.add_argument("--download", action="store_true",
-                   help="download missing dataset files (checked against SHA-256)")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                   help="random crop (pad 4) and horizontal flip of training images "
-                   "(default: on for cifar10/cifar100, off otherwise)")
+    g.add_argument("--model", choices=models.names(), help=f"architecture (default {d.model})")
+    g.add_argument(
+        "--hidden-sizes",
+        type=_int_list,
+        metavar="N,N,...",
+        help="mlp: hidden layer widths (default 512,512)",
+    )
+    g.add_argument(
+        "--width-multiplier",
+        type=float,
+        metavar="F",
+        help="binarynet: scales every width (default 1.0)",
+    )
+    g.add_argument(
+        "--width", type=int, metavar="N", help="resnet18: width of the first stage (default 64)"
+    )
+    g.add_argument(
+        "--model-arg",
+        type=_key_value,
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other keyword argument of the model (a Python literal), e.g. "
+        "--model-arg real_first_last=True; repeatable",
+    )
+    g.add_argument(
+        "--dataset",
+        choices=DATASET_NAMES,
+        help=f"dataset (default {d.dataset}, bundled with scikit-learn: no download)",
+    )
+    g.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="where the dataset files are (default $BINAX_DATA_DIR or ~/.cache/binax/datasets)",
+    )
+    g.add_argument(
+        "--download",
+        action="store_true",
+        help="download missing dataset files (checked against SHA-256)",
+    )
+    g.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="random crop (pad 4) and horizontal flip of training images "
+        "(default: on for cifar10/cifar100, off otherwise)",
+    )
 
     g = p.add_argument_group("binary weights")
-    g.add_argument("--optimizer", choices=optim.OPTIMIZERS,
-                   help=f"optimizer of the binary weights (default {d.optimizer}); see below")
-    g.add_argument("--threshold", type=_schedule, metavar="SCHEDULE",
-                   help="bop, bop2nd_order, sgdat: flip threshold tau"
-                   + _PER_OPTIMIZER)
-    g.add_argument("--gamma", type=_schedule, metavar="SCHEDULE",
-                   help="bop, bop2nd_order, cema: gradient EMA rate in (0, 1]"
-                   + _PER_OPTIMIZER)
-    g.add_argument("--sigma", type=_schedule, metavar="SCHEDULE",
-                   help="bop2nd_order: squared-gradient EMA rate in (0, 1]"
-                   + _PER_OPTIMIZER)
-    g.add_argument("--alpha", type=_schedule, metavar="SCHEDULE",
-                   help="cema: inertia EMA rate in (0, 1]"
-                   + _PER_OPTIMIZER)
-    g.add_argument("--binary-lr", type=_schedule, metavar="SCHEDULE",
-                   help="sgdat, diode: learning rate; latent: Adam learning rate of the "
-                   "latent weights"
-                   + _PER_OPTIMIZER)
-    g.add_argument("--bias-correction", choices=optim.BIAS_CORRECTIONS,
-                   help="bop2nd_order: none (biased, default), rate (authors' code) or adam")
+    g.add_argument(
+        "--optimizer",
+        choices=optim.OPTIMIZERS,
+        help=f"optimizer of the binary weights (default {d.optimizer}); see below",
+    )
+    g.add_argument(
+        "--threshold",
+        type=_schedule,
+        metavar="SCHEDULE",
+        help="bop, bop2nd_order, sgdat: flip threshold tau" + _PER_OPTIMIZER,
+    )
+    g.add_argument(
+        "--gamma",
+        type=_schedule,
+        metavar="SCHEDULE",
+        help="bop, bop2nd_order, cema: gradient EMA rate in (0, 1]" + _PER_OPTIMIZER,
+    )
+    g.add_argument(
+        "--sigma",
+        type=_schedule,
+        metavar="SCHEDULE",
+        help="bop2nd_order: squared-gradient EMA rate in (0, 1]" + _PER_OPTIMIZER,
+    )
+    g.add_argument(
+        "--alpha",
+        type=_schedule,
+        metavar="SCHEDULE",
+        help="cema: inertia EMA rate in (0, 1]" + _PER_OPTIMIZER,
+    )
+    g.add_argument(
+        "--binary-lr",
+        type=_schedule,
+        metavar="SCHEDULE",
+        help="sgdat, diode: learning rate; latent: Adam learning rate of the "
+        "latent weights" + _PER_OPTIMIZER,
+    )
+    g.add_argument(
+        "--bias-correction",
+        choices=optim.BIAS_CORRECTIONS,
+        help="bop2nd_order: none (biased, default), rate (authors' code) or adam",
+    )
     g.add_argument("--momentum", type=float, help="sgdat: momentum (default 0)")
     g.add_argument("--eps", type=float, help="sgdat: added to the adaptive threshold (default 0)")
     g.add_argument("--b1", type=float, help="diode: gradient EMA decay (default 0.9)")
     g.add_argument("--b2", type=float, help="diode: sign EMA decay (default 0.999)")
-    g.add_argument("--init-scale", type=float,
-                   help="diode: scale of its random initial state (default 1e-3)")
-    g.add_argument("--clip", type=float,
-                   help="latent: latent weights are clipped to [-clip, clip] (default 1)")
+    g.add_argument(
+        "--init-scale", type=float, help="diode: scale of its random initial state (default 1e-3)"
+    )
+    g.add_argument(
+        "--clip", type=float, help="latent: latent weights are clipped to [-clip, clip] (default 1)"
+    )
 
     g = p.add_argument_group("real-valued weights (BatchNorm, real layers; all for 'real')")
-    g.add_argument("--real-optimizer", choices=optim.REAL_OPTIMIZERS,
-                   help=f"optimizer (default {d.real_optimizer}; sgd has momentum 0.9)")
-    g.add_argument("--lr", type=_schedule, metavar="SCHEDULE",
-                   help=f"its learning rate (default {d.lr})")
+    g.add_argument(
+        "--real-optimizer",
+        choices=optim.REAL_OPTIMIZERS,
+        help=f"optimizer (default {d.real_optimizer}; sgd has momentum 0.9)",
+    )
+    g.add_argument(
+        "--lr", type=_schedule, metavar="SCHEDULE", help=f"its learning rate (default {d.lr})"
+    )
 
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int,
-                   help=f"number of epochs (default {d.epochs}); with --resume, a larger "
-                   "number extends the run (schedules then span the new length)")
-    g.add_argument("--batch-size", type=int,
-                   help=f"global batch size, over all devices and hosts (default {d.batch_size})")
-    g.add_argument("--eval-batch-size", type=int,
-                   help=f"global batch size of the evaluation (default {d.eval_batch_size})")
-    g.add_argument("--steps-per-epoch", type=int,
-                   help="at most this many steps per epoch (default: the whole training set)")
-    g.add_argument("--seed", type=int,
-                   help=f"seed of the model, data order, augmentation (default {d.seed})")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        help=f"number of epochs (default {d.epochs}); with --resume, a larger "
+        "number extends the run (schedules then span the new length)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"global batch size, over all devices and hosts (default {d.batch_size})",
+    )
+    g.add_argument(
+        "--eval-batch-size",
+        type=int,
+        help=f"global batch size of the evaluation (default {d.eval_batch_size})",
+    )
+    g.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        help="at most this many steps per epoch (default: the whole training set)",
+    )
+    g.add_argument(
+        "--seed", type=int, help=f"seed of the model, data order, augmentation (default {d.seed})"
+    )
 
     g = p.add_argument_group("output")
-    g.add_argument("--run-dir", metavar="DIR",
-                   help="run directory (default runs/<model>-<dataset>-<optimizer>-<time>)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --run-dir from its last checkpoint (its saved "
-                   "config is used; flags given must agree with it, except runtime ones such "
-                   "as --epochs)")
-    g.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
-                   help="do not save checkpoints")
-    g.add_argument("--keep-checkpoints", type=int,
-                   help=f"how many checkpoints to keep (default {d.keep_checkpoints})")
-    g.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
-    g.add_argument("--log-every", type=int,
-                   help=f"refresh the bar's loss/accuracy every N steps (default {d.log_every})")
+    g.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        help="run directory (default runs/<model>-<dataset>-<optimizer>-<time>)",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from its last checkpoint (its saved "
+        "config is used; flags given must agree with it, except runtime ones such "
+        "as --epochs)",
+    )
+    g.add_argument(
+        "--no-checkpoint", dest="checkpoint", action="store_false", help="do not save checkpoints"
+    )
+    g.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        help=f"how many checkpoints to keep (default {d.keep_checkpoints})",
+    )
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument(
+        "--log-every",
+        type=int,
+        help=f"refresh the bar's loss/accuracy every N steps (default {d.log_every})",
+    )
     g.add_argument("--no-plots", dest="plots", action="store_false", help="no PNG plots")
 
     g = p.add_argument_group("devices and hosts")
-    g.add_argument("--num-devices", type=int,
-                   help="use only the first N devices (default: all; single process only)")
-    g.add_argument("--model-parallel", type=int,
-                   help="devices along the mesh's 'model' axis: kernels whose last axis it "
-                   "divides are split over them (default 1: pure data parallel)")
-    g.add_argument("--coordinator-address", metavar="HOST:PORT",
-                   help="multi-host: address of process 0 ($JAX_COORDINATOR_ADDRESS)")
-    g.add_argument("--num-processes", type=int,
-                   help="multi-host: number of processes ($JAX_NUM_PROCESSES)")
-    g.add_argument("--process-id", type=int,
-                   help="multi-host: this process's index ($JAX_PROCESS_ID)")
-    g.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() even without the three flags above "
-                   "(cluster auto-detection: Cloud TPU pod slices, SLURM, Open MPI)")
+    g.add_argument(
+        "--num-devices",
+        type=int,
+        help="use only the first N devices (default: all; single process only)",
+    )
+    g.add_argument(
+        "--model-parallel",
+        type=int,
+        help="devices along the mesh's 'model' axis: kernels whose last axis it "
+        "divides are split over them (default 1: pure data parallel)",
+    )
+    g.add_argument(
+        "--coordinator-address",
+        metavar="HOST:PORT",
+        help="multi-host: address of process 0 ($JAX_COORDINATOR_ADDRESS)",
+    )
+    g.add_argument(
+        "--num-processes", type=int, help="multi-host: number of processes ($JAX_NUM_PROCESSES)"
+    )
+    g.add_argument(
+        "--process-id", type=int, help="multi-host: this process's index ($JAX_PROCESS_ID)"
+    )
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() even without the three flags above "
+        "(cluster auto-detection: Cloud TPU pod slices, SLURM, Open MPI)",
+    )
     return p
 
 

@@ -119,8 +119,14 @@ class Config:
             schedules.parse(self.lr)
         except ValueError as e:
             raise ConfigError(f"lr: {e}") from None
-        for name in ("epochs", "batch_size", "eval_batch_size", "keep_checkpoints", "log_every",
-                     "model_parallel"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "eval_batch_size",
+            "keep_checkpoints",
+            "log_every",
+            "model_parallel",
+        ):
             _positive_int(name, getattr(self, name))
         for name in ("steps_per_epoch", "num_devices"):
             if getattr(self, name) is not None:

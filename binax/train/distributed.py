@@ -57,8 +57,10 @@ def initialize_distributed(
         process_id = _env_int(ENV_PROCESS_ID)
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
-    if process_id is not None and num_processes is not None and not (
-        0 <= process_id < num_processes
+    if (
+        process_id is not None
+        and num_processes is not None
+        and not (0 <= process_id < num_processes)
     ):
         raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
     if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):

@@ -107,8 +107,9 @@ def _default_run_dir(config: Config) -> str:
 
         stamp = np.asarray(multihost_utils.broadcast_one_to_all(stamp))
     text = "".join(str(int(d)) for d in stamp)
-    return os.path.join("runs", f"{config.model}-{config.dataset}-{config.optimizer}-"
-                        f"{text[:8]}-{text[8:]}")
+    return os.path.join(
+        "runs", f"{config.model}-{config.dataset}-{config.optimizer}-{text[:8]}-{text[8:]}"
+    )
 
 
 def _check_run_dir(config: Config, run_dir: str) -> Config | None:
@@ -154,8 +155,10 @@ def _prepare(images: np.ndarray, indices: np.ndarray, dataset, augment: bool, se
 
 def _schedule_values(config: Config, hp: dict[str, Any], spe: int, total: int, step: int):
     out = {}
-    for key, spec in [*((k, v) for k, v in hp.items() if k in optim.SCHEDULABLE),
-                      ("lr", config.lr)]:
+    for key, spec in [
+        *((k, v) for k, v in hp.items() if k in optim.SCHEDULABLE),
+        ("lr", config.lr),
+    ]:
         s = schedules.build(spec, spe, total)
         out[key] = float(s(max(step - 1, 0))) if callable(s) else float(s)
     return out
@@ -169,11 +172,19 @@ def _evaluate(program: Program, state: TrainState, test_set, eval_bs: int) -> tu
     images[:n], labels[:n] = test_set.images, test_set.labels
     index, count = process_rows(program.batch_sharding, eval_bs)
     metrics = program.zero_metrics()
-    for b in bdata.batches((images, labels), eval_bs, seed=0, epoch=0, shuffle=False,
-                           process_index=index, process_count=count):
+    for b in bdata.batches(
+        (images, labels),
+        eval_bs,
+        seed=0,
+        epoch=0,
+        shuffle=False,
+        process_index=index,
+        process_count=count,
+    ):
         weights = (b.indices < n).astype(np.float32)
         metrics = program.eval_step(
-            state, metrics,
+            state,
+            metrics,
             global_batch(program.batch_sharding, b.images, eval_bs),
             global_batch(program.batch_sharding, b.labels, eval_bs),
             global_batch(program.batch_sharding, weights, eval_bs),
@@ -183,8 +194,10 @@ def _evaluate(program: Program, state: TrainState, test_set, eval_bs: int) -> tu
 
 
 def _table(history: list[dict[str, Any]]) -> str:
-    head = f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test loss':>9}  " \
-           f"{'test acc':>8}  {'flip ratio':>10}"
+    head = (
+        f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test loss':>9}  "
+        f"{'test acc':>8}  {'flip ratio':>10}"
+    )
     rows = [head, "-" * len(head)]
     for r in history:
         rows.append(
@@ -262,8 +275,12 @@ def train(
 
     try:
         model = build_model(
-            config.model, config.model_kwargs, train_set.images.shape[1:],
-            train_set.num_classes, config.seed, full_precision=config.optimizer == "real",
+            config.model,
+            config.model_kwargs,
+            train_set.images.shape[1:],
+            train_set.num_classes,
+            config.seed,
+            full_precision=config.optimizer == "real",
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(
@@ -273,14 +290,20 @@ def train(
     if config.optimizer in ("latent", "real"):
         key = jax.random.key(config.seed + 1)
         # One compiled program for every leaf (drawing eagerly compiles one per shape).
-        init_params = lambda params, mask: jax.jit(
-            lambda p: optim.latent_init(p, mask, key)
-        )(params)
+        init_params = lambda params, mask: jax.jit(lambda p: optim.latent_init(p, mask, key))(
+            params
+        )
     program = make_program(
         model,
         lambda labels: optim.make_optimizer(
-            config.optimizer, hp, config.real_optimizer, config.lr, labels,
-            seed=config.seed, steps_per_epoch=spe, total_steps=total,
+            config.optimizer,
+            hp,
+            config.real_optimizer,
+            config.lr,
+            labels,
+            seed=config.seed,
+            steps_per_epoch=spe,
+            total_steps=total,
         ),
         mesh,
         init_params=init_params,
@@ -294,8 +317,9 @@ def train(
         if config.resume:
             if not os.path.isdir(os.path.join(run_dir, CHECKPOINT_DIR)):
                 raise CheckpointError(f"cannot resume: {run_dir} has no checkpoints")
-            ckpts = Checkpoints(os.path.join(run_dir, CHECKPOINT_DIR), config.keep_checkpoints,
-                                create=False)
+            ckpts = Checkpoints(
+                os.path.join(run_dir, CHECKPOINT_DIR), config.keep_checkpoints, create=False
+            )
             try:
                 state, meta = ckpts.restore(state)
             except CheckpointError:
@@ -318,8 +342,7 @@ def train(
     sharding = program.batch_sharding
     if start_epoch == 0:
         n_binary = sum(program.flip_sizes)
-        kind = ("real-valued (full-precision baseline)" if config.optimizer == "real"
-                else "binary")
+        kind = "real-valued (full-precision baseline)" if config.optimizer == "real" else "binary"
         _say(
             f"{config.model} on {config.dataset} with {config.optimizer}: {n_binary:,} {kind} "
             f"weights in {len(program.flip_names)} binary layers; {len(train_set):,} training "
@@ -331,8 +354,14 @@ def train(
         for epoch in range(start_epoch, config.epochs):
             t0 = time.perf_counter()
             metrics = program.zero_metrics()
-            stream = bdata.batches(train_set, config.batch_size, config.seed, epoch,
-                                   process_index=index, process_count=count)
+            stream = bdata.batches(
+                train_set,
+                config.batch_size,
+                config.seed,
+                epoch,
+                process_index=index,
+                process_count=count,
+            )
             bar = _progress(config, epoch, spe)
             for i in range(spe):
                 if on_step is not None:
@@ -340,7 +369,8 @@ def train(
                 b = next(stream)
                 images = _prepare(b.images, b.indices, train_set, augment, config.seed, epoch)
                 state, metrics = program.train_step(
-                    state, metrics,
+                    state,
+                    metrics,
                     global_batch(sharding, images, config.batch_size),
                     global_batch(sharding, b.labels, config.batch_size),
                 )
@@ -348,16 +378,20 @@ def train(
                     bar.update(1)
                     if (i + 1) % config.log_every == 0 or i + 1 == spe:
                         m = to_host(metrics)
-                        bar.set_postfix(loss=f"{m['loss'] / m['count']:.4f}",
-                                        acc=f"{m['correct'] / m['count']:.3f}")
+                        bar.set_postfix(
+                            loss=f"{m['loss'] / m['count']:.4f}",
+                            acc=f"{m['correct'] / m['count']:.3f}",
+                        )
             if bar is not None:
                 bar.close()
             m = to_host(metrics)
             test_loss, test_acc = _evaluate(program, state, test_set, eval_bs)
             step = int(to_host(state.step))
             flips = {k: int(v) for k, v in m["flips"].items()}
-            ratios = {k: flips[k] / (size * spe)
-                      for k, size in zip(program.flip_names, program.flip_sizes, strict=True)}
+            ratios = {
+                k: flips[k] / (size * spe)
+                for k, size in zip(program.flip_names, program.flip_sizes, strict=True)
+            }
             record = {
                 "epoch": epoch + 1,
                 "step": step,
@@ -373,8 +407,12 @@ def train(
             }
             history.append(record)
             if ckpts is not None and config.checkpoint:
-                meta = {"config": config.to_dict(), "history": history, "step": step,
-                        "binax_version": binax.__version__}
+                meta = {
+                    "config": config.to_dict(),
+                    "history": history,
+                    "step": step,
+                    "binax_version": binax.__version__,
+                }
                 ckpts.save(epoch + 1, state, meta)
             if _is_main():
                 _write_log(run_dir, history)
@@ -407,8 +445,9 @@ def train(
             f"final test accuracy: {100 * history[-1]['test_accuracy']:.2f}% after "
             f"{history[-1]['epoch']} epochs ({run_dir})"
         )
-    return TrainResult(config=config, run_dir=run_dir, history=history, state=state,
-                       program=program)
+    return TrainResult(
+        config=config, run_dir=run_dir, history=history, state=state, program=program
+    )
 
 
 def _progress(config: Config, epoch: int, total: int):
@@ -416,5 +455,10 @@ def _progress(config: Config, epoch: int, total: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=total,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        leave=False,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )

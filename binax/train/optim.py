@@ -66,9 +66,7 @@ def hparams(optimizer: str, overrides: dict[str, Any] | None = None) -> dict[str
         value (the message names it).
     """
     if optimizer not in BINARY_DEFAULTS:
-        raise ValueError(
-            f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}"
-        )
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
     out = dict(BINARY_DEFAULTS[optimizer])
     for key, value in (overrides or {}).items():
         if key not in out:

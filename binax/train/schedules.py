@@ -86,9 +86,7 @@ def parse(spec: float | int | str) -> Schedule:
     return Schedule(kind, values)
 
 
-def build(
-    spec: float | str, steps_per_epoch: int, total_steps: int
-) -> float | optax.Schedule:
+def build(spec: float | str, steps_per_epoch: int, total_steps: int) -> float | optax.Schedule:
     """Turns a number or schedule string into a float or an `optax.Schedule`.
 
     Args:

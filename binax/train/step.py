@@ -372,8 +372,10 @@ def process_rows(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
     with a ``"model"`` axis across hosts, get the same block).
     """
     index_map = sharding.addressable_devices_indices_map((global_rows,))
-    spans = {(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop) for s in
-             index_map.values()}
+    spans = {
+        (s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
+        for s in index_map.values()
+    }
     lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
     rows = hi - lo
     covered = sum(b - a for a, b in spans)
