@@ -41,7 +41,7 @@ def bop(
     Args:
       threshold: :math:`\tau` >= 0 (default 1e-8, Larq's current default and the paper's).
       gamma: adaptivity rate :math:`\gamma` in (0, 1] (default 1e-4).
-      state_dtype: dtype (default float32) of :math:`m`.
+      state_dtype: dtype (default float32) :math:`m` is stored in (arithmetic in float32).
 
     Examples:
       >>> import jax.numpy as jnp, optax, binax
@@ -90,7 +90,7 @@ def bop2nd_order(
       sigma: second-moment rate in (0, 1] (default 1e-2).
       bias_correction: ``None``, ``"rate"`` or ``"adam"``.
       eps: :math:`\epsilon` (default 1e-10).
-      state_dtype: dtype (default float32) of :math:`m, v`.
+      state_dtype: dtype (default float32) :math:`m, v` are stored in (arithmetic in float32).
 
     References:
       Suarez-Ramirez et al., `A Bop and Beyond: A Second Order Optimizer for Binarized Neural
@@ -144,7 +144,8 @@ def sgdat(
       weight_decay: >= 0.
       eps: :math:`\epsilon` >= 0 added to the threshold.
       flip_count_reset_every: ``None`` or a number of steps.
-      state_dtype: dtype (default float32) of the accumulator and momentum buffer.
+      state_dtype: dtype (default float32) the accumulator and momentum buffer are stored in
+        (arithmetic in float32).
       count_dtype: integer dtype of the flip counts (int8/int16 save memory; counts saturate).
 
     References:
@@ -197,7 +198,7 @@ def diode(
       b2: sign EMA decay in [0, 1) (default 0.9999).
       init_scale: scale of the random initial state (default 1e-3).
       seed: int or PRNG key for the initial state.
-      state_dtype: dtype (default float32) of :math:`m_1, m_2`.
+      state_dtype: dtype (default float32) :math:`m_1, m_2` are stored in (arithmetic in float32).
 
     References:
       Guo, Guo, Meinel and Yang, "Stochastic Sign Descent", ECCV 2024 (reference code:
@@ -235,7 +236,7 @@ def cema(
     Args:
       gamma: gradient EMA rate in (0, 1].
       alpha: inertia EMA rate in (0, 1].
-      state_dtype: dtype (default float32) of :math:`m, i`.
+      state_dtype: dtype (default float32) :math:`m, i` are stored in (arithmetic in float32).
 
     References:
       Quist, Li and van Gemert, `Understanding weight-magnitude hyperparameters in training

@@ -21,6 +21,11 @@ happened for it), and no statistic can be poisoned for good. A flip rule given a
 the weight. So no gradient can turn a weight into NaN or move it off {-1, +1}. To skip whole steps
 with non-finite gradients instead, wrap the optimizer in `optax.apply_if_finite`.
 
+State dtypes. ``state_dtype`` is the dtype a statistic's state is *stored* in (``bfloat16``
+halves the memory). The arithmetic is done in float32 (or in ``state_dtype`` if wider) and the
+new state is rounded once when stored, as Optax does with ``mu_dtype``; the output signal is
+computed from the stored values, in that compute dtype.
+
 Real-valued weights. Every flip rule computes the new weight as ``sign0`` of something, so a
 real-valued leaf (for example a Glorot-initialised kernel) is binarized by its first update, as
 Bop's reference code does. Through an additive update this is exact where the new weight has the
@@ -59,15 +64,46 @@ def _value(hparam: ScalarOrSchedule, count: jax.Array, dtype) -> jax.Array:
 def _keep_finite(new: jax.Array, old: jax.Array) -> jax.Array:
     """``where(isfinite(new), new, old)``, written so that it stays cheap when updated in place.
 
-    The result equals ``where(isfinite(new), new, old)`` except that a zero comes out as ``+0.0``
-    (``x + 0.0`` is ``x`` for every ``x`` but ``-0.0``). Why not the ``where``: when the state is
-    donated (as in training), XLA:CPU's LLVM turns ``store(select(ok, new, load(p)), p)`` into
-    masked stores (``vmaskmovps``), which are slow on AMD CPUs, ~30% of a whole optimizer step
-    (``benchmarks/nonfinite_guard.py``). The sum cannot be folded back into that select.
+    For float32 and wider this is a sum of two selects, equal to the ``where`` except that a
+    zero comes out as ``+0.0`` (``x + 0.0`` is ``x`` for every ``x`` but ``-0.0``). Why: when the
+    state is donated (as in training), XLA:CPU's LLVM turns ``store(select(ok, new, load(p)), p)``
+    into masked stores (``vmaskmovps``), slow on AMD CPUs: ~30% of a whole optimizer step
+    (``benchmarks/nonfinite_guard.py``). The sum cannot be folded back into that select. For
+    16-bit dtypes the ``where`` is kept: there the sum (an emulated bfloat16 add) splits XLA's
+    fusions and costs more than it saves.
     """
     ok = jnp.isfinite(new)
+    if jnp.dtype(new.dtype).itemsize < 4:
+        return jnp.where(ok, new, old)
     zero = jnp.zeros((), new.dtype)
     return jnp.where(ok, new, zero) + jnp.where(ok, zero, old)
+
+
+def _compute_dtype(state_dtype) -> jnp.dtype:
+    """The dtype the statistics are computed in: float32, or ``state_dtype`` if wider."""
+    return jnp.promote_types(state_dtype, jnp.float32)
+
+
+def _store(new: jax.Array, old: jax.Array) -> jax.Array:
+    """``new`` rounded once to the dtype of the state element ``old``; ``old`` where not finite.
+
+    Rounding can overflow a narrow dtype (a float32 above 65504 is ``inf`` in float16), so the
+    finite check is on the rounded value.
+    """
+    return _keep_finite(new.astype(old.dtype), old)
+
+
+def _read_back(stored: Any) -> Any:
+    """The newly stored state, for computing the output from it.
+
+    For 16-bit state, XLA:CPU would otherwise recompute the rounding and the finite check in the
+    consumer, which then reads the old and the new state (and copies the old first, as it is
+    updated in place): 2-3x the step time. An optimization barrier makes the consumer read the
+    stored array instead. Float32 and wider state is left alone (XLA already does that there).
+    """
+    if all(jnp.dtype(x.dtype).itemsize >= 4 for x in jax.tree.leaves(stored)):
+        return stored
+    return jax.lax.platform_dependent(stored, cpu=jax.lax.optimization_barrier, default=lambda x: x)
 
 
 def _zeros(params: Any, dtype) -> Any:
@@ -110,7 +146,8 @@ def scale_by_ema(
 
     Args:
       rate: :math:`\gamma`, in (0, 1]; a float or an Optax schedule of the update count.
-      state_dtype: dtype (default float32) of the moving average (and of the output).
+      state_dtype: dtype (default float32) the moving average is stored in (see "State
+        dtypes" in the module docstring).
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -126,11 +163,13 @@ def scale_by_ema(
         _checks.check_same_structure(
             "scale_by_ema", updates, state.ema, "the state (built by init from the params)"
         )
-        r = _value(rate, state.count, dtype)
+        c = _compute_dtype(dtype)
+        r = _value(rate, state.count, c)
         ema = jax.tree.map(
-            lambda m, g: _keep_finite(_ema(m, g.astype(dtype), r), m), state.ema, updates
+            lambda m, g: _store(_ema(m.astype(c), g.astype(c), r), m), state.ema, updates
         )
-        return ema, ScaleByEmaState(count=optax.safe_increment(state.count), ema=ema)
+        out = jax.tree.map(lambda m: m.astype(c), _read_back(ema))
+        return out, ScaleByEmaState(count=optax.safe_increment(state.count), ema=ema)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -177,7 +216,7 @@ def scale_by_moment_ratio(
       sigma: second-moment rate, in (0, 1]; float or schedule.
       bias_correction: ``None``, ``"rate"`` or ``"adam"``.
       eps: added to the root of the second moment; >= 0.
-      state_dtype: dtype (default float32) of both moments (and of the output).
+      state_dtype: dtype (default float32) both moments are stored in (see "State dtypes").
     """
     _checks.check_rate("gamma", gamma)
     _checks.check_rate("sigma", sigma)
@@ -198,29 +237,31 @@ def scale_by_moment_ratio(
         _checks.check_same_structure(
             "scale_by_moment_ratio", updates, state.mu, "the state (built by init from the params)"
         )
-        g_rate = _value(gamma, state.count, dtype)
-        s_rate = _value(sigma, state.count, dtype)
-        e = jnp.asarray(eps, dtype)
-        one = jnp.ones((), dtype)
+        c = _compute_dtype(dtype)
+        g_rate = _value(gamma, state.count, c)
+        s_rate = _value(sigma, state.count, c)
+        e = jnp.asarray(eps, c)
+        one = jnp.ones((), c)
         if bias_correction == "rate":
             m_scale, v_scale = g_rate, s_rate
         elif bias_correction == "adam":
-            t = (state.count + 1).astype(dtype)
+            t = (state.count + 1).astype(c)
             m_scale = one - (one - g_rate) ** t
             v_scale = one - (one - s_rate) ** t
 
         mu = jax.tree.map(
-            lambda m, g: _keep_finite(_ema(m, g.astype(dtype), g_rate), m), state.mu, updates
+            lambda m, g: _store(_ema(m.astype(c), g.astype(c), g_rate), m), state.mu, updates
         )
         nu = jax.tree.map(
-            lambda v, g: _keep_finite(_ema(v, jnp.square(g.astype(dtype)), s_rate), v),
+            lambda v, g: _store(_ema(v.astype(c), jnp.square(g.astype(c)), s_rate), v),
             state.nu,
             updates,
         )
         if bias_correction is None:
-            s = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + e), mu, nu)
+            ratio = lambda m, v: m / (jnp.sqrt(v) + e)  # noqa: E731
         else:
-            s = jax.tree.map(lambda m, v: (m / m_scale) / (jnp.sqrt(v / v_scale) + e), mu, nu)
+            ratio = lambda m, v: (m / m_scale) / (jnp.sqrt(v / v_scale) + e)  # noqa: E731
+        s = jax.tree.map(lambda m, v: ratio(m.astype(c), v.astype(c)), *_read_back((mu, nu)))
         return s, ScaleByMomentRatioState(optax.safe_increment(state.count), mu, nu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -259,7 +300,7 @@ def scale_by_sign_ema(
       b2: decay :math:`\beta_2` of the sign EMA, in [0, 1).
       init_scale: :math:`s_0` >= 0.
       seed: an int or a JAX PRNG key for the initial state.
-      state_dtype: dtype (default float32) of the EMA (and of the output).
+      state_dtype: dtype (default float32) the EMA is stored in (see "State dtypes").
     """
     _checks.check_positive("learning_rate", learning_rate)
     _checks.check_beta("b2", b2)
@@ -293,14 +334,16 @@ def scale_by_sign_ema(
         _checks.check_same_structure(
             "scale_by_sign_ema", updates, state.ema, "the state (built by init from the params)"
         )
-        lr = _value(learning_rate, state.count, dtype)
-        rate = jnp.ones((), dtype) - jnp.asarray(b2, dtype)
+        c = _compute_dtype(dtype)
+        lr = _value(learning_rate, state.count, c)
+        rate = jnp.ones((), c) - jnp.asarray(b2, c)
         ema = jax.tree.map(
-            lambda m, x: _keep_finite(_ema(m, lr * jnp.sign(x).astype(dtype), rate), m),
+            lambda m, x: _store(_ema(m.astype(c), lr * jnp.sign(x).astype(c), rate), m),
             state.ema,
             updates,
         )
-        return ema, ScaleBySignEmaState(count=optax.safe_increment(state.count), ema=ema)
+        out = jax.tree.map(lambda m: m.astype(c), _read_back(ema))
+        return out, ScaleBySignEmaState(count=optax.safe_increment(state.count), ema=ema)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -375,7 +418,8 @@ def scale_by_accumulation(
       weight_decay: :math:`\lambda` >= 0; needs ``params`` when not 0.
       reset_every: if set, the momentum buffer is zeroed before updates ``k * reset_every``
         (``k >= 1``): the reference script rebuilds its optimizer every epoch.
-      state_dtype: dtype (default float32) of the accumulator and the momentum buffer.
+      state_dtype: dtype (default float32) the accumulator and the momentum buffer are stored
+        in (see "State dtypes").
     """
     _checks.check_positive("learning_rate", learning_rate)
     _checks.check_nonnegative("momentum", momentum, schedule_ok=False)
@@ -404,30 +448,32 @@ def scale_by_accumulation(
             state.accumulator,
             "the state (built by init from the params)",
         )
-        lr = _value(learning_rate, state.count, dtype)
-        g = jax.tree.map(lambda x: x.astype(dtype), updates)
+        c = _compute_dtype(dtype)
+        lr = _value(learning_rate, state.count, c)
+        g = jax.tree.map(lambda x: x.astype(c), updates)
         d = g
         if use_decay:
             if params is None:
                 raise ValueError(
                     "scale_by_accumulation: `params` is required when weight_decay is not 0"
                 )
-            wd = jnp.asarray(weight_decay, dtype)
-            d = jax.tree.map(lambda x, w: x + wd * w.astype(dtype), g, params)
+            wd = jnp.asarray(weight_decay, c)
+            d = jax.tree.map(lambda x, w: x + wd * w.astype(c), g, params)
         buf = state.momentum
         if use_momentum:
-            mu = jnp.asarray(momentum, dtype)
-            damp = jnp.ones((), dtype) - jnp.asarray(dampening, dtype)
+            mu = jnp.asarray(momentum, c)
+            damp = jnp.ones((), c) - jnp.asarray(dampening, c)
             keep = _not_reset(state.count, reset_every, dtype)
             buf = jax.tree.map(
-                lambda b, x: _keep_finite(mu * (b * keep) + damp * x, b * keep), buf, g
+                lambda b, x: _store(mu * (b * keep).astype(c) + damp * x, b * keep), buf, g
             )
             if nesterov:
-                d = jax.tree.map(lambda x, b: x + mu * b, d, buf)
+                d = jax.tree.map(lambda x, b: x + mu * b.astype(c), d, buf)
             else:
-                d = jax.tree.map(lambda x, b: jnp.where(mu > 0, b, x), d, buf)
-        acc = jax.tree.map(lambda a, x: _keep_finite(a + lr * x, a), state.accumulator, d)
-        return acc, ScaleByAccumulationState(optax.safe_increment(state.count), acc, buf)
+                d = jax.tree.map(lambda x, b: jnp.where(mu > 0, b.astype(c), x), d, buf)
+        acc = jax.tree.map(lambda a, x: _store(a.astype(c) + lr * x, a), state.accumulator, d)
+        out = jax.tree.map(lambda a: a.astype(c), _read_back(acc))
+        return out, ScaleByAccumulationState(optax.safe_increment(state.count), acc, buf)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

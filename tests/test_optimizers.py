@@ -7,6 +7,7 @@ happen (asserted), and requires the weights after every step to agree exactly.
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -79,21 +80,32 @@ def assert_same_flips(ours, ref, w0, min_flips=50):
 # ---- NumPy references, written from spec/optimizers.md ------------------------------------
 
 
-def bop_ref(w, grads, tau, gamma):
-    """Bop: m = ema(m, g, gamma); flip where w*m > tau. `tau`, `gamma`: functions of t."""
+def keep(x):
+    return x
+
+
+def bf16(x):
+    """Round float32 to bfloat16 (to nearest even) and back: a bfloat16-stored state."""
+    return np.asarray(x, F).astype(ml_dtypes.bfloat16).astype(F)
+
+
+def bop_ref(w, grads, tau, gamma, store=keep):
+    """Bop: m = ema(m, g, gamma); flip where w*m > tau. `tau`, `gamma`: functions of t.
+
+    `store` rounds each new state to its storage dtype (identity for float32)."""
     w = dict(w)
     m = {k: np.zeros(s, F) for k, s in SHAPES.items()}
     out = []
     for t, g in enumerate(grads):
         for k in SHAPES:
-            m[k] = m[k] + F(gamma(t)) * (g[k] - m[k])
+            m[k] = store(m[k] + F(gamma(t)) * (g[k] - m[k]))
             flip = w[k] * m[k] > F(tau(t))
             w[k] = np.where(flip, sign0(-w[k]), sign0(w[k]))
         out.append(dict(w))
     return out
 
 
-def bop2_ref(w, grads, tau, gamma, sigma, bias_correction, eps):
+def bop2_ref(w, grads, tau, gamma, sigma, bias_correction, eps, store=keep):
     w = dict(w)
     m = {k: np.zeros(s, F) for k, s in SHAPES.items()}
     v = {k: np.zeros(s, F) for k, s in SHAPES.items()}
@@ -101,8 +113,8 @@ def bop2_ref(w, grads, tau, gamma, sigma, bias_correction, eps):
     out = []
     for t, g in enumerate(grads):
         for k in SHAPES:
-            m[k] = m[k] + F(gamma) * (g[k] - m[k])
-            v[k] = v[k] + F(sigma) * (g[k] * g[k] - v[k])
+            m[k] = store(m[k] + F(gamma) * (g[k] - m[k]))
+            v[k] = store(v[k] + F(sigma) * (g[k] * g[k] - v[k]))
             if bias_correction is None:
                 s = m[k] / (np.sqrt(v[k]) + F(eps))
             elif bias_correction == "rate":
@@ -128,6 +140,7 @@ def sgdat_ref(
     wd=0.0,
     eps=0.0,
     reset_every=None,
+    store=keep,
 ):
     w = dict(w)
     a = {k: np.zeros(s, F) for k, s in SHAPES.items()}
@@ -141,9 +154,9 @@ def sgdat_ref(
         for k in SHAPES:
             d = g[k] + F(wd) * w[k]
             if momentum > 0:
-                b[k] = F(momentum) * b[k] + (F(1) - F(dampening)) * g[k]
+                b[k] = store(F(momentum) * b[k] + (F(1) - F(dampening)) * g[k])
                 d = d + F(momentum) * b[k] if nesterov else b[k]
-            a[k] = a[k] + F(lr) * d
+            a[k] = store(a[k] + F(lr) * d)
             move = np.abs(a[k]) > F(tau) * n[k].astype(F) + F(eps)
             w_new = np.where(move, sign0(-a[k]), w[k])
             n[k] = n[k] + (w_new != w[k])
@@ -274,6 +287,29 @@ def test_sgdat_flip_exact(kw):
         kw.get("eps", 0.0),
         kw.get("flip_count_reset_every"),
     )
+    assert_same_flips(ours, ref, w0)
+
+
+def test_bfloat16_state_flip_exact():
+    """``state_dtype=bfloat16``: float32 arithmetic, each new state rounded once to bfloat16."""
+    w0, grads = random_binary(10), random_grads(11)
+    ours, state = run_binax(
+        binax.bop(threshold=1e-6, gamma=1e-2, state_dtype=jnp.bfloat16), w0, grads
+    )
+    assert {x.dtype for x in jax.tree.leaves(state) if x.ndim} == {jnp.dtype(jnp.bfloat16)}
+    assert_same_flips(ours, bop_ref(w0, grads, lambda t: 1e-6, lambda t: 1e-2, store=bf16), w0)
+    # and the rounding is not a no-op: without it the reference flips differently
+    assert any(
+        np.any(a[k] != b[k])
+        for a, b in zip(ours, bop_ref(w0, grads, lambda t: 1e-6, lambda t: 1e-2), strict=True)
+        for k in SHAPES
+    )
+    tx = binax.bop2nd_order(threshold=1e-2, gamma=1e-2, sigma=1e-2, state_dtype=jnp.bfloat16)
+    ours, _ = run_binax(tx, w0, grads)
+    assert_same_flips(ours, bop2_ref(w0, grads, 1e-2, 1e-2, 1e-2, None, 1e-10, store=bf16), w0)
+    kw = dict(learning_rate=1e-2, threshold=1e-6, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    ours, _ = run_binax(binax.sgdat(**kw, state_dtype=jnp.bfloat16), w0, grads)
+    ref = sgdat_ref(w0, grads, 1e-2, 1e-6, 0.9, True, 0.0, 1e-3, store=bf16)
     assert_same_flips(ours, ref, w0)
 
 

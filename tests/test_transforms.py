@@ -180,12 +180,17 @@ def test_nan_signal_keeps_the_weight_in_every_flip_rule():
         np.testing.assert_array_equal(u, [0.0, 0.0])
 
 
-def test_overflowing_second_moment_does_not_poison_state():
+@pytest.mark.parametrize("state_dtype,g", [(jnp.float32, 3e38), (jnp.float16, 1e3)])
+def test_overflowing_second_moment_does_not_poison_state(state_dtype, g):
+    """g*g overflows float32; in float16 storage, rounding the float32 moment overflows."""
     w = jnp.array([1.0, -1.0])
-    tx = binax.bop2nd_order(threshold=0.1, gamma=0.5, sigma=0.5)
+    tx = binax.bop2nd_order(threshold=0.1, gamma=0.5, sigma=0.5, state_dtype=state_dtype)
     state = tx.init(w)
-    u, state = tx.update(jnp.array([3e38, -3e38], jnp.float32), state, w)  # g*g overflows
+    u, state = tx.update(jnp.array([g, -g], jnp.float32), state, w)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+    want_mu = np.array([g / 2, -g / 2], F).astype(state_dtype).astype(F)
+    np.testing.assert_array_equal(np.asarray(state[0].mu, F), want_mu)  # mu did update
+    np.testing.assert_array_equal(np.asarray(state[0].nu, F), [0.0, 0.0])  # nu kept its old
 
 
 # ---- composing new optimizers from the blocks -------------------------------------------------
