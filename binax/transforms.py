@@ -24,7 +24,9 @@ with non-finite gradients instead, wrap the optimizer in `optax.apply_if_finite`
 State dtypes. ``state_dtype`` is the dtype a statistic's state is *stored* in (``bfloat16``
 halves the memory). The arithmetic is done in float32 (or in ``state_dtype`` if wider) and the
 new state is rounded once when stored, as Optax does with ``mu_dtype``; the output signal is
-computed from the stored values, in that compute dtype.
+computed from the stored values, in that compute dtype. In bfloat16, an EMA step
+``rate * (x - m)`` smaller than half an ulp of ``m`` (about 2^-9 of it) is rounded away: with
+small rates (Bop's 1e-4) the average lags; keep float32 state there (see BENCHMARKS.md).
 
 Real-valued weights. Every flip rule computes the new weight as ``sign0`` of something, so a
 real-valued leaf (for example a Glorot-initialised kernel) is binarized by its first update, as
