@@ -4,6 +4,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -188,6 +192,64 @@ def test_cli_exits_130_on_ctrl_c(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr("binax.train.loop.train", interrupted)
     assert cli.main(["--run-dir", str(tmp_path / "run"), "--no-progress"]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_real_sigint_exits_130_and_the_run_resumes(tmp_path):
+    """A real Ctrl-C (SIGINT to the training command's process) at any moment after the first
+    checkpoint: exit status 130, the checkpoints left are complete, and --resume finishes."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "binax.train", "--run-dir", str(run_dir), "--no-progress"]
+    cmd += ["--hidden-sizes", "32", "--steps-per-epoch", "3", "--no-plots"]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        [*cmd, "--epochs", "1000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 240
+        log = run_dir / LOG_FILE  # written at the start and after each epoch's checkpoint
+        while not (log.exists() and log.read_text().strip()):
+            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+            assert time.monotonic() < deadline, "no epoch finished in 240 s"
+            time.sleep(0.2)
+        time.sleep(0.5)  # now somewhere in a later epoch or its checkpoint
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert "interrupted; the last complete checkpoint is epoch" in out.decode() + err.decode()
+    ckpts = Checkpoints(str(run_dir / CHECKPOINT_DIR), create=False)
+    try:
+        done = ckpts.epochs()
+    finally:
+        ckpts.close()
+    assert done and done[-1] < 1000
+    logged = [json.loads(line)["epoch"] for line in (run_dir / LOG_FILE).read_text().splitlines()]
+    assert logged == list(range(1, len(logged) + 1))  # whole epochs only, none torn
+    resume = [*cmd, "--resume", "--epochs", str(done[-1] + 1)]
+    res = subprocess.run(resume, env=env, capture_output=True, timeout=240)
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    assert f"after {done[-1] + 1} epochs" in res.stdout.decode() + res.stderr.decode()
+
+
+def test_ctrl_c_waits_for_a_safe_point_and_a_second_one_does_not():
+    import threading
+
+    from binax.train.loop import _deferred_interrupts
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be installed from the main thread")
+    before = signal.getsignal(signal.SIGINT)
+    with _deferred_interrupts() as stop_if_interrupted:
+        stop_if_interrupted()  # nothing pending: no-op
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler has run by now, and raised nothing
+        with pytest.raises(KeyboardInterrupt):
+            stop_if_interrupted()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C raises at once
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_keyboard_interrupt_keeps_the_last_complete_checkpoint(interrupted_run_dir, reference_run):

@@ -83,7 +83,8 @@ class Checkpoints:
 
     def epochs(self) -> list[int]:
         """The epochs with a complete checkpoint, in order."""
-        return sorted(self.manager.all_steps(read=True))
+        self.manager.reload()  # what is on disk now, not what this manager saw last
+        return sorted(self.manager.all_steps())
 
     def save(self, epoch: int, state: Any, meta: dict[str, Any]) -> None:
         """Saves ``state`` (arrays) and ``meta`` (JSON) as the checkpoint of ``epoch``."""

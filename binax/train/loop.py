@@ -16,13 +16,16 @@ values at the epoch's last step) and ``time_s``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -350,94 +353,96 @@ def train(
             f"{spe} steps of {config.batch_size} per epoch; {len(mesh.devices.flat)} device(s), "
             f"mesh {dict(mesh.shape)}; run dir {run_dir}"
         )
-    try:
-        for epoch in range(start_epoch, config.epochs):
-            t0 = time.perf_counter()
-            metrics = program.zero_metrics()
-            stream = bdata.batches(
-                train_set,
-                config.batch_size,
-                config.seed,
-                epoch,
-                process_index=index,
-                process_count=count,
-            )
-            bar = _progress(config, epoch, spe)
-            for i in range(spe):
-                if on_step is not None:
-                    on_step(epoch, i)
-                b = next(stream)
-                images = _prepare(b.images, b.indices, train_set, augment, config.seed, epoch)
-                state, metrics = program.train_step(
-                    state,
-                    metrics,
-                    global_batch(sharding, images, config.batch_size),
-                    global_batch(sharding, b.labels, config.batch_size),
+    with _deferred_interrupts() as stop_if_interrupted:
+        try:
+            for epoch in range(start_epoch, config.epochs):
+                t0 = time.perf_counter()
+                metrics = program.zero_metrics()
+                stream = bdata.batches(
+                    train_set,
+                    config.batch_size,
+                    config.seed,
+                    epoch,
+                    process_index=index,
+                    process_count=count,
                 )
+                bar = _progress(config, epoch, spe)
+                for i in range(spe):
+                    stop_if_interrupted()
+                    if on_step is not None:
+                        on_step(epoch, i)
+                    b = next(stream)
+                    images = _prepare(b.images, b.indices, train_set, augment, config.seed, epoch)
+                    state, metrics = program.train_step(
+                        state,
+                        metrics,
+                        global_batch(sharding, images, config.batch_size),
+                        global_batch(sharding, b.labels, config.batch_size),
+                    )
+                    if bar is not None:
+                        bar.update(1)
+                        if (i + 1) % config.log_every == 0 or i + 1 == spe:
+                            m = to_host(metrics)
+                            bar.set_postfix(
+                                loss=f"{m['loss'] / m['count']:.4f}",
+                                acc=f"{m['correct'] / m['count']:.3f}",
+                            )
                 if bar is not None:
-                    bar.update(1)
-                    if (i + 1) % config.log_every == 0 or i + 1 == spe:
-                        m = to_host(metrics)
-                        bar.set_postfix(
-                            loss=f"{m['loss'] / m['count']:.4f}",
-                            acc=f"{m['correct'] / m['count']:.3f}",
-                        )
-            if bar is not None:
-                bar.close()
-            m = to_host(metrics)
-            test_loss, test_acc = _evaluate(program, state, test_set, eval_bs)
-            step = int(to_host(state.step))
-            flips = {k: int(v) for k, v in m["flips"].items()}
-            ratios = {
-                k: flips[k] / (size * spe)
-                for k, size in zip(program.flip_names, program.flip_sizes, strict=True)
-            }
-            record = {
-                "epoch": epoch + 1,
-                "step": step,
-                "train_loss": float(m["loss"]) / int(m["count"]),
-                "train_accuracy": int(m["correct"]) / int(m["count"]),
-                "test_loss": test_loss,
-                "test_accuracy": test_acc,
-                "flips": flips,
-                "flip_ratio": ratios,
-                "flip_ratio_total": sum(flips.values()) / (sum(program.flip_sizes) * spe),
-                "hparams": _schedule_values(config, hp, spe, total, step),
-                "time_s": time.perf_counter() - t0,
-            }
-            history.append(record)
-            if ckpts is not None and config.checkpoint:
-                meta = {
-                    "config": config.to_dict(),
-                    "history": history,
-                    "step": step,
-                    "binax_version": binax.__version__,
+                    bar.close()
+                m = to_host(metrics)
+                test_loss, test_acc = _evaluate(program, state, test_set, eval_bs)
+                step = int(to_host(state.step))
+                flips = {k: int(v) for k, v in m["flips"].items()}
+                ratios = {
+                    k: flips[k] / (size * spe)
+                    for k, size in zip(program.flip_names, program.flip_sizes, strict=True)
                 }
-                ckpts.save(epoch + 1, state, meta)
-            if _is_main():
-                _write_log(run_dir, history)
-                if config.plots:
-                    plots.write_plots(history, run_dir)
-            _say(
-                f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f} "
-                f"acc {100 * record['train_accuracy']:.2f}% | test loss {test_loss:.4f} "
-                f"acc {100 * test_acc:.2f}% | flip ratio {record['flip_ratio_total']:.2e} | "
-                f"{record['time_s']:.1f}s"
-            )
-    except KeyboardInterrupt:
-        last = ckpts.epochs() if ckpts is not None else []
-        if last:
-            _say(
-                f"\ninterrupted; the last complete checkpoint is epoch {last[-1]} in "
-                f"{os.path.join(run_dir, CHECKPOINT_DIR)}. Continue with:\n"
-                f"  binax-train --resume --run-dir {run_dir}"
-            )
-        else:
-            _say("\ninterrupted before the first checkpoint was written")
-        raise
-    finally:
-        if ckpts is not None:
-            ckpts.close()
+                record = {
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "train_loss": float(m["loss"]) / int(m["count"]),
+                    "train_accuracy": int(m["correct"]) / int(m["count"]),
+                    "test_loss": test_loss,
+                    "test_accuracy": test_acc,
+                    "flips": flips,
+                    "flip_ratio": ratios,
+                    "flip_ratio_total": sum(flips.values()) / (sum(program.flip_sizes) * spe),
+                    "hparams": _schedule_values(config, hp, spe, total, step),
+                    "time_s": time.perf_counter() - t0,
+                }
+                history.append(record)
+                if ckpts is not None and config.checkpoint:
+                    meta = {
+                        "config": config.to_dict(),
+                        "history": history,
+                        "step": step,
+                        "binax_version": binax.__version__,
+                    }
+                    ckpts.save(epoch + 1, state, meta)
+                if _is_main():
+                    _write_log(run_dir, history)
+                    if config.plots:
+                        plots.write_plots(history, run_dir)
+                _say(
+                    f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f} "
+                    f"acc {100 * record['train_accuracy']:.2f}% | test loss {test_loss:.4f} "
+                    f"acc {100 * test_acc:.2f}% | flip ratio {record['flip_ratio_total']:.2e} | "
+                    f"{record['time_s']:.1f}s"
+                )
+        except KeyboardInterrupt:
+            last = ckpts.epochs() if ckpts is not None else []
+            if last:
+                _say(
+                    f"\ninterrupted; the last complete checkpoint is epoch {last[-1]} in "
+                    f"{os.path.join(run_dir, CHECKPOINT_DIR)}. Continue with:\n"
+                    f"  binax-train --resume --run-dir {run_dir}"
+                )
+            else:
+                _say("\ninterrupted before the first checkpoint was written")
+            raise
+        finally:
+            if ckpts is not None:
+                ckpts.close()
 
     if history:
         _say("\n" + _table(history))
@@ -448,6 +453,34 @@ def train(
     return TrainResult(
         config=config, run_dir=run_dir, history=history, state=state, program=program
     )
+
+
+@contextlib.contextmanager
+def _deferred_interrupts() -> Iterator[Callable[[], None]]:
+    """Ctrl-C (SIGINT) waits for a safe point: yields a function that raises `KeyboardInterrupt`
+    if one arrived. Training calls it between steps, so an interrupt never lands inside a step
+    (whose buffers are donated) or inside a checkpoint save; a second Ctrl-C raises at once.
+    Outside the main thread (where Python cannot install handlers) interrupts are not changed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    pending: list[int] = []
+
+    def on_sigint(signum, frame):
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    def stop_if_interrupted():
+        if pending:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop_if_interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 def _progress(config: Config, epoch: int, total: int):
