@@ -259,11 +259,14 @@ def scale_by_moment_ratio(
             state.nu,
             updates,
         )
-        if bias_correction is None:
-            ratio = lambda m, v: m / (jnp.sqrt(v) + e)  # noqa: E731
-        else:
-            ratio = lambda m, v: (m / m_scale) / (jnp.sqrt(v / v_scale) + e)  # noqa: E731
-        s = jax.tree.map(lambda m, v: ratio(m.astype(c), v.astype(c)), *_read_back((mu, nu)))
+
+        def ratio(m, v):
+            m, v = m.astype(c), v.astype(c)
+            if bias_correction is None:
+                return m / (jnp.sqrt(v) + e)
+            return (m / m_scale) / (jnp.sqrt(v / v_scale) + e)
+
+        s = jax.tree.map(ratio, *_read_back((mu, nu)))
         return s, ScaleByMomentRatioState(optax.safe_increment(state.count), mu, nu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
