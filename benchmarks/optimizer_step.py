@@ -13,6 +13,7 @@ Each optimizer runs interleaved, round after round, with its floor, `optax.sgd` 
     python benchmarks/optimizer_step.py               # 1M, 10M, 100M weights
     python benchmarks/optimizer_step.py --quick       # 1M, 10M
     python benchmarks/optimizer_step.py --sizes 1e6 --rounds 30 --json out.json
+    python benchmarks/optimizer_step.py --sizes 1e7 --leaves 20   # a tree of 20 arrays
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def candidates():
     }
 
 
-def per_weight_state(state, n):
-    """The per-weight arrays of an optimizer state (those with n elements)."""
-    return [x for x in jax.tree.leaves(state) if x.size == n]
+def per_weight_dtypes(state, leaves):
+    """The dtypes of the per-weight state arrays (one per array kind, not per leaf)."""
+    arrays = [x for x in jax.tree.leaves(state) if x.ndim]  # grouped by kind, then by leaf
+    return [x.dtype for x in arrays[::leaves]]
 
 
 def make_step(tx):
@@ -62,14 +64,13 @@ def make_step(tx):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_floor(dtypes):
-    """Reads grads, params and one array per dtype; writes params and those arrays."""
+def make_floor():
+    """Reads grads, params and each state tree; writes params and the state trees."""
 
     def floor(params, state, grads):
-        out = [s + grads.astype(s.dtype) for s in state]
-        return params + grads, out
+        out = [jax.tree.map(lambda s, g: s + g.astype(s.dtype), s, grads) for s in state]
+        return jax.tree.map(jnp.add, params, grads), out
 
-    del dtypes
     return jax.jit(floor, donate_argnums=(0, 1))
 
 
@@ -89,30 +90,35 @@ def time_interleaved(runs, rounds):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench(size, rounds, seed=0):
+def bench(size, rounds, leaves=1, seed=0):
     """For each optimizer, times it side by side with its floor, optax.sgd and optax.adam.
 
+    The ``size`` weights are split into ``leaves`` arrays of (nearly) equal size: one leaf
+    measures bandwidth, many leaves (a real network has tens) add the per-leaf costs.
     Groups of four keep memory bounded (at 1e8 weights every array is 400 MB) while each ratio
     still compares runs interleaved round by round in the same minutes.
     """
     rng = np.random.default_rng(seed)
-    w = jnp.asarray(np.where(rng.random(size) < 0.5, -1.0, 1.0), jnp.float32)
-    g = jnp.asarray(rng.normal(size=size).astype(np.float32) * 1e-3)
+    sizes = [len(c) for c in np.array_split(np.arange(size), leaves)]
+    w = [jnp.asarray(np.where(rng.random(n) < 0.5, -1.0, 1.0), jnp.float32) for n in sizes]
+    g = [jnp.asarray(rng.normal(size=n).astype(np.float32) * 1e-3) for n in sizes]
+    copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731
     rows = []
     for name, tx in candidates().items():
         group = {"optax.sgd": optax.sgd(1e-2), "optax.adam": optax.adam(1e-3), name: tx}
-        runs = {k: [make_step(t), jnp.array(w), t.init(w), g] for k, t in group.items()}
-        state_arrays = per_weight_state(runs[name][2], size)
-        floor_state = [jnp.zeros(size, x.dtype) for x in state_arrays]
-        runs["floor"] = [make_floor(None), jnp.array(w), floor_state, g]
+        runs = {k: [make_step(t), copy(w), t.init(w), g] for k, t in group.items()}
+        dtypes = per_weight_dtypes(runs[name][2], leaves)
+        floor_state = [[jnp.zeros(n, d) for n in sizes] for d in dtypes]
+        runs["floor"] = [make_floor(), copy(w), floor_state, g]
         med = time_interleaved(runs, rounds)
         state = runs[name][2]
         state_bytes = sum(x.nbytes for x in jax.tree.leaves(state)) / size
-        moved = 4 + 4 + 4 + 2 * sum(x.dtype.itemsize for x in state_arrays)  # g, w in; w out
+        moved = 4 + 4 + 4 + 2 * sum(d.itemsize for d in dtypes)  # g, w in; w out
         rows.append(
             dict(
                 optimizer=name,
                 size=size,
+                leaves=leaves,
                 median_ms=1e3 * med[name],
                 floor_ms=1e3 * med["floor"],
                 vs_floor=med[name] / med["floor"],
@@ -161,6 +167,12 @@ def main(argv=None):
         help="numbers of binary weights (default: 1e6 1e7 1e8)",
     )
     p.add_argument("--rounds", type=int, default=20, help="timed rounds per size (default 20)")
+    p.add_argument(
+        "--leaves",
+        type=int,
+        default=1,
+        help="split the weights into this many arrays (default 1; a ResNet-18 has 20 binary)",
+    )
     p.add_argument("--quick", action="store_true", help="sizes 1e6 1e7, 10 rounds")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
@@ -169,11 +181,11 @@ def main(argv=None):
     print(
         f"# {dev.platform} {dev.device_kind}, {jax.device_count()} device(s), "
         f"{platform.processor() or platform.machine()}, jax {jax.__version__}, "
-        f"optax {optax.__version__}, rounds {rounds}"
+        f"optax {optax.__version__}, rounds {rounds}, weights in {args.leaves} array(s)"
     )
     rows = []
     for size in sizes:
-        rows += bench(int(size), rounds)
+        rows += bench(int(size), rounds, args.leaves)
         print(table([r for r in rows if r["size"] == int(size)]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
