@@ -43,6 +43,7 @@ def candidates():
         "diode": binax.diode(),
         "cema": binax.cema(gamma=1e-3, alpha=1e-2),
         "bop/bf16-state": binax.bop(state_dtype=jnp.bfloat16),
+        "bop/bf16-stochastic": binax.bop(state_dtype=jnp.bfloat16, rounding="stochastic"),
         "bop2nd_order/bf16-state": binax.bop2nd_order(state_dtype=jnp.bfloat16),
         "sgdat/int8-counts": binax.sgdat(count_dtype=jnp.int8),
         "sgdat/bf16+int8": binax.sgdat(state_dtype=jnp.bfloat16, count_dtype=jnp.int8),

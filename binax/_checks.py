@@ -71,17 +71,43 @@ def check_positive(name: str, value: Any, *, schedule_ok: bool = True) -> None:
     )
 
 
+def as_dtype(name: str, dtype: Any) -> jnp.dtype:
+    """``dtype`` as a NumPy dtype; an array is an error (not its dtype)."""
+    if isinstance(dtype, (jax.Array, np.ndarray)):
+        # optax.inject_hyperparams calls a dtype such as jnp.bfloat16 as if it were a schedule
+        raise TypeError(
+            f"{name} must be a dtype, got an array; with optax.inject_hyperparams pass "
+            f"static_args=({name!r},)"
+        )
+    try:
+        return jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"{name} must be a dtype, got {dtype!r}") from e
+
+
 def check_state_dtype(name: str, dtype: Any) -> jnp.dtype:
     """A floating dtype; ``None`` means float32."""
     if dtype is None:
         return jnp.dtype(jnp.float32)
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError as e:
-        raise TypeError(f"{name} must be a floating dtype, got {dtype!r}") from e
+    dt = as_dtype(name, dtype)
     if not jnp.issubdtype(dt, jnp.floating):
         raise TypeError(f"{name} must be a floating dtype (float32, bfloat16, ...), got {dt}")
     return dt
+
+
+ROUNDINGS = ("nearest", "stochastic")
+
+
+def check_rounding(name: str, rounding: Any, state_dtype: jnp.dtype) -> str:
+    """``"nearest"`` or ``"stochastic"``; stochastic rounding is for bfloat16 state."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"{name} must be one of {ROUNDINGS}, got {rounding!r}")
+    if rounding == "stochastic" and state_dtype != jnp.bfloat16:
+        raise ValueError(
+            f"{name}='stochastic' needs state_dtype=jnp.bfloat16 (it rounds float32 values to "
+            f"bfloat16), got state_dtype {state_dtype}"
+        )
+    return rounding
 
 
 def _path_str(path) -> str:

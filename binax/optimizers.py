@@ -27,6 +27,7 @@ def bop(
     gamma: ScalarOrSchedule = 1e-4,
     *,
     state_dtype: Any = None,
+    rounding: str = "nearest",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Bop, the binary optimizer (Helwegen et al., NeurIPS 2019).
 
@@ -42,6 +43,8 @@ def bop(
       threshold: :math:`\tau` >= 0 (default 1e-8, Larq's current default and the paper's).
       gamma: adaptivity rate :math:`\gamma` in (0, 1] (default 1e-4).
       state_dtype: dtype (default float32) :math:`m` is stored in (arithmetic in float32).
+      rounding: ``"nearest"``, or ``"stochastic"`` with bfloat16 state (unbiased: small
+        steps are not rounded away; see `binax.transforms`).
 
     Examples:
       >>> import jax.numpy as jnp, optax, binax
@@ -58,7 +61,7 @@ def bop(
     """
     _checks.check_rate("gamma", gamma)
     return optax.chain(
-        T.scale_by_ema(gamma, state_dtype=state_dtype),
+        T.scale_by_ema(gamma, state_dtype=state_dtype, rounding=rounding),
         T.flip_by_threshold(threshold),
     )
 
@@ -71,6 +74,7 @@ def bop2nd_order(
     eps: float = 1e-10,
     *,
     state_dtype: Any = None,
+    rounding: str = "nearest",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Bop2ndOrder: Bop on the ratio of first- and second-moment EMAs.
 
@@ -91,6 +95,8 @@ def bop2nd_order(
       bias_correction: ``None``, ``"rate"`` or ``"adam"``.
       eps: :math:`\epsilon` (default 1e-10).
       state_dtype: dtype (default float32) :math:`m, v` are stored in (arithmetic in float32).
+      rounding: ``"nearest"``, or ``"stochastic"`` with bfloat16 state (unbiased: small
+        steps are not rounded away; see `binax.transforms`).
 
     References:
       Suarez-Ramirez et al., `A Bop and Beyond: A Second Order Optimizer for Binarized Neural
@@ -98,7 +104,12 @@ def bop2nd_order(
     """
     return optax.chain(
         T.scale_by_moment_ratio(
-            gamma, sigma, bias_correction=bias_correction, eps=eps, state_dtype=state_dtype
+            gamma,
+            sigma,
+            bias_correction=bias_correction,
+            eps=eps,
+            state_dtype=state_dtype,
+            rounding=rounding,
         ),
         T.flip_by_threshold(threshold),
     )
@@ -115,6 +126,7 @@ def sgdat(
     flip_count_reset_every: int | None = None,
     *,
     state_dtype: Any = None,
+    rounding: str = "nearest",
     count_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGDAT: SGD with an adaptive, per-weight flip threshold.
@@ -146,6 +158,8 @@ def sgdat(
       flip_count_reset_every: ``None`` or a number of steps.
       state_dtype: dtype (default float32) the accumulator and momentum buffer are stored in
         (arithmetic in float32).
+      rounding: ``"nearest"``, or ``"stochastic"`` with bfloat16 state (unbiased: small
+        steps are not rounded away; see `binax.transforms`).
       count_dtype: integer dtype of the flip counts (int8/int16 save memory; counts saturate).
 
     References:
@@ -162,6 +176,7 @@ def sgdat(
             weight_decay=weight_decay,
             reset_every=flip_count_reset_every,
             state_dtype=state_dtype,
+            rounding=rounding,
         ),
         T.flip_by_adaptive_threshold(
             threshold, eps=eps, reset_every=flip_count_reset_every, count_dtype=count_dtype
@@ -177,6 +192,7 @@ def diode(
     seed: int | jax.Array = 0,
     *,
     state_dtype: Any = None,
+    rounding: str = "nearest",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Diode: stochastic sign descent for binary weights.
 
@@ -199,6 +215,8 @@ def diode(
       init_scale: scale of the random initial state (default 1e-3).
       seed: int or PRNG key for the initial state.
       state_dtype: dtype (default float32) :math:`m_1, m_2` are stored in (arithmetic in float32).
+      rounding: ``"nearest"``, or ``"stochastic"`` with bfloat16 state (unbiased: small
+        steps are not rounded away; see `binax.transforms`).
 
     References:
       Guo, Guo, Meinel and Yang, "Stochastic Sign Descent", ECCV 2024 (reference code:
@@ -208,9 +226,14 @@ def diode(
     dtype = _checks.check_state_dtype("state_dtype", state_dtype)
     rate1 = jnp.ones((), dtype) - jnp.asarray(b1, dtype)
     return optax.chain(
-        T.scale_by_ema(rate1, state_dtype=state_dtype),
+        T.scale_by_ema(rate1, state_dtype=state_dtype, rounding=rounding, seed=seed),
         T.scale_by_sign_ema(
-            learning_rate, b2, init_scale=init_scale, seed=seed, state_dtype=state_dtype
+            learning_rate,
+            b2,
+            init_scale=init_scale,
+            seed=seed,
+            state_dtype=state_dtype,
+            rounding=rounding,
         ),
         T.flip_to_descent_sign(),
     )
@@ -221,6 +244,7 @@ def cema(
     alpha: ScalarOrSchedule,
     *,
     state_dtype: Any = None,
+    rounding: str = "nearest",
 ) -> optax.GradientTransformationExtraArgs:
     r"""CEMA: Bop on a cascade of two EMAs (Quist, Li and van Gemert, ICLR 2023).
 
@@ -237,6 +261,8 @@ def cema(
       gamma: gradient EMA rate in (0, 1].
       alpha: inertia EMA rate in (0, 1].
       state_dtype: dtype (default float32) :math:`m, i` are stored in (arithmetic in float32).
+      rounding: ``"nearest"``, or ``"stochastic"`` with bfloat16 state (unbiased: small
+        steps are not rounded away; see `binax.transforms`).
 
     References:
       Quist, Li and van Gemert, `Understanding weight-magnitude hyperparameters in training
@@ -245,7 +271,7 @@ def cema(
     _checks.check_rate("gamma", gamma)
     _checks.check_rate("alpha", alpha)
     return optax.chain(
-        T.scale_by_ema(gamma, state_dtype=state_dtype),
-        T.scale_by_ema(alpha, state_dtype=state_dtype),
+        T.scale_by_ema(gamma, state_dtype=state_dtype, rounding=rounding, seed=0),
+        T.scale_by_ema(alpha, state_dtype=state_dtype, rounding=rounding, seed=1),
         T.flip_by_threshold(0.0),
     )

@@ -24,9 +24,13 @@ with non-finite gradients instead, wrap the optimizer in `optax.apply_if_finite`
 State dtypes. ``state_dtype`` is the dtype a statistic's state is *stored* in (``bfloat16``
 halves the memory). The arithmetic is done in float32 (or in ``state_dtype`` if wider) and the
 new state is rounded once when stored, as Optax does with ``mu_dtype``; the output signal is
-computed from the stored values, in that compute dtype. In bfloat16, an EMA step
-``rate * (x - m)`` smaller than half an ulp of ``m`` (about 2^-9 of it) is rounded away: with
-small rates (Bop's 1e-4) the average lags; keep float32 state there (see BENCHMARKS.md).
+computed from the stored values, in that compute dtype. Rounded to nearest, a bfloat16 EMA
+loses every step ``rate * (x - m)`` smaller than half an ulp of ``m`` (about 2^-9 of it): with
+small rates (Bop's 1e-4) the average lags. ``rounding="stochastic"`` rounds up or down at
+random, with the probabilities that make the stored value unbiased, so small steps survive on
+average; it draws its bits from a hash of the seed, the update count and the element index
+(no state, reproducible). On digits it brings Bop with bfloat16 state back to its float32
+accuracy (BENCHMARKS.md, section 2).
 
 Real-valued weights. Every flip rule computes the new weight as ``sign0`` of something, so a
 real-valued leaf (for example a Glorot-initialised kernel) is binarized by its first update, as
@@ -95,6 +99,38 @@ def _store(new: jax.Array, old: jax.Array) -> jax.Array:
     return _keep_finite(new.astype(old.dtype), old)
 
 
+def _storer(rounding: str, seed: int | jax.Array, count: jax.Array, kind: int):
+    """``store(stream, new, old)``: ``new`` stored like ``old`` (see `_store`), rounded to
+    nearest or stochastically.
+
+    Stochastic rounding (to bfloat16) adds 16 random bits below bfloat16's last bit of the
+    float32 value and truncates: the value is rounded up with probability equal to its distance
+    from the bfloat16 below, so the stored value is unbiased and small EMA steps are not lost
+    (Gupta et al., "Deep Learning with Limited Numerical Precision", ICML 2015). The bits hash
+    (seed, ``kind`` of statistic, stream, update count, element index): runs are reproducible
+    and resume exactly, and two statistics of different kinds never share bits.
+    """
+    if rounding == "nearest":
+        return lambda stream, new, old: _store(new, old)
+    seed32 = mix32(_seed32(seed) + jnp.uint32(kind))
+
+    def store(stream, new, old):
+        noise = _random_bits(old, _stream_key(seed32, stream, count)) & jnp.uint32(0xFFFF)
+        bits = jax.lax.bitcast_convert_type(new.astype(jnp.float32), jnp.uint32)
+        up = (bits + noise) & jnp.uint32(0xFFFF0000)  # a bfloat16 value: the cast is exact
+        return _store(jax.lax.bitcast_convert_type(up, jnp.float32), old)  # inf is kept out
+
+    return store
+
+
+def _map_indexed(f, tree, *rest):
+    """``jax.tree.map(f, tree, *rest)``, passing each leaf's index in ``tree`` first."""
+    leaves, treedef = jax.tree.flatten(tree)
+    others = [treedef.flatten_up_to(t) for t in rest]
+    pairs = enumerate(zip(leaves, *others, strict=True))
+    return treedef.unflatten([f(i, *xs) for i, xs in pairs])
+
+
 def _read_back(stored: Any) -> Any:
     """The newly stored state, for computing the output from it.
 
@@ -137,6 +173,8 @@ def scale_by_ema(
     rate: ScalarOrSchedule,
     *,
     state_dtype: Any = None,
+    rounding: str = "nearest",
+    seed: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Replaces the gradient by its exponential moving average.
 
@@ -150,12 +188,16 @@ def scale_by_ema(
       rate: :math:`\gamma`, in (0, 1]; a float or an Optax schedule of the update count.
       state_dtype: dtype (default float32) the moving average is stored in (see "State
         dtypes" in the module docstring).
+      rounding: how new state is rounded to ``state_dtype``: ``"nearest"`` or, for bfloat16
+        state, ``"stochastic"`` (see "State dtypes").
+      seed: an int or a JAX PRNG key for stochastic rounding.
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
     """
     _checks.check_rate("rate", rate)
     dtype = _checks.check_state_dtype("state_dtype", state_dtype)
+    _checks.check_rounding("rounding", rounding, dtype)
 
     def init_fn(params):
         return ScaleByEmaState(count=jnp.zeros([], jnp.int32), ema=_zeros(params, dtype))
@@ -167,8 +209,9 @@ def scale_by_ema(
         )
         c = _compute_dtype(dtype)
         r = _value(rate, state.count, c)
-        ema = jax.tree.map(
-            lambda m, g: _store(_ema(m.astype(c), g.astype(c), r), m), state.ema, updates
+        store = _storer(rounding, seed, state.count, kind=1)
+        ema = _map_indexed(
+            lambda i, m, g: store(i, _ema(m.astype(c), g.astype(c), r), m), state.ema, updates
         )
         out = jax.tree.map(lambda m: m.astype(c), _read_back(ema))
         return out, ScaleByEmaState(count=optax.safe_increment(state.count), ema=ema)
@@ -194,6 +237,8 @@ def scale_by_moment_ratio(
     bias_correction: str | None = None,
     eps: float = 1e-10,
     state_dtype: Any = None,
+    rounding: str = "nearest",
+    seed: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Replaces the gradient by the ratio of its first- and second-moment EMAs.
 
@@ -219,6 +264,9 @@ def scale_by_moment_ratio(
       bias_correction: ``None``, ``"rate"`` or ``"adam"``.
       eps: added to the root of the second moment; >= 0.
       state_dtype: dtype (default float32) both moments are stored in (see "State dtypes").
+      rounding: how new state is rounded to ``state_dtype``: ``"nearest"`` or, for bfloat16
+        state, ``"stochastic"`` (see "State dtypes").
+      seed: an int or a JAX PRNG key for stochastic rounding.
     """
     _checks.check_rate("gamma", gamma)
     _checks.check_rate("sigma", sigma)
@@ -228,6 +276,7 @@ def scale_by_moment_ratio(
             f"bias_correction must be one of {BIAS_CORRECTIONS}, got {bias_correction!r}"
         )
     dtype = _checks.check_state_dtype("state_dtype", state_dtype)
+    _checks.check_rounding("rounding", rounding, dtype)
 
     def init_fn(params):
         return ScaleByMomentRatioState(
@@ -251,11 +300,14 @@ def scale_by_moment_ratio(
             m_scale = one - (one - g_rate) ** t
             v_scale = one - (one - s_rate) ** t
 
-        mu = jax.tree.map(
-            lambda m, g: _store(_ema(m.astype(c), g.astype(c), g_rate), m), state.mu, updates
+        store = _storer(rounding, seed, state.count, kind=2)
+        mu = _map_indexed(
+            lambda i, m, g: store(2 * i, _ema(m.astype(c), g.astype(c), g_rate), m),
+            state.mu,
+            updates,
         )
-        nu = jax.tree.map(
-            lambda v, g: _store(_ema(v.astype(c), jnp.square(g.astype(c)), s_rate), v),
+        nu = _map_indexed(
+            lambda i, v, g: store(2 * i + 1, _ema(v.astype(c), jnp.square(g.astype(c)), s_rate), v),
             state.nu,
             updates,
         )
@@ -286,6 +338,7 @@ def scale_by_sign_ema(
     init_scale: float = 1e-3,
     seed: int | jax.Array = 0,
     state_dtype: Any = None,
+    rounding: str = "nearest",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Replaces the incoming signal by an EMA of its learning-rate-scaled sign.
 
@@ -304,13 +357,16 @@ def scale_by_sign_ema(
       learning_rate: :math:`\eta`, > 0; float or schedule.
       b2: decay :math:`\beta_2` of the sign EMA, in [0, 1).
       init_scale: :math:`s_0` >= 0.
-      seed: an int or a JAX PRNG key for the initial state.
+      seed: an int or a JAX PRNG key for the initial state (and stochastic rounding).
       state_dtype: dtype (default float32) the EMA is stored in (see "State dtypes").
+      rounding: how new state is rounded to ``state_dtype``: ``"nearest"`` or, for bfloat16
+        state, ``"stochastic"`` (see "State dtypes").
     """
     _checks.check_positive("learning_rate", learning_rate)
     _checks.check_beta("b2", b2)
     _checks.check_nonnegative("init_scale", init_scale, schedule_ok=False)
     dtype = _checks.check_state_dtype("state_dtype", state_dtype)
+    _checks.check_rounding("rounding", rounding, dtype)
 
     def init_fn(params):
         if params is None:
@@ -342,8 +398,9 @@ def scale_by_sign_ema(
         c = _compute_dtype(dtype)
         lr = _value(learning_rate, state.count, c)
         rate = jnp.ones((), c) - jnp.asarray(b2, c)
-        ema = jax.tree.map(
-            lambda m, x: _store(_ema(m.astype(c), lr * jnp.sign(x).astype(c), rate), m),
+        store = _storer(rounding, seed, state.count, kind=3)
+        ema = _map_indexed(
+            lambda i, m, x: store(i, _ema(m.astype(c), lr * jnp.sign(x).astype(c), rate), m),
             state.ema,
             updates,
         )
@@ -366,10 +423,19 @@ def _seed32(seed: int | jax.Array) -> jax.Array:
     return out
 
 
-def _uniform_like(w: jax.Array, seed32: jax.Array, stream: int, dtype) -> jax.Array:
-    """U[0, 1) per element of ``w`` (its shape and sharding), from a counter-based hash of
-    (seed, stream, element index). Unlike `jax.random`, nothing heavy to compile when ``init``
-    runs eagerly (threefry took seconds per leaf shape)."""
+def _stream_key(seed32: jax.Array, stream: int, count: jax.Array | None = None) -> jax.Array:
+    """A uint32 key for random stream ``stream`` of a seed (and, if given, of an update count)."""
+    key = mix32(seed32 ^ mix32(jnp.uint32(stream) * jnp.uint32(0x9E3779B9)))
+    if count is not None:
+        key = mix32(key ^ mix32(count.astype(jnp.uint32) + jnp.uint32(0x7F4A7C15)))
+    return key
+
+
+def _random_bits(w: jax.Array, key: jax.Array) -> jax.Array:
+    """32 random bits per element of ``w`` (its shape and sharding): a counter-based hash of
+    ``key`` and the element's index in row-major order. Unlike `jax.random`, nothing heavy to
+    compile when ``init`` runs eagerly (threefry took seconds per leaf shape), and it fuses into
+    an elementwise update."""
     shape = jnp.shape(w)
     sharding = jax.typeof(w).sharding
     idx = jnp.zeros(shape, jnp.uint32) if not shape else None
@@ -378,8 +444,12 @@ def _uniform_like(w: jax.Array, seed32: jax.Array, stream: int, dtype) -> jax.Ar
         iota = jax.lax.broadcasted_iota(jnp.uint32, shape, d, out_sharding=sharding)
         idx = iota * jnp.uint32(stride) if idx is None else idx + iota * jnp.uint32(stride)
         stride = (stride * shape[d]) % (1 << 32)
-    key = mix32(seed32 ^ mix32(jnp.uint32(stream) * jnp.uint32(0x9E3779B9)))
-    bits = mix32(mix32(idx ^ key) + key)
+    return mix32(mix32(idx ^ key) + key)
+
+
+def _uniform_like(w: jax.Array, seed32: jax.Array, stream: int, dtype) -> jax.Array:
+    """U[0, 1) per element of ``w`` (its shape and sharding), from `_random_bits`."""
+    bits = _random_bits(w, _stream_key(seed32, stream))
     u = (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)  # 24 random bits: exact in f32
     below_one = jnp.asarray(jnp.nextafter(jnp.ones((), dtype), jnp.zeros((), dtype)), dtype)
     return jnp.minimum(u.astype(dtype), below_one)  # rounding to a narrow dtype stays < 1
@@ -402,6 +472,8 @@ def scale_by_accumulation(
     weight_decay: float = 0.0,
     reset_every: int | None = None,
     state_dtype: Any = None,
+    rounding: str = "nearest",
+    seed: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Replaces the gradient by a never-reset sum of SGD steps (SGDAT's accumulator).
 
@@ -425,6 +497,9 @@ def scale_by_accumulation(
         (``k >= 1``): the reference script rebuilds its optimizer every epoch.
       state_dtype: dtype (default float32) the accumulator and the momentum buffer are stored
         in (see "State dtypes").
+      rounding: how new state is rounded to ``state_dtype``: ``"nearest"`` or, for bfloat16
+        state, ``"stochastic"`` (see "State dtypes").
+      seed: an int or a JAX PRNG key for stochastic rounding.
     """
     _checks.check_positive("learning_rate", learning_rate)
     _checks.check_nonnegative("momentum", momentum, schedule_ok=False)
@@ -434,6 +509,7 @@ def scale_by_accumulation(
     _checks.check_nonnegative("weight_decay", weight_decay, schedule_ok=False)
     _checks.check_reset_every("reset_every", reset_every)
     dtype = _checks.check_state_dtype("state_dtype", state_dtype)
+    _checks.check_rounding("rounding", rounding, dtype)
     # Only a Python 0 drops the buffer: under inject_hyperparams both init and update see arrays.
     use_momentum = not (isinstance(momentum, (int, float)) and momentum == 0)
     use_decay = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
@@ -455,6 +531,7 @@ def scale_by_accumulation(
         )
         c = _compute_dtype(dtype)
         lr = _value(learning_rate, state.count, c)
+        store = _storer(rounding, seed, state.count, kind=4)
         g = jax.tree.map(lambda x: x.astype(c), updates)
         d = g
         if use_decay:
@@ -469,14 +546,18 @@ def scale_by_accumulation(
             mu = jnp.asarray(momentum, c)
             damp = jnp.ones((), c) - jnp.asarray(dampening, c)
             keep = _not_reset(state.count, reset_every, dtype)
-            buf = jax.tree.map(
-                lambda b, x: _store(mu * (b * keep).astype(c) + damp * x, b * keep), buf, g
+            buf = _map_indexed(
+                lambda i, b, x: store(2 * i + 1, mu * (b * keep).astype(c) + damp * x, b * keep),
+                buf,
+                g,
             )
             if nesterov:
                 d = jax.tree.map(lambda x, b: x + mu * b.astype(c), d, buf)
             else:
                 d = jax.tree.map(lambda x, b: jnp.where(mu > 0, b.astype(c), x), d, buf)
-        acc = jax.tree.map(lambda a, x: _store(a.astype(c) + lr * x, a), state.accumulator, d)
+        acc = _map_indexed(
+            lambda i, a, x: store(2 * i, a.astype(c) + lr * x, a), state.accumulator, d
+        )
         out = jax.tree.map(lambda a: a.astype(c), _read_back(acc))
         return out, ScaleByAccumulationState(optax.safe_increment(state.count), acc, buf)
 
@@ -620,7 +701,7 @@ def flip_by_adaptive_threshold(
     _checks.check_nonnegative("threshold", threshold)
     _checks.check_nonnegative("eps", eps, schedule_ok=False)
     _checks.check_reset_every("reset_every", reset_every)
-    cdt = jnp.dtype(jnp.int32 if count_dtype is None else count_dtype)
+    cdt = _checks.as_dtype("count_dtype", jnp.int32 if count_dtype is None else count_dtype)
     if not jnp.issubdtype(cdt, jnp.integer):
         raise TypeError(f"count_dtype must be an integer dtype, got {cdt}")
     cmax = (int(jnp.iinfo(cdt).max) - 3) // 4  # the largest count that packs

@@ -25,6 +25,32 @@ OPTIMIZERS = {
     ),
     "diode": (binax.diode, dict(learning_rate=1e-3, b1=0.9, b2=0.5, init_scale=1e-3)),
     "cema": (binax.cema, dict(gamma=1e-2, alpha=0.5)),
+    # bfloat16 state with stochastic rounding (random bits inside the update)
+    "bop_bf16_stochastic": (
+        binax.bop,
+        dict(threshold=1e-6, gamma=1e-2, state_dtype=jnp.bfloat16, rounding="stochastic"),
+    ),
+    "sgdat_momentum_bf16_stochastic": (
+        binax.sgdat,
+        dict(
+            learning_rate=1e-2,
+            threshold=1e-6,
+            momentum=0.9,
+            state_dtype=jnp.bfloat16,
+            rounding="stochastic",
+        ),
+    ),
+    "diode_bf16_stochastic": (
+        binax.diode,
+        dict(
+            learning_rate=1e-3,
+            b1=0.9,
+            b2=0.5,
+            seed=3,
+            state_dtype=jnp.bfloat16,
+            rounding="stochastic",
+        ),
+    ),
 }
 NAMES = list(OPTIMIZERS)
 
@@ -91,10 +117,12 @@ def test_inject_hyperparams_gives_the_same_flips(name):
     factory, kw = OPTIMIZERS[name]
     params, grads = params_and_grads()
     plain, _ = run(factory(**kw), params, grads)
-    injected, state = run(optax.inject_hyperparams(factory)(**kw), params, grads)
+    inject = optax.inject_hyperparams(factory, static_args=("state_dtype",))
+    injected, state = run(inject(**kw), params, grads)
     assert total_flips(plain, params) > 0
     assert_trees_equal(plain, injected)
-    assert set(state.hyperparams) >= {k for k, v in kw.items() if not isinstance(v, (bool, str))}
+    numeric = {k for k, v in kw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert set(state.hyperparams) >= numeric
 
 
 def test_inject_hyperparams_value_can_be_changed_between_steps():

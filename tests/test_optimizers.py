@@ -80,13 +80,43 @@ def assert_same_flips(ours, ref, w0, min_flips=50):
 # ---- NumPy references, written from spec/optimizers.md ------------------------------------
 
 
-def keep(x):
+def keep(x, *where):
     return x
 
 
-def bf16(x):
+def bf16(x, *where):
     """Round float32 to bfloat16 (to nearest even) and back: a bfloat16-stored state."""
     return np.asarray(x, F).astype(ml_dtypes.bfloat16).astype(F)
+
+
+def mix32(x):
+    """MurmurHash3's 32-bit finalizer on uint32 arrays."""
+    with np.errstate(over="ignore"):
+        x = np.asarray(x, np.uint32)
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x85EBCA6B)
+        x = x ^ (x >> np.uint32(13))
+        x = x * np.uint32(0xC2B2AE35)
+        return x ^ (x >> np.uint32(16))
+
+
+def bf16_stochastic(seed, kind):
+    """Stochastic rounding to bfloat16 as binax documents it: 16 random bits, from a hash of
+    (seed, kind of statistic, stream, update count t, element index), added below bfloat16's
+    last bit of the float32 value, which is then truncated."""
+    base = mix32(mix32(np.uint32(0x2545F491) ^ np.uint32(seed)) + np.uint32(kind))
+
+    def store(x, stream, t):
+        x = np.asarray(x, F)
+        with np.errstate(over="ignore"):
+            key = mix32(base ^ mix32(np.uint32(stream) * np.uint32(0x9E3779B9)))
+            key = mix32(key ^ mix32(np.uint32(t) + np.uint32(0x7F4A7C15)))
+            idx = np.arange(x.size, dtype=np.uint32).reshape(x.shape)
+            noise = mix32(mix32(idx ^ key) + key) & np.uint32(0xFFFF)
+            up = (x.view(np.uint32) + noise) & np.uint32(0xFFFF0000)
+        return up.view(F)
+
+    return store
 
 
 def bop_ref(w, grads, tau, gamma, store=keep):
@@ -98,7 +128,7 @@ def bop_ref(w, grads, tau, gamma, store=keep):
     out = []
     for t, g in enumerate(grads):
         for k in SHAPES:
-            m[k] = store(m[k] + F(gamma(t)) * (g[k] - m[k]))
+            m[k] = store(m[k] + F(gamma(t)) * (g[k] - m[k]), list(SHAPES).index(k), t)
             flip = w[k] * m[k] > F(tau(t))
             w[k] = np.where(flip, sign0(-w[k]), sign0(w[k]))
         out.append(dict(w))
@@ -113,8 +143,9 @@ def bop2_ref(w, grads, tau, gamma, sigma, bias_correction, eps, store=keep):
     out = []
     for t, g in enumerate(grads):
         for k in SHAPES:
-            m[k] = store(m[k] + F(gamma) * (g[k] - m[k]))
-            v[k] = store(v[k] + F(sigma) * (g[k] * g[k] - v[k]))
+            i = list(SHAPES).index(k)
+            m[k] = store(m[k] + F(gamma) * (g[k] - m[k]), 2 * i, t)
+            v[k] = store(v[k] + F(sigma) * (g[k] * g[k] - v[k]), 2 * i + 1, t)
             if bias_correction is None:
                 s = m[k] / (np.sqrt(v[k]) + F(eps))
             elif bias_correction == "rate":
@@ -151,12 +182,12 @@ def sgdat_ref(
         if reset_every and t > 0 and t % reset_every == 0:  # the optimizer is rebuilt
             n = {k: np.zeros(s, np.int64) for k, s in SHAPES.items()}
             b = {k: np.zeros(s, F) for k, s in SHAPES.items()}
-        for k in SHAPES:
+        for i, k in enumerate(SHAPES):
             d = g[k] + F(wd) * w[k]
             if momentum > 0:
-                b[k] = store(F(momentum) * b[k] + (F(1) - F(dampening)) * g[k])
+                b[k] = store(F(momentum) * b[k] + (F(1) - F(dampening)) * g[k], 2 * i + 1, t)
                 d = d + F(momentum) * b[k] if nesterov else b[k]
-            a[k] = store(a[k] + F(lr) * d)
+            a[k] = store(a[k] + F(lr) * d, 2 * i, t)
             move = np.abs(a[k]) > F(tau) * n[k].astype(F) + F(eps)
             w_new = np.where(move, sign0(-a[k]), w[k])
             n[k] = n[k] + (w_new != w[k])
@@ -311,6 +342,48 @@ def test_bfloat16_state_flip_exact():
     ours, _ = run_binax(binax.sgdat(**kw, state_dtype=jnp.bfloat16), w0, grads)
     ref = sgdat_ref(w0, grads, 1e-2, 1e-6, 0.9, True, 0.0, 1e-3, store=bf16)
     assert_same_flips(ours, ref, w0)
+
+
+def test_bfloat16_stochastic_rounding_flip_exact():
+    """``rounding="stochastic"``: the same runs as above, each new state rounded to bfloat16
+    stochastically, against a NumPy implementation of the documented random bits."""
+    w0, grads = random_binary(10), random_grads(11)
+    sr = dict(state_dtype=jnp.bfloat16, rounding="stochastic")
+    ours, _ = run_binax(binax.bop(threshold=1e-6, gamma=1e-2, **sr), w0, grads)
+    ref = bop_ref(w0, grads, lambda t: 1e-6, lambda t: 1e-2, store=bf16_stochastic(0, 1))
+    assert_same_flips(ours, ref, w0)
+    nearest = bop_ref(w0, grads, lambda t: 1e-6, lambda t: 1e-2, store=bf16)
+    assert any(np.any(a[k] != b[k]) for a, b in zip(ours, nearest, strict=True) for k in SHAPES)
+    tx = binax.bop2nd_order(threshold=1e-2, gamma=1e-2, sigma=1e-2, **sr)
+    ours, _ = run_binax(tx, w0, grads)
+    ref = bop2_ref(w0, grads, 1e-2, 1e-2, 1e-2, None, 1e-10, store=bf16_stochastic(0, 2))
+    assert_same_flips(ours, ref, w0)
+    kw = dict(learning_rate=1e-2, threshold=1e-6, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    ours, _ = run_binax(binax.sgdat(**kw, **sr), w0, grads)
+    ref = sgdat_ref(w0, grads, 1e-2, 1e-6, 0.9, True, 0.0, 1e-3, store=bf16_stochastic(0, 4))
+    assert_same_flips(ours, ref, w0)
+
+
+def test_stochastic_rounding_is_unbiased_and_changes_with_the_step():
+    """A value a quarter of the way from one bfloat16 to the next is stored as the upper one
+    about a quarter of the time, and the draws differ from step to step."""
+    x = 1.0 + 2.0**-9  # bfloat16 neighbours: 1 and 1 + 2**-7
+    n = 100_000
+    tx = binax.transforms.scale_by_ema(1.0, state_dtype=jnp.bfloat16, rounding="stochastic")
+    state = tx.init(jnp.zeros(n))
+    draws = []
+    for _ in range(2):
+        state = tx.init(jnp.zeros(n))._replace(count=state.count)  # m = 0, so m_new = x
+        _, state = tx.update(jnp.full(n, x, jnp.float32), state)
+        draws.append(np.asarray(state.ema, F))
+    for d in draws:
+        assert set(np.unique(d)) == {1.0, 1.0 + 2.0**-7}
+        up = np.mean(d > 1.0)
+        assert abs(up - 0.25) < 4 * np.sqrt(0.25 * 0.75 / n), up  # E[stored] = x
+    assert 0.3 < np.mean(draws[0] != draws[1]) < 0.45  # independent draws: 2 * 0.25 * 0.75
+    nearest = binax.transforms.scale_by_ema(1.0, state_dtype=jnp.bfloat16)
+    _, s = nearest.update(jnp.full(n, x, jnp.float32), nearest.init(jnp.zeros(n)))
+    assert np.all(np.asarray(s.ema, F) == 1.0)
 
 
 def test_sgdat_first_update_takes_descent_sign():

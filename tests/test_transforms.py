@@ -300,6 +300,15 @@ def test_integer_or_boolean_params_are_an_error(dtype):
         (lambda: binax.cema(gamma=0.1, alpha=0.0), "alpha"),
         (lambda: binax.clip_latent(limit=0.0), "limit"),
         (lambda: binax.bop(state_dtype=jnp.int32), "state_dtype"),
+        (lambda: binax.bop(state_dtype="float33"), "state_dtype"),
+        (lambda: binax.bop(state_dtype=jnp.zeros((), jnp.bfloat16)), "static_args"),
+        (lambda: binax.sgdat(count_dtype=jnp.zeros((), jnp.int8)), "count_dtype"),
+        (lambda: binax.bop(rounding="up"), "rounding"),
+        (lambda: binax.bop(rounding="stochastic"), "rounding"),  # needs bfloat16 state
+        (
+            lambda: binax.cema(1e-3, 1e-2, state_dtype=jnp.float16, rounding="stochastic"),
+            "bfloat16",
+        ),
         (lambda: binax.sgdat(count_dtype=jnp.float32), "count_dtype"),
         (lambda: binax.bop(gamma="fast"), "gamma"),
     ],
