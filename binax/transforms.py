@@ -115,7 +115,8 @@ def _storer(rounding: str, seed: int | jax.Array, count: jax.Array, kind: int):
     seed32 = mix32(_seed32(seed) + jnp.uint32(kind))
 
     def store(stream, new, old):
-        noise = _random_bits(old, _stream_key(seed32, stream, count)) & jnp.uint32(0xFFFF)
+        # one mix per element (the key is already a full hash of seed, stream and count)
+        noise = mix32(_element_index(old) ^ _stream_key(seed32, stream, count)) & 0xFFFF
         bits = jax.lax.bitcast_convert_type(new.astype(jnp.float32), jnp.uint32)
         up = (bits + noise) & jnp.uint32(0xFFFF0000)  # a bfloat16 value: the cast is exact
         return _store(jax.lax.bitcast_convert_type(up, jnp.float32), old)  # inf is kept out
@@ -431,11 +432,10 @@ def _stream_key(seed32: jax.Array, stream: int, count: jax.Array | None = None) 
     return key
 
 
-def _random_bits(w: jax.Array, key: jax.Array) -> jax.Array:
-    """32 random bits per element of ``w`` (its shape and sharding): a counter-based hash of
-    ``key`` and the element's index in row-major order. Unlike `jax.random`, nothing heavy to
-    compile when ``init`` runs eagerly (threefry took seconds per leaf shape), and it fuses into
-    an elementwise update."""
+def _element_index(w: jax.Array) -> jax.Array:
+    """Each element's row-major index in ``w`` (uint32, its shape and sharding): the counter
+    for counter-based random bits. Unlike `jax.random`, nothing heavy to compile when ``init``
+    runs eagerly (threefry took seconds per leaf shape), and it fuses into elementwise code."""
     shape = jnp.shape(w)
     sharding = jax.typeof(w).sharding
     idx = jnp.zeros(shape, jnp.uint32) if not shape else None
@@ -444,12 +444,13 @@ def _random_bits(w: jax.Array, key: jax.Array) -> jax.Array:
         iota = jax.lax.broadcasted_iota(jnp.uint32, shape, d, out_sharding=sharding)
         idx = iota * jnp.uint32(stride) if idx is None else idx + iota * jnp.uint32(stride)
         stride = (stride * shape[d]) % (1 << 32)
-    return mix32(mix32(idx ^ key) + key)
+    return idx
 
 
 def _uniform_like(w: jax.Array, seed32: jax.Array, stream: int, dtype) -> jax.Array:
-    """U[0, 1) per element of ``w`` (its shape and sharding), from `_random_bits`."""
-    bits = _random_bits(w, _stream_key(seed32, stream))
+    """U[0, 1) per element of ``w`` (its shape and sharding), from a hash of the element index."""
+    key = _stream_key(seed32, stream)
+    bits = mix32(mix32(_element_index(w) ^ key) + key)
     u = (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)  # 24 random bits: exact in f32
     below_one = jnp.asarray(jnp.nextafter(jnp.ones((), dtype), jnp.zeros((), dtype)), dtype)
     return jnp.minimum(u.astype(dtype), below_one)  # rounding to a narrow dtype stays < 1

@@ -112,7 +112,7 @@ def bf16_stochastic(seed, kind):
             key = mix32(base ^ mix32(np.uint32(stream) * np.uint32(0x9E3779B9)))
             key = mix32(key ^ mix32(np.uint32(t) + np.uint32(0x7F4A7C15)))
             idx = np.arange(x.size, dtype=np.uint32).reshape(x.shape)
-            noise = mix32(mix32(idx ^ key) + key) & np.uint32(0xFFFF)
+            noise = mix32(idx ^ key) & np.uint32(0xFFFF)
             up = (x.view(np.uint32) + noise) & np.uint32(0xFFFF0000)
         return up.view(F)
 
