@@ -29,8 +29,8 @@ loses every step ``rate * (x - m)`` smaller than half an ulp of ``m`` (about 2^-
 small rates (Bop's 1e-4) the average lags. ``rounding="stochastic"`` rounds up or down at
 random, with the probabilities that make the stored value unbiased, so small steps survive on
 average; it draws its bits from a hash of the seed, the update count and the element index
-(no state, reproducible). On digits it brings Bop with bfloat16 state back to its float32
-accuracy (BENCHMARKS.md, section 2).
+(no state, reproducible). On digits neither rounding changed the accuracy measurably
+(BENCHMARKS.md, section 2).
 
 Real-valued weights. Every flip rule computes the new weight as ``sign0`` of something, so a
 real-valued leaf (for example a Glorot-initialised kernel) is binarized by its first update, as
