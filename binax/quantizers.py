@@ -28,6 +28,8 @@ __all__ = [
     "Quantizer",
     "QuantizerLike",
     "approx_sign",
+    "elastic_binarize",
+    "elastic_sign",
     "get",
     "magnitude_aware_sign",
     "names",
@@ -205,6 +207,108 @@ def ste_heaviside(x: jax.Array, clip_value: float = 1.0) -> jax.Array:
     return _ste_heaviside(x, clip_value)
 
 
+# --- elastic binarization (BiT) ---------------------------------------------------------------
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _elastic_codes(x, scale, threshold, signed):
+    u = (x - threshold) / scale
+    if signed:
+        return sign0(u)
+    return jnp.round(jnp.clip(u, 0, 1))  # round half to even: u == 1/2 gives 0
+
+
+@_elastic_codes.defjvp
+def _elastic_codes_jvp(signed, primals, tangents):
+    x, scale, threshold = primals
+    x_dot, scale_dot, threshold_dot = tangents
+    u = (x - threshold) / scale
+    lo = -1 if signed else 0
+    inside = ((u >= lo) & (u <= 1)).astype(x.dtype)
+    codes = _elastic_codes(x, scale, threshold, signed)
+    # d codes = inside / scale * (dx - dthreshold - u * dscale)
+    codes_dot = inside / scale * (x_dot - threshold_dot - u * scale_dot)
+    return codes, codes_dot.astype(x.dtype)
+
+
+def _check_elastic(x, scale, threshold):
+    x = jnp.asarray(x)
+    scale = jnp.asarray(scale, x.dtype)
+    threshold = jnp.asarray(threshold, x.dtype)
+    try:
+        fits = jnp.broadcast_shapes(x.shape, scale.shape, threshold.shape) == x.shape
+    except (TypeError, ValueError):
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"elastic binarization: scale (shape {scale.shape}) and threshold (shape "
+            f"{threshold.shape}) must broadcast to the input's shape {x.shape}"
+        )
+    return x, scale, threshold
+
+
+def elastic_sign(
+    x: jax.Array, scale: jax.Array, threshold: jax.Array = 0.0, *, signed: bool = True
+) -> jax.Array:
+    """The one-bit codes of BiT's elastic binarization, with their straight-through gradients.
+
+    With ``u = (x - threshold) / scale`` the forward value is ``sign0(u)`` (``+1``/``-1``) when
+    ``signed``, else ``round(clip(u, 0, 1))`` (``{0, 1}``; ``1`` where ``u > 1/2``). The gradients
+    are those that make ``scale * elastic_sign(x, scale, threshold)`` (`elastic_binarize`) have
+    the gradients of the paper (the rounding passes the gradient straight through inside the clip
+    range ``lo <= u <= 1``, ``lo = -1`` signed, ``0`` unsigned, bounds included)::
+
+        d codes = 1[lo <= u <= 1] / scale * (dx - dthreshold - u * dscale)
+
+    Use this (rather than `elastic_binarize`) as the input quantizer of a binary product and put
+    the scale on the product's output: the operands of the product then stay one-bit.
+    ``scale`` must be positive (BiT clamps it at ``1e-5``; `binax.nn.ElasticBinarization` does).
+
+    Args:
+      x: input array.
+      scale: the learned scale ``alpha`` (> 0), broadcastable to ``x``'s shape.
+      threshold: the learned threshold ``beta``, broadcastable to ``x``'s shape.
+      signed: ``{-1, +1}`` codes (True) or ``{0, 1}`` codes for non-negative inputs such as
+        attention probabilities (False).
+
+    Raises:
+      ValueError: ``scale`` or ``threshold`` do not broadcast to ``x``'s shape.
+    """
+    x, scale, threshold = _check_elastic(x, scale, threshold)
+    return _elastic_codes(x, scale, threshold, bool(signed))
+
+
+def elastic_binarize(
+    x: jax.Array, scale: jax.Array, threshold: jax.Array = 0.0, *, signed: bool = True
+) -> jax.Array:
+    """BiT's elastic binarization: ``scale * clip-round((x - threshold) / scale)``.
+
+    Forward, with ``u = (x - threshold) / scale``: ``scale * sign0(u)`` (``signed``, values
+    ``+-scale``) or ``scale * round(clip(u, 0, 1))`` (values ``{0, scale}``, for non-negative
+    inputs such as attention probabilities). Gradients (eq. 4 of the paper; the rounding is passed
+    straight through inside the range ``lo <= u <= 1``, ``lo = -1`` signed, ``0`` unsigned)::
+
+        d/dx         = 1[lo <= u <= 1]
+        d/dthreshold = -1[lo <= u <= 1]
+        d/dscale     = codes - u   inside the range,   codes (= lo or 1) outside,
+
+    where ``codes = elastic_sign(x, scale, threshold, signed=signed)``. (The authors' released code
+    uses ``sign(x)`` as the scale's gradient of the signed one-bit case everywhere, i.e. without
+    the ``-u`` term inside the range; binax follows the paper's formula, which is the
+    derivative of the clipped surrogate. It also omits LSQ's gradient scaling of ``scale``, which an
+    Adam-type optimizer for the real-valued parameters makes moot.)
+
+    Reference:
+      Liu, Oguz, Pappu, Xiao, Yih, Li, Mehdad, Krishnamoorthi, "BiT: Robustly Binarized
+      Multi-distilled Transformer", NeurIPS 2022, section 3.2 (elastic binarization function);
+      Esser et al., "Learned Step Size Quantization", ICLR 2020.
+
+    Args: as `elastic_sign`.
+    """
+    x, scale, threshold = _check_elastic(x, scale, threshold)
+    return scale * _elastic_codes(x, scale, threshold, bool(signed))
+
+
 # --- resolution by name -----------------------------------------------------------------------
 
 _REGISTRY: dict[str, Quantizer] = {
@@ -216,7 +320,7 @@ _REGISTRY: dict[str, Quantizer] = {
 }
 
 # Quantizers whose output takes two values (one bit per element, maybe times a real scale).
-_ONE_BIT = frozenset(_REGISTRY.values())
+_ONE_BIT = frozenset([*_REGISTRY.values(), elastic_sign, elastic_binarize])
 
 
 def names() -> tuple[str, ...]:

@@ -183,3 +183,72 @@ def test_precision():
 
     custom.precision = 1
     assert q.precision(custom) == 1
+
+
+# --- elastic binarization (BiT) ---------------------------------------------------------------
+
+# u = (x - threshold) / scale on a grid with the range bounds -1, 0, 1 and the rounding point 1/2
+# exactly representable: scale 0.5, thresholds 0 and 0.25 per feature.
+U = np.array([-2.0, -1.0, -0.75, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5], np.float32)
+SCALE = np.float32(0.5)
+THRESHOLD = np.array([0.0, 0.25], np.float32)
+XE = (THRESHOLD + SCALE * U[:, None]).astype(np.float32)  # (10, 2)
+
+
+def elastic_np(x, scale, threshold, signed):
+    """(forward, d/dx, d/dscale, d/dthreshold) of BiT's elastic binarization, elementwise."""
+    u = (x - threshold) / scale
+    lo = -1.0 if signed else 0.0
+    inside = (u >= lo) & (u <= 1.0)
+    codes = np.where(u >= 0, 1.0, -1.0) if signed else np.where(u > 0.5, 1.0, 0.0)
+    d_scale = np.where(inside, codes - u, codes)  # Q_n / Q_p outside the range
+    return scale * codes, inside * 1.0, d_scale, -1.0 * inside
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_elastic_binarize_forward_and_gradients(signed):
+    rng = np.random.default_rng(1)
+    ct = rng.normal(size=XE.shape).astype(np.float32)  # a cotangent, so sums are weighted
+    want_y, want_dx, want_ds, want_dt = elastic_np(XE, SCALE, THRESHOLD, signed)
+
+    f = lambda x, s, t: q.elastic_binarize(x, s, t, signed=signed)
+    args = (jnp.asarray(XE), jnp.asarray(SCALE), jnp.asarray(THRESHOLD))
+    y = jax.jit(f)(*args)
+    np.testing.assert_array_equal(y, want_y)
+    codes = q.elastic_sign(*args, signed=signed)
+    np.testing.assert_array_equal(codes, want_y / SCALE)
+    assert set(np.unique(codes)) == ({-1.0, 1.0} if signed else {0.0, 1.0})
+
+    # Reverse mode: the broadcast scale (scalar) and threshold (per feature) sum their gradients.
+    gx, gs, gt = jax.jit(jax.grad(lambda *a: jnp.sum(ct * f(*a)), argnums=(0, 1, 2)))(*args)
+    np.testing.assert_allclose(gx, ct * want_dx, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(gs, np.sum(ct * want_ds), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gt, np.sum(ct * want_dt, axis=0), rtol=1e-6, atol=1e-7)
+
+    # Forward mode, one direction per argument.
+    ones = [jnp.ones_like(a) for a in args]
+    zeros = [jnp.zeros_like(a) for a in args]
+    for i, want in enumerate((want_dx, want_ds, want_dt)):
+        tangents = tuple(ones[j] if j == i else zeros[j] for j in range(3))
+        _, jvp = jax.jit(lambda a, t: jax.jvp(f, a, t))(args, tangents)
+        np.testing.assert_allclose(jvp, want, rtol=1e-5, atol=1e-6)
+
+
+def test_elastic_binarize_matches_round_clip_definition():
+    # Away from the rounding point, the unsigned forward is scale * round(clip(u, 0, 1)) and the
+    # signed one scale * sign(u); random inputs, a per-feature threshold.
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(64, 3)).astype(np.float32)
+    s, t = np.float32(0.7), rng.normal(size=3).astype(np.float32)
+    u = (x - t) / s
+    np.testing.assert_allclose(
+        q.elastic_binarize(x, s, t, signed=False), s * np.round(np.clip(u, 0, 1)), rtol=1e-6
+    )
+    np.testing.assert_allclose(q.elastic_binarize(x, s, t), s * np.where(u >= 0, 1, -1))
+
+
+def test_elastic_binarize_errors_and_precision():
+    with pytest.raises(ValueError, match=r"threshold \(shape \(3,\)\).*\(4, 2\)"):
+        q.elastic_binarize(jnp.ones((4, 2)), 1.0, jnp.zeros(3))
+    assert q.precision(functools.partial(q.elastic_sign, scale=1.0)) == 1
+    assert q.precision(q.elastic_binarize) == 1
