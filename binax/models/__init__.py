@@ -1,8 +1,10 @@
 """Reference binary architectures (Flax NNX), by class or by name with `get`.
 
-All take ``input_shape=(height, width, channels)``, ``num_classes`` and ``rngs=nnx.Rngs(...)``,
-are called as ``model(x)`` on NHWC float images and return logits. BatchNorm follows Flax NNX:
-``model.train()`` / ``model.eval()`` switch between batch and running statistics.
+The image models take ``input_shape=(height, width, channels)``, ``num_classes`` and
+``rngs=nnx.Rngs(...)``, are called as ``model(x)`` on NHWC float images and return logits;
+`BinaryEncoder` (``"encoder"``) takes ``vocab_size`` and classifies token-id sequences.
+BatchNorm follows Flax NNX: ``model.train()`` / ``model.eval()`` switch between batch and running
+statistics.
 """
 
 from __future__ import annotations
@@ -14,13 +16,26 @@ from flax import nnx
 from binax.models.binarynet import BinaryNet
 from binax.models.mlp import BinaryMLP
 from binax.models.resnet import BinaryResNet18, BiRealBlock
+from binax.models.transformer import BinaryEncoder, BinaryViT, TransformerOutput
 
-__all__ = ["BiRealBlock", "BinaryMLP", "BinaryNet", "BinaryResNet18", "get", "names"]
+__all__ = [
+    "BiRealBlock",
+    "BinaryEncoder",
+    "BinaryMLP",
+    "BinaryNet",
+    "BinaryResNet18",
+    "BinaryViT",
+    "TransformerOutput",
+    "get",
+    "names",
+]
 
 _REGISTRY: dict[str, type[nnx.Module]] = {
     "mlp": BinaryMLP,
     "binarynet": BinaryNet,
     "resnet18": BinaryResNet18,
+    "vit": BinaryViT,
+    "encoder": BinaryEncoder,
 }
 
 
