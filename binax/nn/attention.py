@@ -343,7 +343,11 @@ class BinaryMultiHeadAttention(nnx.Module):
         if mask is not None:
             scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores, axis=-1)
-        attend = probs if self.prob_binarization is None else self.prob_binarization(probs)
+        attend = probs
+        if self.prob_binarization is not None:
+            attend = self.prob_binarization(probs)
+            if mask is not None:  # a learned threshold below 0 must not let masked keys in
+                attend = jnp.where(mask, attend, jnp.zeros((), attend.dtype))
         context = jnp.einsum("bhqk,bkhd->bqhd", attend, value, precision=self.precision)
         y = self.out(context.reshape(batch, length, self.features))
         return (y, Attention(scores, probs)) if return_attention else y
