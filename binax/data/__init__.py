@@ -2,7 +2,8 @@
 
 The entry point is :func:`load`; :func:`batches` and :func:`random_crop_flip` give a
 deterministic, resumable, shardable input pipeline. See ``datasets.py`` for where files
-are looked for, and ``pipeline.py`` for the determinism guarantees.
+are looked for, and ``pipeline.py`` for the determinism guarantees. :func:`read_glue` reads the
+GLUE task files (tokenize them with ``binax.data.text``, which needs the ``binax[text]`` extra).
 """
 
 from binax.data.cifar import read_cifar10, read_cifar100, read_tar_members
@@ -24,6 +25,14 @@ from binax.data.fetch import (
     download,
     resolve_data_dir,
 )
+from binax.data.glue import (
+    GLUE_TASKS,
+    GlueExamples,
+    GlueTask,
+    glue_task,
+    read_glue,
+    read_glue_tsv,
+)
 from binax.data.idx import parse_idx, read_idx, read_idx_images_labels
 from binax.data.pipeline import (
     Batch,
@@ -40,6 +49,9 @@ __all__ = [
     "DATA_DIR_ENV",
     "DATASET_NAMES",
     "FASHION_MNIST_SYSTEM_DIR",
+    "GLUE_TASKS",
+    "GlueExamples",
+    "GlueTask",
     "Batch",
     "DataFormatError",
     "Dataset",
@@ -51,6 +63,7 @@ __all__ = [
     "download",
     "epoch_permutation",
     "example_random_bits",
+    "glue_task",
     "load",
     "normalize",
     "num_batches",
@@ -58,6 +71,8 @@ __all__ = [
     "random_crop_flip",
     "read_cifar10",
     "read_cifar100",
+    "read_glue",
+    "read_glue_tsv",
     "read_idx",
     "read_idx_images_labels",
     "read_tar_members",
