@@ -21,6 +21,22 @@ def rngs(seed=0):
     return nnx.Rngs(jax.random.key(seed, impl="rbg"))
 
 
+_CACHE = {}
+
+
+def build(cls, **kwargs):
+    """Each configuration built once per session (initialisation compiles per shape)."""
+    key = (cls.__name__, tuple(sorted(kwargs.items())))
+    if key not in _CACHE:
+        _CACHE[key] = cls(**kwargs, rngs=rngs())
+    return nnx.clone(_CACHE[key])
+
+
+@nnx.jit(static_argnames="intermediates")
+def forward(model, *args, intermediates=True):
+    return model(*args, return_intermediates=intermediates)
+
+
 def binary_paths(model):
     labels = nnx.to_flat_state(bnn.binary_labels(model))
     return sorted("/".join(map(str, k)) for k, b in labels if b)
@@ -38,9 +54,11 @@ TOKENS = jnp.array([[1, 5, 7, 2, 0, 0], [1, 9, 3, 4, 8, 2]])
 
 
 def test_vit_shapes_binary_kernels_and_intermediates():
-    model = models.get("vit", rngs=rngs(), **VIT)
+    registered = nnx.eval_shape(lambda: models.get("vit", rngs=nnx.Rngs(0), **VIT))
+    assert type(registered) is models.BinaryViT
+    model = build(models.BinaryViT, **VIT)
     assert binary_paths(model) == expected(2)
-    out = model(images((3, 28, 28, 1)), return_intermediates=True)
+    out = forward(model, images((3, 28, 28, 1)))
     assert isinstance(out, models.TransformerOutput)
     assert out.logits.shape == (3, 10)
     assert len(out.hidden_states) == 3 and all(h.shape == (3, 17, 8) for h in out.hidden_states)
@@ -48,13 +66,15 @@ def test_vit_shapes_binary_kernels_and_intermediates():
     assert out.attentions[0].scores.shape == out.attentions[0].probs.shape == (3, 2, 17, 17)
     np.testing.assert_allclose(np.sum(out.attentions[1].probs, -1), 1.0, rtol=1e-5)
     # Everything binarizable binarized: patch embedding and head join the binary kernels.
-    full = models.BinaryViT(**VIT, binary_patch_embedding=True, binary_head=True, rngs=rngs())
+    full = build(models.BinaryViT, **VIT, binary_patch_embedding=True, binary_head=True)
     assert binary_paths(full) == expected(2, ["patch_embedding/kernel", "head/kernel"])
 
 
 def test_vit_on_32x32_rgb():
-    model = models.BinaryViT(
-        (32, 32, 3), 5, patch_size=8, features=8, depth=1, num_heads=2, rngs=rngs()
+    model = nnx.eval_shape(
+        lambda: models.BinaryViT(
+            (32, 32, 3), 5, patch_size=8, features=8, depth=1, num_heads=2, rngs=nnx.Rngs(0)
+        )
     )
     spec = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
     graphdef, state = nnx.split(model)
@@ -64,25 +84,27 @@ def test_vit_on_32x32_rgb():
 
 
 def test_encoder_shapes_binary_kernels_and_padding():
-    model = models.get("encoder", rngs=rngs(), **ENCODER)
+    model = build(models.BinaryEncoder, **ENCODER)
     assert binary_paths(model) == expected(2, ["word_embedding/embedding"])
-    out = model(TOKENS, return_intermediates=True)
+    out = forward(model, TOKENS)
     assert out.logits.shape == (2, 3)
     assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (2, 6, 8)
     # Padding (id 0) gets no attention; changing it changes nothing else.
     np.testing.assert_array_equal(np.asarray(out.attentions[0].probs)[0, :, :, 4:], 0.0)
-    y = model(TOKENS.at[0, 4:].set(0), attention_mask=TOKENS != 0)
+    y = forward(model, TOKENS.at[0, 4:].set(5), None, TOKENS != 0, intermediates=False)
     np.testing.assert_allclose(y, out.logits, rtol=1e-6)
     types = jnp.ones_like(TOKENS)
-    assert not np.allclose(model(TOKENS, types), out.logits)  # segments are embedded
-    real_embeddings = models.BinaryEncoder(**ENCODER, binary_embeddings=False, rngs=rngs())
+    y = forward(model, TOKENS, types, intermediates=False)
+    assert not np.allclose(y, out.logits)  # segments are embedded
+    real_embeddings = build(models.BinaryEncoder, **ENCODER, binary_embeddings=False)
     assert binary_paths(real_embeddings) == expected(2)
 
 
 @pytest.mark.parametrize("name", ["vit", "encoder"])
 def test_full_precision_twin_has_no_binary_parameters(name):
     kwargs = VIT if name == "vit" else ENCODER
-    teacher = models.get(name, binary=False, rngs=rngs(), **kwargs)
+    cls = models.BinaryViT if name == "vit" else models.BinaryEncoder
+    teacher = build(cls, **kwargs, binary=False)
     assert binary_paths(teacher) == []
     params = nnx.to_flat_state(nnx.state(teacher, nnx.Param))
     assert not any("binarization" in "/".join(map(str, k)) for k, _ in params)
@@ -91,9 +113,9 @@ def test_full_precision_twin_has_no_binary_parameters(name):
             nnx.as_pure(nnx.state(teacher, nnx.Param))
         )
     x = images((2, 28, 28, 1)) if name == "vit" else TOKENS
-    student = models.get(name, rngs=rngs(), **kwargs)
+    student = build(cls, **kwargs)
     # Same architecture: the twin's hidden states and attention line up with the student's.
-    t, s = teacher(x, return_intermediates=True), student(x, return_intermediates=True)
+    t, s = jax.eval_shape(forward, teacher, x), jax.eval_shape(forward, student, x)
     assert [h.shape for h in t.hidden_states] == [h.shape for h in s.hidden_states]
     assert [a.scores.shape for a in t.attentions] == [a.scores.shape for a in s.attentions]
 
@@ -116,7 +138,8 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 def test_one_jitted_step_per_optimizer(name):
     """One compiled program: the gradient, then one partitioned step of every optimizer."""
     kwargs = VIT if name == "vit" else ENCODER
-    model = models.get(name, rngs=rngs(), **kwargs)
+    cls = models.BinaryViT if name == "vit" else models.BinaryEncoder
+    model = build(cls, **kwargs)
     x = images((4, 28, 28, 1)) if name == "vit" else jnp.tile(TOKENS, (2, 1))
     y = jnp.array([0, 1, 2, 1])
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -167,11 +190,11 @@ def test_errors_name_the_argument():
         models.BinaryViT((28, 28), rngs=rngs())
     with pytest.raises(ValueError, match="depth must be a positive int"):
         models.BinaryViT(**{**VIT, "depth": 0}, rngs=rngs())
-    model = models.BinaryEncoder(**ENCODER, rngs=rngs())
+    model = build(models.BinaryEncoder, **ENCODER)
     with pytest.raises(ValueError, match="input length 7 exceeds max_length 6"):
         model(jnp.ones((1, 7), jnp.int32))
     with pytest.raises(ValueError, match=r"input_ids must be \(batch, length\) integers"):
         model(jnp.ones((1, 4)))
-    vit = models.BinaryViT(**VIT, rngs=rngs())
+    vit = build(models.BinaryViT, **VIT)
     with pytest.raises(ValueError, match=r"x must be \(batch, 28, 28, 1\)"):
         vit(jnp.ones((2, 32, 32, 1)))

@@ -1,8 +1,8 @@
 """Reference binary architectures (Flax NNX), by class or by name with `get`.
 
-The image models take ``input_shape=(height, width, channels)``, ``num_classes`` and
-``rngs=nnx.Rngs(...)``, are called as ``model(x)`` on NHWC float images and return logits;
-`BinaryEncoder` (``"encoder"``) takes ``vocab_size`` and classifies token-id sequences.
+The image models (those `get` knows) take ``input_shape=(height, width, channels)``,
+``num_classes`` and ``rngs=nnx.Rngs(...)``, are called as ``model(x)`` on NHWC float images and
+return logits. `BinaryEncoder` takes ``vocab_size`` instead and classifies token-id sequences.
 BatchNorm follows Flax NNX: ``model.train()`` / ``model.eval()`` switch between batch and running
 statistics.
 """
@@ -35,8 +35,7 @@ _REGISTRY: dict[str, type[nnx.Module]] = {
     "binarynet": BinaryNet,
     "resnet18": BinaryResNet18,
     "vit": BinaryViT,
-    "encoder": BinaryEncoder,
-}
+}  # BinaryEncoder (token ids, not images) is built by class: the registry names image models
 
 
 def names() -> tuple[str, ...]:
