@@ -145,7 +145,7 @@ def check_same_structure(transform: str, updates: Any, params: Any, what: str = 
 
 def check_float_leaves(transform: str, params: Any) -> None:
     for path, p in jax.tree_util.tree_leaves_with_path(params):
-        dt = jnp.result_type(p)
+        dt = p.dtype if isinstance(p, jax.ShapeDtypeStruct) else jnp.result_type(p)
         if not jnp.issubdtype(dt, jnp.floating):
             raise TypeError(
                 f"{transform}: `params` leaf {_path_str(path)} has dtype {dt}; binary "

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from binax import _checks
@@ -118,7 +117,7 @@ def bop2nd_order(
 def sgdat(
     learning_rate: ScalarOrSchedule = 1e-4,
     threshold: ScalarOrSchedule = 1e-7,
-    momentum: float = 0.0,
+    momentum: float | None = None,
     nesterov: bool = False,
     dampening: float = 0.0,
     weight_decay: float = 0.0,
@@ -150,7 +149,9 @@ def sgdat(
     Args:
       learning_rate: :math:`\eta` > 0 (default 1e-4).
       threshold: :math:`\tau` >= 0 (default 1e-7).
-      momentum: >= 0 (default 0: no momentum buffer is kept).
+      momentum: >= 0, or ``None`` (the default): no momentum and no momentum buffer (also for
+        a Python 0). Under `optax.inject_hyperparams` keep ``None`` (as for ``optax.sgd``): an
+        injected number becomes an array, and an array keeps a buffer.
       nesterov: Nesterov momentum.
       dampening: in [0, 1].
       weight_decay: >= 0.
@@ -223,10 +224,8 @@ def diode(
       GreenBitAI/bitorch-engine, ``bitorch_engine/optim/diode_beta.py``).
     """
     _checks.check_beta("b1", b1)
-    dtype = _checks.check_state_dtype("state_dtype", state_dtype)
-    rate1 = jnp.ones((), dtype) - jnp.asarray(b1, dtype)
     return optax.chain(
-        T.scale_by_ema(rate1, state_dtype=state_dtype, rounding=rounding, seed=seed),
+        T.scale_by_ema(T.one_minus(b1), state_dtype=state_dtype, rounding=rounding, seed=seed),
         T.scale_by_sign_ema(
             learning_rate,
             b2,

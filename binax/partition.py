@@ -41,6 +41,13 @@ def _is_flax_nnx(obj: Any) -> bool:
     return isinstance(obj, (nnx.Module, nnx.State))
 
 
+def _is_map_params_placeholder(tree: Any) -> bool:
+    """True for the leafless stand-in that `optax.tree.map_params` passes to ``init`` to find
+    the copies of the params in a state (a private Optax class, recognised by name)."""
+    cls = type(tree)
+    return cls.__name__ == "_ParamsPlaceholder" and cls.__module__.startswith("optax")
+
+
 def _as_bool(x: Any, where: str) -> bool:
     if isinstance(x, (bool, np.bool_)) or (
         isinstance(x, (np.ndarray, jax.Array)) and x.shape == () and x.dtype == bool
@@ -152,6 +159,8 @@ def partition(
             raise TypeError(f"{name} must be an optax.GradientTransformation, got {tx!r}")
 
     def labels(tree):
+        if _is_map_params_placeholder(tree):
+            return tree  # no leaves, so no labels (optax.masked passes it on unmasked)
         return jax.tree.map(lambda b: BINARY if b else REAL, binary_mask(is_binary, tree))
 
     return optax.partition({BINARY: binary, REAL: real}, labels)

@@ -5,7 +5,7 @@ gradients into a gradient-like signal ``s`` (positive means "this weight wants t
 *flip rule*, which turns ``s`` and the current weights ``w`` into flips. A flip is the additive
 update ``-2 w`` (``optax.apply_updates`` adds updates to params), no flip is ``0``.
 
-Conventions (see ``spec/optimizers.md``):
+Conventions (see ``docs/optimizers.md``):
 
 * ``ema(m, x, rate) = m + rate * (x - m)``.
 * ``sign0(x) = +1 if x >= 0 else -1`` (never 0).
@@ -31,6 +31,12 @@ random, with the probabilities that make the stored value unbiased, so small ste
 average; it draws its bits from a hash of the seed, the update count and the element index
 (no state, reproducible). On digits neither rounding changed the accuracy measurably
 (BENCHMARKS.md, section 2).
+
+Abstract params. ``init`` on `jax.ShapeDtypeStruct` params (as Optax's sharding tests call it)
+returns the state with the right shapes, dtypes and shardings: zeros, as in Optax, and a
+`jax.ShapeDtypeStruct` for each leaf whose initial value depends on the sign of a weight
+(Diode's sign EMA, SGDAT's packed flip counts). ``jax.eval_shape(tx.init, params)`` gives
+the all-abstract state. A state to train with needs the actual params.
 
 Real-valued weights. Every flip rule computes the new weight as ``sign0`` of something, so a
 real-valued leaf (for example a Glorot-initialised kernel) is binarized by its first update, as
@@ -152,6 +158,39 @@ def _zeros(params: Any, dtype) -> Any:
 
 def _ema(m: jax.Array, x: jax.Array, rate: jax.Array) -> jax.Array:
     return m + rate * (x - m)
+
+
+def one_minus(b: Any) -> Any:
+    """``1 - b`` as the reference implementations compute it: for a Python number in Python
+    (double precision), so that it is rounded once, when cast to the compute dtype (``1 - 0.99``
+    becomes float32 ``0.01``, where ``float32(1) - float32(0.99)`` is ``0.00999999``). An array
+    (under `optax.inject_hyperparams` ``b`` is one, already rounded) is subtracted in its dtype.
+    """
+    if isinstance(b, (int, float)) and not isinstance(b, bool):
+        return 1.0 - b
+    return 1 - jnp.asarray(b)
+
+
+def _true_divide(x: jax.Array, d: jax.Array) -> jax.Array:
+    """``x / d`` for a scalar ``d``, rounded as one true division per element (as NumPy, PyTorch
+    and TensorFlow's references compute it), also where the quotient is divided again.
+
+    XLA's simplifier rewrites ``x / d`` (``d`` broadcast) into ``x * (1 / d)`` and ``(x / d) / y``
+    into ``x / (d * y)``; both round differently (an ulp off in about a quarter of the elements).
+    Adding ``z = 0 * x`` to the divisor and to the quotient stops both rewrites (XLA does not fold
+    ``0 * x``, which is NaN for an infinite ``x``) and changes no value: for finite ``x`` (state
+    always is, see `_store`) ``z`` is a zero with the sign of ``x`` and of the quotient.
+    ``tests/test_transforms.py`` checks the compiled HLO.
+    """
+    z = jnp.zeros((), x.dtype) * x
+    return x / (d + z) + z
+
+
+def _abstract_like(w: jax.ShapeDtypeStruct, dtype) -> jax.ShapeDtypeStruct:
+    """The state leaf of an abstract weight whose initial value depends on the weight's value:
+    its shape and sharding, in ``dtype``, as a `jax.ShapeDtypeStruct` (as `jax.eval_shape`
+    gives; Optax's sharding tests build a state from `jax.ShapeDtypeStruct` params)."""
+    return jax.ShapeDtypeStruct(w.shape, dtype, sharding=w.sharding)
 
 
 def _flip_update(w: jax.Array, w_new: jax.Array) -> jax.Array:
@@ -317,7 +356,7 @@ def scale_by_moment_ratio(
             m, v = m.astype(c), v.astype(c)
             if bias_correction is None:
                 return m / (jnp.sqrt(v) + e)
-            return (m / m_scale) / (jnp.sqrt(v / v_scale) + e)
+            return _true_divide(m, m_scale) / (jnp.sqrt(_true_divide(v, v_scale)) + e)
 
         s = jax.tree.map(ratio, *_read_back((mu, nu)))
         return s, ScaleByMomentRatioState(optax.safe_increment(state.count), mu, nu)
@@ -375,18 +414,21 @@ def scale_by_sign_ema(
                 "scale_by_sign_ema: `init` needs the params (the initial state "
                 "depends on the sign of each weight)"
             )
+        _checks.check_float_leaves("scale_by_sign_ema", params)
         seed32 = _seed32(seed)
         leaves, treedef = jax.tree.flatten(params)
+        values = {i: w for i, w in enumerate(leaves) if not isinstance(w, jax.ShapeDtypeStruct)}
         scale = jnp.asarray(init_scale, dtype)
 
         @jax.jit  # one small program instead of many eagerly dispatched ops
-        def initial(leaves, seed32, scale):
-            return [
-                -sign0(w).astype(dtype) * _uniform_like(w, seed32, i, dtype) * scale
-                for i, w in enumerate(leaves)
-            ]
+        def initial(values, seed32, scale):
+            return {
+                i: -sign0(w).astype(dtype) * _uniform_like(w, seed32, i, dtype) * scale
+                for i, w in values.items()
+            }
 
-        ema = initial(leaves, seed32, scale)
+        ema = initial(values, seed32, scale)
+        ema = [ema[i] if i in ema else _abstract_like(w, dtype) for i, w in enumerate(leaves)]
         return ScaleBySignEmaState(
             count=jnp.zeros([], jnp.int32), ema=jax.tree.unflatten(treedef, ema)
         )
@@ -398,7 +440,7 @@ def scale_by_sign_ema(
         )
         c = _compute_dtype(dtype)
         lr = _value(learning_rate, state.count, c)
-        rate = jnp.ones((), c) - jnp.asarray(b2, c)
+        rate = jnp.asarray(one_minus(b2), c)
         store = _storer(rounding, seed, state.count, kind=3)
         ema = _map_indexed(
             lambda i, m, x: store(i, _ema(m.astype(c), lr * jnp.sign(x).astype(c), rate), m),
@@ -461,13 +503,13 @@ class ScaleByAccumulationState(NamedTuple):
 
     count: jax.Array
     accumulator: optax.Updates
-    momentum: optax.Updates | None  # None when momentum is the constant 0
+    momentum: optax.Updates | None  # None without momentum (momentum None or a Python 0)
 
 
 def scale_by_accumulation(
     learning_rate: ScalarOrSchedule,
     *,
-    momentum: float = 0.0,
+    momentum: float | None = None,
     nesterov: bool = False,
     dampening: float = 0.0,
     weight_decay: float = 0.0,
@@ -490,7 +532,11 @@ def scale_by_accumulation(
 
     Args:
       learning_rate: :math:`\eta` > 0; float or schedule.
-      momentum: :math:`\mu` >= 0. With the constant 0 no momentum buffer is kept.
+      momentum: :math:`\mu` >= 0, or ``None`` (the default): no momentum. A momentum buffer is
+        kept unless momentum is ``None`` or a Python 0, so the state's structure is fixed when
+        the transform is built: under `optax.inject_hyperparams` (where numbers become arrays)
+        ``None`` keeps the state of the plain transform, and an injected momentum can be
+        changed between steps, but not from or to "no momentum".
       nesterov: Nesterov momentum.
       dampening: :math:`\tau` in [0, 1].
       weight_decay: :math:`\lambda` >= 0; needs ``params`` when not 0.
@@ -503,7 +549,8 @@ def scale_by_accumulation(
       seed: an int or a JAX PRNG key for stochastic rounding.
     """
     _checks.check_positive("learning_rate", learning_rate)
-    _checks.check_nonnegative("momentum", momentum, schedule_ok=False)
+    if momentum is not None:
+        _checks.check_nonnegative("momentum", momentum, schedule_ok=False)
     _checks.check_scalar(
         "dampening", dampening, lambda x: 0.0 <= x <= 1.0, "in [0, 1]", schedule_ok=False
     )
@@ -511,8 +558,9 @@ def scale_by_accumulation(
     _checks.check_reset_every("reset_every", reset_every)
     dtype = _checks.check_state_dtype("state_dtype", state_dtype)
     _checks.check_rounding("rounding", rounding, dtype)
-    # Only a Python 0 drops the buffer: under inject_hyperparams both init and update see arrays.
-    use_momentum = not (isinstance(momentum, (int, float)) and momentum == 0)
+    # Decided by the argument's type, never by an array's value: init and update (and init under
+    # jit, where optax.inject_hyperparams's arrays are traced) must agree on the state's structure.
+    use_momentum = not (momentum is None or (isinstance(momentum, (int, float)) and momentum == 0))
     use_decay = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
     def init_fn(params):
@@ -545,7 +593,7 @@ def scale_by_accumulation(
         buf = state.momentum
         if use_momentum:
             mu = jnp.asarray(momentum, c)
-            damp = jnp.ones((), c) - jnp.asarray(dampening, c)
+            damp = jnp.asarray(one_minus(dampening), c)
             keep = _not_reset(state.count, reset_every, dtype)
             buf = _map_indexed(
                 lambda i, b, x: store(2 * i + 1, mu * (b * keep).astype(c) + damp * x, b * keep),
@@ -708,7 +756,14 @@ def flip_by_adaptive_threshold(
     cmax = (int(jnp.iinfo(cdt).max) - 3) // 4  # the largest count that packs
 
     def init_fn(params):
-        packed = jax.tree.map(lambda w: (sign0(w) < 0).astype(cdt), params)
+        _checks.check_float_leaves("flip_by_adaptive_threshold", params)
+
+        def initial(w):
+            if isinstance(w, jax.ShapeDtypeStruct):
+                return _abstract_like(w, cdt)
+            return (sign0(w) < 0).astype(cdt)
+
+        packed = jax.tree.map(initial, params)
         return AdaptiveFlipState(count=jnp.zeros([], jnp.int32), packed=packed)
 
     def update_fn(updates, state, params=None, **extra_args):

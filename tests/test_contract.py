@@ -1,10 +1,14 @@
 """The Optax contract, as Optax's own contrib tests check it, for every binax optimizer."""
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl.testing import parameterized
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -74,23 +78,19 @@ def params_and_grads(dtype=jnp.float32, steps=12, seed=0):
     return params, grads
 
 
-def run(tx, params, grads, jit=True):
+def run(tx, params, grads):
     state = tx.init(params)
 
+    @jax.jit
     def step(params, state, g):
         u, state = tx.update(g, state, params)
         return optax.apply_updates(params, u), state, u
 
-    step = jax.jit(step) if jit else step
     history = []
     for g in grads:
         params, state, u = step(params, state, g)
         history.append(params)
     return history, state
-
-
-def assert_trees_equal(a, b):
-    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
 def total_flips(history, params0):
@@ -104,12 +104,35 @@ def total_flips(history, params0):
     return n
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_jit_matches_eager(name):
-    params, grads = params_and_grads(steps=4)
-    eager, _ = run(make(name), params, grads, jit=False)
-    jitted, _ = run(make(name), params, grads, jit=True)
-    assert_trees_equal(eager, jitted)
+@functools.cache
+def scanned(name, steps=4):
+    """The weights after each step, from one jitted `jax.lax.scan` over the steps."""
+    params, grads = params_and_grads(steps=steps)
+    tx = make(name)
+
+    def body(carry, g):
+        u, state = tx.update(g, carry[1], carry[0])
+        new = optax.apply_updates(carry[0], u)
+        return (new, state), new
+
+    grads = jax.tree.map(lambda *g: jnp.stack(g), *grads)
+    return jax.jit(jax.lax.scan, static_argnums=0)(body, (params, tx.init(params)), grads)[1]
+
+
+class JitTest(chex.TestCase):
+    """``update`` with and without jit gives the flips of one jitted scan over the steps."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*NAMES)
+    def test_update_matches_a_jitted_scan(self, name):
+        params, grads = params_and_grads(steps=4)
+        tx = make(name)
+        update, state = self.variant(tx.update), tx.init(params)
+        want = [jax.tree.map(lambda x, t=t: x[t], scanned(name)) for t in range(len(grads))]
+        for g, w in zip(grads, want, strict=True):
+            u, state = update(g, state, params)
+            params = optax.apply_updates(params, u)
+            chex.assert_trees_all_equal(params, w)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -120,7 +143,7 @@ def test_inject_hyperparams_gives_the_same_flips(name):
     inject = optax.inject_hyperparams(factory, static_args=("state_dtype",))
     injected, state = run(inject(**kw), params, grads)
     assert total_flips(plain, params) > 0
-    assert_trees_equal(plain, injected)
+    chex.assert_trees_all_equal(plain, injected)
     numeric = {k for k, v in kw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert set(state.hyperparams) >= numeric
 
@@ -142,11 +165,44 @@ def test_inject_hyperparams_with_schedule():
     injected, _ = run(
         optax.inject_hyperparams(binax.bop)(threshold=1e-6, gamma=sched), params, grads
     )
-    assert_trees_equal(plain, injected)
+    chex.assert_trees_all_equal(plain, injected)
+
+
+DEFAULTS = {f.__name__: f for f in (binax.bop, binax.bop2nd_order, binax.sgdat, binax.diode)}
+
+
+@pytest.mark.parametrize("name", NAMES + [f"{n}_defaults" for n in DEFAULTS])
+def test_inject_hyperparams_keeps_the_state_structure(name):
+    """Injected numbers become arrays; no argument may change the state's structure by that
+    (so checkpoints swap between the two, and no buffer is kept for a momentum of 0)."""
+    if name.endswith("_defaults"):
+        factory, kw = DEFAULTS[name.removesuffix("_defaults")], {}
+    else:
+        factory, kw = OPTIMIZERS[name]
+    params, _ = params_and_grads(steps=0)
+    injected = optax.inject_hyperparams(factory, static_args=("state_dtype",))(**kw)
+    want = factory(**kw).init(params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(injected.init(params).inner_state, want)
+    chex.assert_trees_all_equal_shapes_and_dtypes(jax.jit(injected.init)(params).inner_state, want)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_init_on_abstract_params(name):
+    """As Optax's sharding tests do: ``init`` on `jax.ShapeDtypeStruct` params gives the state's
+    shapes and dtypes (leaves whose value depends on the weights' signs come out abstract)."""
+    params, _ = params_and_grads(steps=0)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    tx = make(name)
+    chex.assert_trees_all_equal_shapes_and_dtypes(tx.init(abstract), tx.init(params))
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        tx.init(abstract), jax.eval_shape(tx.init, params)
+    )
 
 
 @pytest.mark.parametrize("name", ["bop", "sgdat", "diode"])
 def test_multi_steps_accumulates_then_applies_mean_gradient(name):
+    """Nothing moves for 3 steps; the 4th applies the optimizer to the mean of the 4 gradients,
+    and flips weights (so an optimizer that does nothing fails)."""
     params, grads = params_and_grads(steps=8)
     tx = optax.MultiSteps(make(name), every_k_schedule=4)
     state = tx.init(params)
@@ -160,6 +216,8 @@ def test_multi_steps_accumulates_then_applies_mean_gradient(name):
             u, state = update(g, state, params)
             if i < 3:
                 assert all(not jnp.any(x) for x in jax.tree.leaves(u)), "no update before k=4"
+        flips = sum(int(jnp.sum(x != 0)) for x in jax.tree.leaves(u))
+        assert flips > 0, f"the 4th step of chunk {k} flipped nothing"
         params = optax.apply_updates(params, u)
         mean = jax.tree.map(lambda *gs: sum(gs) / 4, *chunk)
         ru, ref_state = ref_tx.update(mean, ref_state, ref_params)
@@ -234,7 +292,7 @@ def check_sharded_run(name, mesh):
         g = jax.device_put(g, shardings)
         u, state = step(sparams, state, g)
         sparams = optax.apply_updates(sparams, u)
-        assert_trees_equal(sparams, want)
+        chex.assert_trees_all_equal(sparams, want)
     assert total_flips(single, params) > 0
     # Every per-weight state leaf carries the sharding of the parameter it belongs to.
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
@@ -243,3 +301,11 @@ def check_sharded_run(name, mesh):
             assert leaf.sharding.is_equivalent_to(shardings[key], leaf.ndim), (path, leaf.sharding)
     for k, x in sparams.items():
         assert x.sharding.is_equivalent_to(shardings[k], x.ndim)
+    # init on abstract params (shapes, dtypes, shardings): the state's shardings too
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), sparams
+    )
+    for a, b in zip(jax.tree.leaves(tx.init(abstract)), jax.tree.leaves(state), strict=True):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
+        if a.ndim:
+            assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (a.sharding, b.sharding)

@@ -185,7 +185,7 @@ def sgdat_ref(
         for i, k in enumerate(SHAPES):
             d = g[k] + F(wd) * w[k]
             if momentum > 0:
-                b[k] = store(F(momentum) * b[k] + (F(1) - F(dampening)) * g[k], 2 * i + 1, t)
+                b[k] = store(F(momentum) * b[k] + F(1.0 - dampening) * g[k], 2 * i + 1, t)
                 d = d + F(momentum) * b[k] if nesterov else b[k]
             a[k] = store(a[k] + F(lr) * d, 2 * i, t)
             move = np.abs(a[k]) > F(tau) * n[k].astype(F) + F(eps)
@@ -197,11 +197,12 @@ def sgdat_ref(
 
 
 def diode_ref(w, grads, m2_init, lr, b1, b2):
-    """Diode from a given initial m2 (the random draw of `init` is checked separately)."""
+    """Diode from a given initial m2 (the random draw of `init` is checked separately). The
+    rates ``1 - b`` are computed in Python floats and rounded once, as the reference does."""
     w = dict(w)
     m1 = {k: np.zeros(s, F) for k, s in SHAPES.items()}
     m2 = {k: np.array(m2_init[k], F) for k in SHAPES}
-    r1, r2 = F(1) - F(b1), F(1) - F(b2)
+    r1, r2 = F(1.0 - b1), F(1.0 - b2)
     out = []
     for g in grads:
         for k in SHAPES:
@@ -278,9 +279,15 @@ def test_bop_keeps_weight_on_exact_tie():
     np.testing.assert_array_equal(u["k"], [0.0, 0.0])
 
 
-@pytest.mark.parametrize("bias_correction", [None, "rate", "adam"])
-def test_bop2nd_order_flip_exact(bias_correction):
-    tau = {None: 1e-2, "rate": 1.5, "adam": 0.5}[bias_correction]
+@pytest.mark.parametrize(
+    "bias_correction,tau",
+    [(None, 1e-2), ("rate", 1.5), ("rate", float(np.nextafter(F(1), F(0)))), ("adam", 0.5)],
+    ids=["biased", "rate", "rate-below1", "adam"],
+)
+def test_bop2nd_order_flip_exact(bias_correction, tau):
+    """``"rate"`` just below 1: the first signal is ``+-1`` or an ulp below, by the rounding
+    of two true divisions, so divisions computed any other way (XLA's multiplication by the
+    reciprocal) put weights on the other side of the threshold."""
     gamma, sigma, eps = 1e-2, 1e-2, 1e-10
     w0, grads = random_binary(6), random_grads(7)
     tx = binax.bop2nd_order(
@@ -394,14 +401,49 @@ def test_sgdat_first_update_takes_descent_sign():
     np.testing.assert_array_equal(state[1].flips["k"], [1, 0, 0, 1])
 
 
-def test_diode_flip_exact():
-    lr, b1, b2, init_scale = 1e-3, 0.9, 0.99, 1e-3
+@pytest.mark.parametrize(
+    "lr,b1,b2", [(1e-3, 0.9, 0.99), (1e-2, 0.99, 0.9)], ids=["b0.9-0.99", "b0.99-0.9"]
+)
+def test_diode_flip_exact(lr, b1, b2):
+    init_scale = 1e-3
     w0, grads = random_binary(10), random_grads(11)
     tx = binax.diode(learning_rate=lr, b1=b1, b2=b2, init_scale=init_scale, seed=3)
     m2_init = jax.tree.map(np.asarray, tx.init(jax.tree.map(jnp.asarray, w0))[1].ema)
     ours, _ = run_binax(tx, w0, grads)
     ref = diode_ref(w0, grads, m2_init, lr, b1, b2)
     assert_same_flips(ours, ref, w0)
+
+
+def test_diode_keeps_weights_whose_gradients_are_exactly_zero():
+    """Diode's sign EMA uses sign(0) = 0 (``torch.sign``), so a weight whose gradients are
+    exactly zero never moves (with sign0 its latent state would drift and flip it to -1)."""
+    lr, b1, b2 = 1e-2, 0.5, 0.5
+    w0 = random_binary(20)
+    dead = {k: np.random.default_rng(21).random(s) < 0.5 for k, s in SHAPES.items()}
+    grads = [{k: np.where(dead[k], F(0), g[k]) for k in SHAPES} for g in random_grads(22, 60)]
+    tx = binax.diode(learning_rate=lr, b1=b1, b2=b2, seed=4)
+    m2_init = jax.tree.map(np.asarray, tx.init(jax.tree.map(jnp.asarray, w0))[1].ema)
+    ours, _ = run_binax(tx, w0, grads)
+    assert_same_flips(ours, diode_ref(w0, grads, m2_init, lr, b1, b2), w0, min_flips=20)
+    for k in SHAPES:
+        assert all(np.array_equal(w[k][dead[k]], w0[k][dead[k]]) for w in ours)
+
+
+@pytest.mark.parametrize("b", [0.99, 0.9, 0.999])
+def test_rates_one_minus_b_are_rounded_once(b):
+    """``1 - b`` is computed as the references compute it, in Python floats, then rounded once
+    (for b = 0.99, float32 0.01, where float32(1) - float32(0.99) is 0.00999999)."""
+    g = jnp.asarray(np.random.default_rng(0).normal(size=64), jnp.float32)
+    w = jnp.ones(64)
+    rate = F(1.0 - b)
+    assert rate != F(1) - F(b)
+    diode = binax.diode(b1=b, b2=b, init_scale=0.0)
+    _, (m1, m2, _) = diode.update(g, diode.init(w), w)
+    np.testing.assert_array_equal(m1.ema, rate * np.asarray(g))
+    np.testing.assert_array_equal(m2.ema, rate * (F(1e-4) * np.sign(np.asarray(g))))
+    sgdat = binax.sgdat(learning_rate=1.0, momentum=0.5, dampening=b)
+    _, (acc, _) = sgdat.update(g, sgdat.init(w), w)
+    np.testing.assert_array_equal(acc.momentum, rate * np.asarray(g))
 
 
 def test_diode_init_state():

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import binax
 
@@ -91,3 +93,35 @@ def test_binarize_only_touches_binary_leaves():
     out = binax.binarize(p, lambda path: path[-1] == "kernel")
     np.testing.assert_array_equal(out["kernel"], [1.0, -1.0, 1.0])
     np.testing.assert_array_equal(out["bias"], p["bias"])
+
+
+@pytest.mark.parametrize("name", ["bop", "sgdat", "diode"])
+def test_map_params_derives_state_shardings(name):
+    """`optax.tree.map_params` (how users turn parameter shardings into state shardings) works
+    through `binax.partition`: its placeholder ``init`` is not label-checked."""
+    binary = {
+        "bop": binax.bop(),
+        "sgdat": binax.sgdat(momentum=0.9),
+        "diode": binax.diode(),
+    }[name]
+    tx = binax.partition(binary, optax.adam(1e-3), is_kernel)
+    mesh = jax.make_mesh((8,), ("x",))
+    replicated = NamedSharding(mesh, P())
+    param_shardings = jax.tree.map(lambda _: replicated, params())
+    param_shardings["dense"]["kernel"] = NamedSharding(mesh, P("x", None))
+    state_shardings = optax.tree.map_params(
+        tx,
+        lambda leaf, sharding: leaf if isinstance(leaf, optax.MaskedNode) else sharding,
+        jax.eval_shape(tx.init, params()),
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
+    state = jax.jit(tx.init, out_shardings=state_shardings)(params())
+    dense = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+        if "dense" in jax.tree_util.keystr(path) and leaf.ndim == 2
+    ]
+    assert len(dense) == {"bop": 1, "sgdat": 3, "diode": 2}[name]  # each copy of the kernel
+    assert all(leaf.sharding == param_shardings["dense"]["kernel"] for leaf in dense)

@@ -1,6 +1,7 @@
 """Building blocks: composition, invariants (hypothesis), non-finite gradients, bad input."""
 
 import functools
+import re
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -193,6 +194,18 @@ def test_overflowing_second_moment_does_not_poison_state(state_dtype, g):
     np.testing.assert_array_equal(np.asarray(state[0].nu, F), [0.0, 0.0])  # nu kept its old
 
 
+@pytest.mark.parametrize("bias_correction", ["rate", "adam"])
+def test_bias_correction_divisions_stay_true_divisions_in_the_compiled_hlo(bias_correction):
+    """XLA rewrites ``x / rate`` into ``x * (1 / rate)`` and ``(m / a) / b`` into ``m / (a * b)``
+    unless kept from it: the compiled update must divide elementwise three times (m by its
+    scale, v by its scale, and the ratio) and never compute a scalar reciprocal."""
+    tx = T.scale_by_moment_ratio(1e-2, 1e-2, bias_correction=bias_correction)
+    g = jnp.ones(64)
+    hlo = jax.jit(tx.update).lower(g, tx.init(g)).compile().as_text()
+    divides = re.findall(r"= (\w+\[[\d,]*\])\S* divide\(", hlo)
+    assert divides == ["f32[64]"] * 3, [line for line in hlo.splitlines() if "divide(" in line]
+
+
 # ---- composing new optimizers from the blocks -------------------------------------------------
 
 
@@ -269,12 +282,15 @@ def test_mismatched_trees_are_an_error(name):
         T.flip_by_threshold(0.0).update({"a": jnp.ones(3)}, None, {"b": jnp.ones(3)})
 
 
+@pytest.mark.parametrize("name", sorted(ALL))
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.bool_])
-def test_integer_or_boolean_params_are_an_error(dtype):
+def test_integer_or_boolean_params_are_an_error(name, dtype):
     w = {"kernel": jnp.ones(3, dtype)}
-    tx = binax.bop()
-    with pytest.raises(TypeError, match="kernel.*floating"):
+    tx = ALL[name]()
+    with pytest.raises(TypeError, match="kernel has dtype .*floating"):
         tx.update({"kernel": jnp.ones(3)}, tx.init({"kernel": jnp.ones(3)}), w)
+    with pytest.raises(TypeError, match="kernel has dtype .*floating"):  # init needs signs
+        tx.update({"kernel": jnp.ones(3)}, tx.init(w), w)
 
 
 @pytest.mark.parametrize(
