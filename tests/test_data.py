@@ -3,6 +3,7 @@
 import gzip
 import io
 import os
+import re
 import struct
 import sys
 import tarfile
@@ -409,9 +410,10 @@ def test_published_checksums_are_well_formed():
         fetch_module.CIFAR100_RESOURCE,
     ]
     for r in resources:
-        assert len(r.sha256) == 64 and int(r.sha256, 16) >= 0
-        assert len(r.md5) == 32 and int(r.md5, 16) >= 0
+        assert re.fullmatch("[0-9a-f]{64}", r.sha256), r
+        assert re.fullmatch("[0-9a-f]{32}", r.md5), r
         assert all(url.endswith("/" + r.filename) for url in r.urls)
+    assert len({r.sha256 for r in resources}) == len({r.md5 for r in resources}) == len(resources)
     assert fetch_module.CIFAR10_RESOURCE.md5 == "c32a1d4ab5d03f1284b67883e8d87530"
 
 

@@ -139,6 +139,7 @@ def test_binary_conv_matches_reference(kernel_size, strides, dilation, padding, 
     want = np_conv(xp, np.asarray(layer.kernel[...]), s, d)
     assert y.shape == want.shape
     np.testing.assert_allclose(y, want, rtol=1e-6)
+    np.testing.assert_allclose(layer(x[1]), want[1], rtol=1e-6)  # unbatched: the same padding
     # A binary input with a binary kernel gives integer outputs of the right parity.
     assert np.all(y == np.round(y))
 

@@ -48,6 +48,18 @@ def tiny(run_dir, **kw):
     return Config(**base)
 
 
+def assert_test_accuracy_is_the_models(result, record):
+    """The recorded test accuracy is that of ``result.model()`` (eval mode) on the digits."""
+    from flax import nnx
+
+    from binax.data import load
+
+    test = load("digits", "test")
+    logits = nnx.jit(lambda m, x: m(x))(result.model(), test.images)
+    correct = int(np.sum(np.argmax(logits, -1) == test.labels))
+    assert correct == round(record["test_accuracy"] * len(test.labels))
+
+
 def leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
@@ -77,7 +89,7 @@ def test_every_optimizer_trains_end_to_end(optimizer, tmp_path):
     (record,) = result.history
     assert record["step"] == 3 and int(result.state.step) == 3
     assert np.isfinite(record["train_loss"]) and np.isfinite(record["test_loss"])
-    assert 0.0 <= record["test_accuracy"] <= 1.0
+    assert_test_accuracy_is_the_models(result, record)
     assert set(record["flips"]) == {"layers/0/kernel", "layers/1/kernel"}
     assert set(record["hparams"]) == {
         *(
@@ -282,15 +294,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(
 
 
 def test_result_model_is_the_trained_model_in_eval_mode(reference_run):
-    from flax import nnx
-
-    from binax.data import load
-
-    test = load("digits", "test")
-    model = reference_run.model()
-    logits = nnx.jit(lambda m, x: m(x))(model, test.images)
-    correct = int(np.sum(np.argmax(logits, -1) == test.labels))
-    assert correct == round(reference_run.final["test_accuracy"] * len(test.labels))
+    assert_test_accuracy_is_the_models(reference_run, reference_run.final)
 
 
 def _largest_file(directory):
@@ -313,19 +317,45 @@ def test_truncated_checkpoint_is_a_clear_error_and_changes_nothing(reference_run
     assert snapshot(run_dir) == before
 
 
-def test_corrupt_checkpoint_bytes_are_detected(reference_run, tmp_path):
+@pytest.mark.parametrize("damage", ["one weight flipped", "two weights swapped"])
+def test_changed_checkpoint_arrays_are_detected(reference_run, tmp_path, damage):
+    """Array data that Orbax reads back without complaint, but that is not what was saved (one
+    element changed, or two swapped: an order-blind check misses that), is refused by the
+    fingerprint, and nothing on disk changes."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run.run_dir, run_dir)
-    victim = _largest_file(run_dir / CHECKPOINT_DIR / "3")
-    with open(victim, "r+b") as f:  # same size, one byte changed in the middle
-        f.seek(os.path.getsize(victim) // 2)
-        byte = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    values, treedef = jax.tree.flatten(reference_run.state)
+    i = next(i for i, x in enumerate(values) if x.size > 100 and set(np.unique(x)) == {-1, 1})
+    kernel = np.array(values[i]).reshape(-1)
+    if damage == "one weight flipped":
+        kernel[7] = -kernel[7]
+    else:
+        j = int(np.flatnonzero(kernel != kernel[0])[0])
+        kernel[[0, j]] = kernel[[j, 0]]
+    values[i] = jax.numpy.asarray(kernel.reshape(values[i].shape), values[i].dtype)
+    other = Checkpoints(str(tmp_path / "other"))  # the changed arrays, written by Orbax
+    try:
+        other.save(3, jax.tree.unflatten(treedef, values), {})
+    finally:
+        other.close()
+    shutil.rmtree(run_dir / CHECKPOINT_DIR / "3" / "state")
+    shutil.copytree(tmp_path / "other" / "3" / "state", run_dir / CHECKPOINT_DIR / "3" / "state")
     before = snapshot(run_dir)
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="do not match the fingerprint"):
         train(tiny(run_dir, **RESUME, resume=True))
     assert snapshot(run_dir) == before
+
+
+def test_restore_returns_the_epoch_asked_for(reference_run):
+    ckpts = Checkpoints(os.path.join(reference_run.run_dir, CHECKPOINT_DIR), create=False)
+    try:
+        assert ckpts.epochs() == [2, 3]
+        (second, meta2), (third, meta3) = (ckpts.restore(reference_run.state, e) for e in (2, 3))
+    finally:
+        ckpts.close()
+    assert (meta2["epoch"], int(second.step)) == (2, 8)
+    assert (meta3["epoch"], int(third.step)) == (3, 12)
+    assert any(np.any(a != b) for a, b in zip(leaves(second), leaves(third), strict=True))
 
 
 def test_an_existing_run_directory_needs_resume(reference_run, capsys):
