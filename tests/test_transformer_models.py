@@ -198,3 +198,13 @@ def test_errors_name_the_argument():
     vit = build(models.BinaryViT, **VIT)
     with pytest.raises(ValueError, match=r"x must be \(batch, 28, 28, 1\)"):
         vit(jnp.ones((2, 32, 32, 1)))
+
+
+def test_summary_counts_binary_projections_as_one_bit():
+    model = build(models.BinaryViT, **VIT)
+    layers = {r["path"]: r for r in binax.summary(model, (1, 28, 28, 1), print_fn=None).layers}
+    qkv = layers["blocks/0/attention/qkv"]
+    assert qkv["input_precision"] == 1 and qkv["real_macs"] == 0
+    assert qkv["binary_macs"] == 17 * 8 * 24  # 17 tokens, 8 inputs, 24 outputs
+    assert layers["patch_embedding"]["input_precision"] == 32  # real by default, as in BiT
+    assert layers["head"]["binary_macs"] == 0

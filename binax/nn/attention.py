@@ -114,7 +114,9 @@ class ElasticLinear(BinaryLinear):
     that outputs start at unit variance). The product is computed by `binax.nn.functional.
     binary_dense` with one-bit operands (the scale ``a`` is applied to the output), so it uses
     binax's binary product. With ``binary=False`` it is an ordinary dense layer (real LeCun-normal
-    kernel, no quantizer, no scale): the full-precision twin.
+    kernel, no quantizer, no scale): the full-precision twin. A binary layer's
+    ``input_quantizer`` attribute is `binax.quantizers.elastic_sign` (applied with the learned
+    scale and threshold), so `binax.summary` counts its products as one-bit.
 
     Args:
       in_features, out_features: sizes of the input's and output's last axis.
@@ -163,6 +165,8 @@ class ElasticLinear(BinaryLinear):
             rngs=rngs,
         )
         self.binary = binary
+        if binary:  # what the input goes through (with the learned scale and threshold)
+            self.input_quantizer = q.elastic_sign
         self.input_binarization = (
             ElasticBinarization(
                 in_features,
