@@ -1,4 +1,4 @@
-"""Each optimizer against an independent NumPy implementation of its rule (spec/optimizers.md).
+"""Each optimizer against an independent NumPy implementation of its rule (docs/optimizers.md).
 
 The references below are written from the spec, in float32 NumPy, without calling binax. Each
 test runs at least 200 steps of random gradients with hyperparameters chosen so that flips do
@@ -77,7 +77,7 @@ def assert_same_flips(ours, ref, w0, min_flips=50):
     return flips
 
 
-# ---- NumPy references, written from spec/optimizers.md ------------------------------------
+# ---- NumPy references, written from docs/optimizers.md ------------------------------------
 
 
 def keep(x, *where):

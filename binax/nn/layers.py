@@ -153,6 +153,13 @@ class BinaryLinear(_BinaryLayer):
     the kernel is a real `nnx.Param` (and ``kernel_quantizer`` must be ``None``), for a real layer
     fed with binary activations.
 
+    The input is binarized too: ``ste_sign`` maps every ``x >= 0`` to ``+1``, so raw pixels (all
+    non-negative) become a constant and the network cannot learn. For the first layer of a
+    network pass ``input_quantizer=None`` (a binary kernel on the real input, as the
+    `binax.models` do) or use a real layer; binarized inputs carry information once they are
+    centred, e.g. after BatchNorm. Thresholds of the flip rules depend on the gradient scale:
+    choose them from the flip rate (`binax.flip_metrics`; ``docs/optimizers.md``).
+
     References:
       Hubara et al., "Binarized Neural Networks", NeurIPS 2016 (binary dense layers);
       Rastegari et al., "XNOR-Net", ECCV 2016 (per-channel scale).
@@ -234,6 +241,10 @@ class BinaryConv(_BinaryLayer):
     ``pad_value`` (``+1`` or ``-1``) by an explicit `jax.numpy.pad`, so ``'SAME'`` padding keeps
     the input binary (zero padding would make it ternary). ``kernel_size`` of length 1, 2 or 3
     gives a 1-, 2- or 3-d convolution (an int means 1-d, as in `flax.nnx.Conv`).
+
+    As in `BinaryLinear`, the input is binarized by default: for the first layer on raw images
+    pass ``input_quantizer=None`` (and ``pad_value=None`` for zero padding of the real input),
+    or the network sees ``+1`` everywhere.
 
     References:
       Hubara et al., "Binarized Neural Networks", NeurIPS 2016; Larq ``QuantConv2D``
