@@ -208,3 +208,90 @@ def test_summary_counts_binary_projections_as_one_bit():
     assert qkv["binary_macs"] == 17 * 8 * 24  # 17 tokens, 8 inputs, 24 outputs
     assert layers["patch_embedding"]["input_precision"] == 32  # real by default, as in BiT
     assert layers["head"]["binary_macs"] == 0
+
+
+def random_output(rng, batch=2, length=5, features=4, heads=2, depth=2, classes=3):
+    arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    return models.TransformerOutput(
+        arr(batch, classes),
+        tuple(arr(batch, length, features) for _ in range(depth + 1)),
+        tuple(
+            bnn.Attention(arr(batch, heads, length, length), arr(batch, heads, length, length))
+            for _ in range(depth)
+        ),
+    )
+
+
+def test_distillation_loss_against_numpy():
+    rng = np.random.default_rng(0)
+    s, t = random_output(rng), random_output(rng)
+    valid = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    loss, parts = models.distillation_loss(
+        s, t, temperature=2.0, attention_weight=0.5, hidden_weight=3.0, mask=jnp.asarray(valid)
+    )
+    n = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    z = n(t.logits) / 2
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    zs = n(s.logits) / 2
+    log_q = zs - zs.max(-1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
+    want_logits = -np.mean(np.sum(p * log_q, -1)) * 4
+    pair = valid[:, None, :, None] & valid[:, None, None, :]
+    want_att = np.mean(
+        [
+            np.sum(((n(a.scores) - n(b.scores)) ** 2) * np.broadcast_to(pair, a.scores.shape))
+            / np.broadcast_to(pair, a.scores.shape).sum()
+            for a, b in zip(s.attentions, t.attentions, strict=True)
+        ]
+    )
+    want_hidden = np.mean(
+        [
+            np.sum(((n(a) - n(b)) ** 2)[valid]) / (valid.sum() * a.shape[-1])
+            for a, b in zip(s.hidden_states, t.hidden_states, strict=True)
+        ]
+    )
+    np.testing.assert_allclose(parts["logits"], want_logits, rtol=1e-5)
+    np.testing.assert_allclose(parts["attention"], want_att, rtol=1e-5)
+    np.testing.assert_allclose(parts["hidden"], want_hidden, rtol=1e-5)
+    np.testing.assert_allclose(loss, want_logits + 0.5 * want_att + 3.0 * want_hidden, rtol=1e-5)
+    # Regression (one output): squared error of the outputs.
+    s1 = s._replace(logits=s.logits[:, :1])
+    t1 = t._replace(logits=t.logits[:, :1])
+    _, parts = models.distillation_loss(s1, t1)
+    np.testing.assert_allclose(parts["logits"], np.mean((n(s1.logits) - n(t1.logits)) ** 2))
+
+
+def test_distillation_gradients_reach_the_student_only():
+    rng = np.random.default_rng(1)
+    s, t = random_output(rng), random_output(rng)
+    g_s, g_t = jax.grad(lambda a, b: models.distillation_loss(a, b)[0], argnums=(0, 1))(s, t)
+    assert all(np.count_nonzero(x) for x in jax.tree.leaves(g_s.hidden_states))
+    assert all(np.count_nonzero(a.scores) for a in g_s.attentions)
+    assert not any(np.count_nonzero(x) for x in jax.tree.leaves(g_t))  # the teacher is constant
+    # At the teacher's values the student's gradient is zero.
+    g_same = jax.grad(lambda a: models.distillation_loss(a, t)[0])(t)
+    for x in jax.tree.leaves(g_same.logits) + jax.tree.leaves(g_same.hidden_states):
+        np.testing.assert_allclose(x, 0.0, atol=1e-7)
+    with pytest.raises(ValueError, match="do not line up"):
+        models.distillation_loss(random_output(rng, depth=1), t)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        models.distillation_loss(s, t, temperature=0.0)
+
+
+def test_distilling_a_binary_vit_from_its_twin():
+    """The student's binary kernels, scales and thresholds all get gradients from the loss."""
+    student = build(models.BinaryViT, **VIT)
+    teacher = build(models.BinaryViT, **VIT, binary=False)
+    x = images((2, 28, 28, 1))
+    t = forward(teacher, x)
+    graphdef, params, rest = nnx.split(student, nnx.Param, ...)
+
+    def loss(p):
+        out = nnx.merge(graphdef, p, rest)(x, return_intermediates=True)
+        return models.distillation_loss(out, t)[0]
+
+    grads = jax.jit(jax.grad(loss))(nnx.as_pure(params))
+    flat = {"/".join(map(str, k)): np.asarray(g) for k, g in nnx.to_flat_state(grads)}
+    for k in binary_paths(student) + [k for k in flat if "binarization" in k]:
+        assert np.count_nonzero(flat[k]) > 0, k

@@ -16,7 +16,12 @@ from flax import nnx
 from binax.models.binarynet import BinaryNet
 from binax.models.mlp import BinaryMLP
 from binax.models.resnet import BinaryResNet18, BiRealBlock
-from binax.models.transformer import BinaryEncoder, BinaryViT, TransformerOutput
+from binax.models.transformer import (
+    BinaryEncoder,
+    BinaryViT,
+    TransformerOutput,
+    distillation_loss,
+)
 
 __all__ = [
     "BiRealBlock",
@@ -26,6 +31,7 @@ __all__ = [
     "BinaryResNet18",
     "BinaryViT",
     "TransformerOutput",
+    "distillation_loss",
     "get",
     "names",
 ]

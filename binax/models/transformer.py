@@ -3,7 +3,8 @@
 Both are built from `binax.nn.BinaryTransformerBlock`; ``binary=False`` gives the full-precision
 twin (the same architecture, real-valued everywhere, no `binax.nn.BinaryParam`), e.g. a
 distillation teacher. ``return_intermediates=True`` returns a `TransformerOutput` with the hidden
-states and attention of every layer, the quantities BiT distils besides the logits.
+states and attention of every layer, the quantities BiT distils besides the logits;
+`distillation_loss` compares a student's with a teacher's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from binax import quantizers as q
 from binax.models import _common
 from binax.nn import Attention, BinaryEmbed, BinaryTransformerBlock, ElasticLinear
 
-__all__ = ["BinaryEncoder", "BinaryViT", "TransformerOutput"]
+__all__ = ["BinaryEncoder", "BinaryViT", "TransformerOutput", "distillation_loss"]
 
 _EMBED_INIT = nnx.initializers.normal(0.02)
 
@@ -307,3 +308,102 @@ class BinaryEncoder(nnx.Module):
         if return_intermediates:
             return TransformerOutput(logits, hidden, attentions)
         return logits
+
+
+def _masked_mean_sq(a, b, weights):
+    sq = jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32))
+    if weights is None:
+        return jnp.mean(sq)
+    weights = jnp.broadcast_to(weights, sq.shape).astype(jnp.float32)
+    return jnp.sum(sq * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def distillation_loss(
+    student: TransformerOutput,
+    teacher: TransformerOutput,
+    *,
+    temperature: float = 1.0,
+    logits_weight: float = 1.0,
+    attention_weight: float = 1.0,
+    hidden_weight: float = 1.0,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Knowledge distillation from a full-precision twin: logits, attention and hidden states.
+
+    ``loss = logits_weight * L_logits + attention_weight * L_attention + hidden_weight * L_hidden``
+    where (the teacher's values are constants: `jax.lax.stop_gradient`)
+
+    * ``L_logits``: soft cross-entropy ``-sum softmax(t / T) * log_softmax(s / T)``, times ``T**2``
+      (Hinton et al., 2015), averaged over the batch; the mean squared error for one output
+      (regression, STS-B);
+    * ``L_attention``: mean over layers of the mean squared error between the attention scores
+      (before the softmax), over the (query, key) pairs of real tokens;
+    * ``L_hidden``: mean over the ``depth + 1`` hidden states of their mean squared error, over
+      real tokens.
+
+    These are the losses of TinyBERT and BinaryBERT, which BiT uses (Jiao et al., "TinyBERT",
+    Findings of EMNLP 2020; Bai et al., "BinaryBERT", ACL 2021; Liu et al., "BiT", NeurIPS 2022).
+
+    Args:
+      student, teacher: `TransformerOutput` of the same architecture on the same batch
+        (``return_intermediates=True``).
+      temperature: softmax temperature ``T`` of the logits' loss (> 0).
+      logits_weight, attention_weight, hidden_weight: weights of the three terms (0 drops one).
+      mask: ``(batch, length)``, nonzero at real tokens (e.g. the encoder's attention mask), or
+        None for all tokens.
+
+    Returns:
+      ``(loss, {"logits": ..., "attention": ..., "hidden": ...})``, float32 scalars.
+
+    Raises:
+      ValueError: the outputs do not line up (number of layers or shapes), or ``temperature``
+        is not positive.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    shapes = lambda out: (  # noqa: E731
+        out.logits.shape,
+        [h.shape for h in out.hidden_states],
+        [a.scores.shape for a in out.attentions],
+    )
+    if shapes(student) != shapes(teacher):
+        raise ValueError(
+            "distillation_loss: student and teacher outputs do not line up (logits, hidden "
+            f"states, attention scores): {shapes(student)} vs {shapes(teacher)}"
+        )
+    teacher = jax.lax.stop_gradient(teacher)
+    s, t = student.logits.astype(jnp.float32), teacher.logits.astype(jnp.float32)
+    if s.shape[-1] == 1:
+        logits_loss = jnp.mean(jnp.square(s - t))
+    else:
+        p = jax.nn.softmax(t / temperature, axis=-1)
+        log_q = jax.nn.log_softmax(s / temperature, axis=-1)
+        logits_loss = -jnp.mean(jnp.sum(p * log_q, axis=-1)) * temperature**2
+    tokens = pairs = None
+    if mask is not None:
+        valid = mask != 0
+        tokens = valid[:, :, None]  # (batch, length, 1)
+        pairs = (valid[:, :, None] & valid[:, None, :])[:, None]  # (batch, 1, query, key)
+    attention_loss = jnp.mean(
+        jnp.stack(
+            [
+                _masked_mean_sq(a.scores, b.scores, pairs)
+                for a, b in zip(student.attentions, teacher.attentions, strict=True)
+            ]
+        )
+    )
+    hidden_loss = jnp.mean(
+        jnp.stack(
+            [
+                _masked_mean_sq(a, b, tokens)
+                for a, b in zip(student.hidden_states, teacher.hidden_states, strict=True)
+            ]
+        )
+    )
+    parts = {"logits": logits_loss, "attention": attention_loss, "hidden": hidden_loss}
+    loss = (
+        logits_weight * logits_loss
+        + attention_weight * attention_loss
+        + hidden_weight * hidden_loss
+    )
+    return loss, parts
