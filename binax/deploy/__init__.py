@@ -1,0 +1,22 @@
+"""Inference for trained binary networks: packed kernels, integer products, BN as thresholds.
+
+>>> deployed = binax.deploy.compile(model)      # a trained NNX model of binax layers
+>>> logits = deployed(images)                   # int8 products, thresholds, float first/last
+>>> deployed.save("model.bnx"); deployed = binax.deploy.load("model.bnx")
+
+The ``binax-deploy RUN_DIR OUT`` command does the same for a ``binax-train`` run directory.
+"""
+
+from binax.deploy.deployed import DeployFileError, Deployed, compile, from_bytes, load, to_bytes
+from binax.deploy.lower import lower_layer, register
+
+__all__ = [
+    "DeployFileError",
+    "Deployed",
+    "compile",
+    "from_bytes",
+    "load",
+    "lower_layer",
+    "register",
+    "to_bytes",
+]

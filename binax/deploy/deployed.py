@@ -1,0 +1,275 @@
+"""`Deployed`: a compiled binary network, its file format, `compile` and `load`."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from binax.deploy import lower as L
+from binax.deploy import program as P
+
+__all__ = ["MAGIC", "VERSION", "Deployed", "DeployFileError", "compile", "load"]
+
+MAGIC = b"BINAXDPL"
+VERSION = 1
+# magic, version (u32), header length (u64), header CRC-32 (u32); then the JSON header, then
+# the arrays, each at the offset the header gives, 64-byte aligned.
+_PREFIX = struct.Struct("<8sIQI")
+_ALIGN = 64
+_DTYPES = ("uint8", "int8", "int32", "float32")
+
+
+class DeployFileError(ValueError):
+    """A deployed-model file that cannot be read: not one, truncated, corrupt or too new."""
+
+
+class Deployed:
+    """A binary network compiled for inference: ``deployed(x)`` gives the logits.
+
+    Binary kernels are held bit-packed (1 bit per weight, along the reduction axis); products
+    of binary activations and binary kernels run in int8 with int32 accumulation; BatchNorm
+    followed by a sign is a per-channel integer threshold, so hidden activations stay int8
+    ``±1`` from layer to layer; real-valued layers run in float32. See `binax.deploy.program`.
+
+    Build with `binax.deploy.compile`, read with `binax.deploy.load`.
+
+    Attributes:
+      program: the list of nodes (JSON values).
+      arrays: their arrays (NumPy), one dict per node.
+      meta: free JSON metadata stored in the file (e.g. the training config).
+    """
+
+    def __init__(self, program: list, arrays: list, meta: dict[str, Any] | None = None):
+        self.program = program
+        self.arrays = arrays
+        self.meta = dict(meta or {})
+        self._device_arrays = jax.tree.map(jnp.asarray, arrays)
+        self._borders: dict[tuple, dict] = {}
+        prog = program
+        self._forward = jax.jit(lambda a, b, x: P.run(prog, a, x, dict(b)))
+        self._collect = jax.jit(lambda a, x: _collect_borders(prog, a, x))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array held (packed kernels, thresholds, float parameters)."""
+        return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(self.arrays)))
+
+    def borders(self, image_shape: tuple[int, ...]) -> dict:
+        """The border terms of the integer convolutions for images of ``image_shape``.
+
+        They depend on the kernels and the image size only, so they are computed once per
+        shape (one image's worth of convolutions) and reused for every batch.
+        """
+        image_shape = tuple(int(d) for d in image_shape)
+        if image_shape not in self._borders:
+            x = jnp.zeros((1, *image_shape), jnp.float32)
+            self._borders[image_shape] = self._collect(self._device_arrays, x)
+        return self._borders[image_shape]
+
+    def __call__(self, x: Any) -> jax.Array:
+        """Logits for a batch ``x`` (the float model's input layout, e.g. NHWC float images)."""
+        x = jnp.asarray(x, jnp.float32)
+        if x.ndim < 2:
+            raise ValueError(f"x must be a batch (batch, ...), got shape {x.shape}")
+        return self._forward(self._device_arrays, self.borders(x.shape[1:]), x)
+
+    def summary(self) -> str:
+        """One line per node: the op and its array shapes."""
+        lines = []
+
+        def walk(program, arrays, indent):
+            for node, a in zip(program, arrays, strict=True):
+                if node["op"] == "residual":
+                    lines.append(f"{indent}residual")
+                    walk(node["body"], a["body"], indent + "  body: ")
+                    walk(node["shortcut"], a["shortcut"], indent + "  shortcut: ")
+                    continue
+                shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in a.items())
+                lines.append(f"{indent}{node['op']} {shapes}".rstrip())
+
+        walk(self.program, self.arrays, "")
+        return "\n".join(lines)
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Writes one file (no pickle); returns its size in bytes. See `load`."""
+        data = to_bytes(self)
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return len(data)
+
+
+def _collect_borders(program, arrays, x):
+    borders: dict = {}
+    P.run(program, arrays, x, borders)
+    return borders
+
+
+def compile(model: nnx.Module, *, meta: dict[str, Any] | None = None) -> Deployed:  # noqa: A001
+    """Compiles a trained NNX model of binax layers into a `Deployed` network.
+
+    The model is deployed as it computes in eval mode (BatchNorm with its running statistics).
+    Supported: the `binax.models` architectures, `flax.nnx.Sequential` of deployable layers,
+    any single deployable layer, and classes taught with `binax.deploy.register`.
+
+    Args:
+      model: the trained model (it is not changed).
+      meta: JSON metadata to keep in the saved file.
+
+    Raises:
+      ValueError: a layer or quantizer without a deployed form (the message names it).
+    """
+    if not isinstance(model, nnx.Module):
+        raise ValueError(f"model must be a Flax NNX module, got {type(model).__name__}")
+    program, arrays = L.lower(model)
+    program, arrays = P.fold_thresholds(program, arrays)
+    return Deployed(program, arrays, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# File format
+
+
+def _split(program, arrays, table, chunks, offset):
+    """The program with each node's arrays replaced by indices into ``table``."""
+    out = []
+    for node, a in zip(program, arrays, strict=True):
+        if node["op"] == "residual":
+            body, offset = _split(node["body"], a["body"], table, chunks, offset)
+            short, offset = _split(node["shortcut"], a["shortcut"], table, chunks, offset)
+            out.append({**node, "body": body, "shortcut": short})
+            continue
+        refs = {}
+        for key, value in a.items():
+            value = np.ascontiguousarray(value)
+            if value.dtype.name not in _DTYPES:
+                raise ValueError(f"cannot save an array of dtype {value.dtype}")
+            offset = -(-offset // _ALIGN) * _ALIGN
+            refs[key] = len(table)
+            table.append(
+                {
+                    "dtype": value.dtype.name,
+                    "shape": list(value.shape),
+                    "offset": offset,
+                    "nbytes": value.nbytes,
+                }
+            )
+            chunks.append((offset, value.astype(value.dtype.newbyteorder("<")).tobytes()))
+            offset += value.nbytes
+        out.append({**node, "arrays": refs})
+    return out, offset
+
+
+def to_bytes(deployed: Deployed) -> bytes:
+    """The file contents of `Deployed.save`."""
+    table: list = []
+    chunks: list = []
+    program, size = _split(deployed.program, deployed.arrays, table, chunks, 0)
+    payload = bytearray(size)
+    for offset, data in chunks:
+        payload[offset : offset + len(data)] = data
+    header = {
+        "format": "binax.deploy",
+        "program": program,
+        "arrays": table,
+        "payload_nbytes": size,
+        "payload_crc32": zlib.crc32(payload),
+        "meta": deployed.meta,
+    }
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return _PREFIX.pack(MAGIC, VERSION, len(head), zlib.crc32(head)) + head + bytes(payload)
+
+
+def _join(program, table, payload, where):
+    nodes, arrays = [], []
+    for i, node in enumerate(program):
+        if not isinstance(node, dict) or "op" not in node:
+            raise DeployFileError(f"{where}: node {i} is not an op")
+        if node["op"] == "residual":
+            body = _join(node["body"], table, payload, where)
+            short = _join(node["shortcut"], table, payload, where)
+            nodes.append({**node, "body": body[0], "shortcut": short[0]})
+            arrays.append({"body": body[1], "shortcut": short[1]})
+            continue
+        node = dict(node)
+        refs = node.pop("arrays", {})
+        a = {}
+        for key, index in refs.items():
+            entry = table[index]
+            dtype = np.dtype(entry["dtype"]).newbyteorder("<")
+            start, n = entry["offset"], entry["nbytes"]
+            if entry["dtype"] not in _DTYPES or n != dtype.itemsize * int(
+                np.prod(entry["shape"], dtype=np.int64)
+            ):
+                raise DeployFileError(f"{where}: array {index} has an inconsistent entry")
+            if start < 0 or start + n > len(payload):
+                raise DeployFileError(f"{where}: array {index} lies outside the file")
+            buf = np.frombuffer(payload, dtype, n // dtype.itemsize, start)
+            a[key] = buf.reshape(entry["shape"]).astype(dtype.newbyteorder("="))
+        nodes.append(node)
+        arrays.append(a)
+    return nodes, arrays
+
+
+def from_bytes(data: bytes, where: str = "<bytes>") -> Deployed:
+    """A `Deployed` from the contents of a file written by `Deployed.save`."""
+    if len(data) < _PREFIX.size or data[: len(MAGIC)] != MAGIC:
+        raise DeployFileError(
+            f"{where} is not a binax deployed-model file (it does not start with {MAGIC!r})"
+        )
+    _, version, head_len, head_crc = _PREFIX.unpack_from(data)
+    if version > VERSION:
+        raise DeployFileError(
+            f"{where} has format version {version}; this binax reads up to {VERSION} "
+            "(upgrade binax)"
+        )
+    head = data[_PREFIX.size : _PREFIX.size + head_len]
+    if len(head) != head_len:
+        raise DeployFileError(
+            f"{where} is truncated: its header needs {head_len} bytes, {len(head)} are there"
+        )
+    if zlib.crc32(head) != head_crc:
+        raise DeployFileError(f"{where} is corrupt: its header fails the CRC-32 check")
+    try:
+        header = json.loads(head)
+        size, crc = int(header["payload_nbytes"]), int(header["payload_crc32"])
+        program, table = header["program"], header["arrays"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DeployFileError(f"{where} is corrupt: unreadable header ({e})") from None
+    payload = data[_PREFIX.size + head_len :]
+    if len(payload) != size:
+        raise DeployFileError(
+            f"{where} is {'truncated' if len(payload) < size else 'corrupt'}: "
+            f"{size} bytes of arrays expected, {len(payload)} found"
+        )
+    if zlib.crc32(payload) != crc:
+        raise DeployFileError(f"{where} is corrupt: its arrays fail the CRC-32 check")
+    try:
+        nodes, arrays = _join(program, table, payload, where)
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        if isinstance(e, DeployFileError):
+            raise
+        raise DeployFileError(f"{where} is corrupt: bad program ({e!r})") from None
+    return Deployed(nodes, arrays, header.get("meta"))
+
+
+def load(path: str | os.PathLike) -> Deployed:
+    """Reads a file written by `Deployed.save`.
+
+    Raises:
+      DeployFileError: the file is not one, is truncated or corrupt (CRC-32 of header and
+        arrays), or comes from a newer format version.
+      FileNotFoundError: no such file.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    return from_bytes(data, os.fspath(path))

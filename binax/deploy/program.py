@@ -1,0 +1,320 @@
+"""The deployed program: a list of nodes, the function that runs it, and threshold folding.
+
+A program is a list of nodes, each a dict ``{"op": kind, ...static fields..., "arrays": {...}}``
+(``residual`` nodes hold two sub-programs, ``body`` and ``shortcut``). Static fields are JSON
+values; arrays are NumPy arrays. The kinds, with the dtype they take and give:
+
+=============  ===========================  =========================================================
+``sign``       float -> int8                ``+1`` where ``x >= 0``, else ``-1`` (`binax.sign0`)
+``int_dense``  int8 -> int32                ``x @ W``, ``W`` ±1 unpacked from bits, int32 accumulation
+``int_conv``   int8 -> int32                ``conv(pad(x, pad_value), W)``, exactly: zero padding plus
+                                            a batch-independent border term
+``threshold``  int32 -> int8                ``+1`` where ``s * y >= t`` (per channel), else ``-1``
+``dense``      float -> float               ``x @ W`` (W float, or ±1 from bits)
+``conv``       float -> float               ``conv(pad(x, pad_value), W)`` in float
+``affine``     float -> float               ``x * scale + bias`` (a binary layer's scale and bias)
+``batchnorm``  float -> float               BatchNorm with running statistics, in Flax's op order
+``maxpool``    any -> same                  max over windows (integers stay integers)
+``avgpool``    float -> float               `flax.linen.avg_pool`
+``flatten``    any -> same                  ``(batch, -1)``
+``mean``       float -> float               mean over the spatial axes
+``residual``   float -> float               ``body(x) + shortcut(x)`` (empty shortcut: ``x``)
+=============  ===========================  =========================================================
+
+Float kinds given an integer input convert it to float32 first (exact: ``|y| < 2**24``), so a
+binary product not followed by a sign keeps an exact integer product with a float epilogue.
+
+Binary kernels are stored bit-packed along the reduction axis: a dense kernel ``(in, out)`` as
+``(out, ceil(in / 8))`` bytes, a convolution kernel ``(*window, in, out)`` as
+``(out, ceil(prod(window) * in / 8))`` bytes (`binax.export.pack_bits` of the transposed kernel),
+and unpacked to int8 inside the jitted function.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from binax import export
+from binax.nn import functional as F
+
+__all__ = ["fold_thresholds", "pack_kernel", "run", "threshold_from_decisions", "unpack_kernel"]
+
+INT_PRODUCTS = ("int_dense", "int_conv")
+ELEMENTWISE = ("affine", "batchnorm")
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels packed along the reduction axis
+
+
+def pack_kernel(kernel: np.ndarray) -> np.ndarray:
+    """``sign0(kernel)`` of shape ``(*reduction, out)`` as bits ``(out, ceil(prod(reduction)/8))``."""
+    kernel = np.asarray(kernel)
+    flat = kernel.reshape(-1, kernel.shape[-1]).T  # (out, reduction)
+    return np.asarray(export.pack_bits(jnp.asarray(flat)).bits)
+
+
+def unpack_kernel(bits: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """The ±1 kernel of ``shape`` (``(*reduction, out)``) in ``dtype`` from `pack_kernel`'s bits."""
+    out = shape[-1]
+    fan_in = math.prod(shape[:-1])
+    packed = export.PackedBinary(bits=bits, shape=(out, fan_in))
+    return export.unpack_bits(packed, dtype).T.reshape(shape)
+
+
+def _kernel(node: dict, arrays: dict, dtype: Any) -> jax.Array:
+    if "bits" in arrays:
+        return unpack_kernel(arrays["bits"], tuple(node["kernel_shape"]), dtype)
+    return arrays["kernel"].astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a program
+
+
+def _float(x: jax.Array) -> jax.Array:
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
+def _conv(x, kernel, node, pads, out_type=None):
+    n = x.ndim - 2
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=tuple(node["strides"]),
+        padding=pads,
+        rhs_dilation=tuple(node["dilation"]),
+        dimension_numbers=F._dimension_numbers(n + 2),
+        feature_group_count=node["groups"],
+        preferred_element_type=out_type,
+    )
+
+
+def _pads(node: dict, x: jax.Array) -> list[tuple[int, int]]:
+    shape = node["kernel_shape"]
+    return F.conv_padding(
+        _padding_spec(node["padding"]),
+        x.shape[1:-1],
+        shape[:-2],
+        node["strides"],
+        node["dilation"],
+    )
+
+
+def _padding_spec(padding):
+    if isinstance(padding, list):
+        return [tuple(p) if isinstance(p, list) else p for p in padding]
+    return padding
+
+
+def _border(node: dict, kernel: jax.Array, x: jax.Array) -> jax.Array:
+    """``conv(pad(0, pad_value), W)`` for one image shaped like ``x``: the padding's share."""
+    pads = _pads(node, x)
+    zeros = jnp.zeros((1, *x.shape[1:]), jnp.int8)
+    padded = F.pad_quantized(zeros, pads, node["pad_value"])
+    return _conv(padded, kernel, node, [(0, 0)] * len(pads), jnp.int32)[0]
+
+
+def _maxpool(x, node):
+    window, strides = tuple(node["window"]), tuple(node["strides"])
+    init = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+    padding = node["padding"]
+    if not isinstance(padding, str):
+        padding = ((0, 0), *(tuple(p) for p in padding), (0, 0))
+    return lax.reduce_window(
+        x, jnp.asarray(init, x.dtype), lax.max, (1, *window, 1), (1, *strides, 1), padding
+    )
+
+
+def run(program: list, arrays: list, x: jax.Array, borders: dict, path: str = "") -> jax.Array:
+    """Runs ``program`` on ``x`` (jittable; ``program`` static, ``arrays`` its arrays by node).
+
+    ``borders`` maps an ``int_conv`` node's path to its border term; a missing one is computed
+    and stored into ``borders`` (`Deployed` does this once per input shape, outside the batch).
+    """
+    for i, (node, a) in enumerate(zip(program, arrays, strict=True)):
+        op, where = node["op"], f"{path}{i}"
+        if op == "sign":
+            x = jnp.where(x >= 0, jnp.int8(1), jnp.int8(-1))
+        elif op == "int_dense":
+            w = _kernel(node, a, jnp.int8)
+            x = lax.dot_general(
+                x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+            )
+        elif op == "int_conv":
+            w = _kernel(node, a, jnp.int8)
+            if where not in borders:
+                borders[where] = _border(node, w, x)
+            x = _conv(x, w, node, _pads(node, x), jnp.int32) + borders[where]
+        elif op == "threshold":
+            x = jnp.where(a["s"] * x >= a["t"], jnp.int8(1), jnp.int8(-1))
+        elif op == "dense":
+            x = _float(x)
+            w = _kernel(node, a, x.dtype)
+            x = lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+            if "bias" in a:
+                x = x + a["bias"]
+        elif op == "conv":
+            x = _float(x)
+            w = _kernel(node, a, x.dtype)
+            pads = _pads(node, x)
+            if node["pad_value"] is not None:
+                x = F.pad_quantized(x, pads, node["pad_value"])
+                pads = [(0, 0)] * len(pads)
+            x = _conv(x, w, node, pads)
+            if "bias" in a:
+                x = x + a["bias"]
+        elif op == "affine":
+            x = _float(x)
+            if "scale" in a:
+                x = x * a["scale"]
+            if "bias" in a:
+                x = x + a["bias"]
+        elif op == "batchnorm":
+            x = _batchnorm(_float(x), a, node["epsilon"])
+        elif op == "maxpool":
+            x = _maxpool(x, node)
+        elif op == "avgpool":
+            x = nn.avg_pool(
+                _float(x),
+                tuple(node["window"]),
+                strides=tuple(node["strides"]),
+                padding=_padding_spec(node["padding"]),
+                count_include_pad=node["count_include_pad"],
+            )
+        elif op == "flatten":
+            x = x.reshape((x.shape[0], -1))
+        elif op == "mean":
+            x = jnp.mean(_float(x), axis=tuple(range(1, x.ndim - 1)))
+        elif op == "residual":
+            body = run(node["body"], a["body"], x, borders, f"{where}b")
+            short = run(node["shortcut"], a["shortcut"], x, borders, f"{where}s")
+            x = body + short
+        else:
+            raise ValueError(f"unknown deployed op {op!r} at node {where}")
+    return x
+
+
+def _batchnorm(x: jax.Array, a: dict, epsilon: float) -> jax.Array:
+    """Flax's BatchNorm with running statistics, the same operations in the same order."""
+    y = x - a["mean"]
+    mul = lax.rsqrt(a["var"] + epsilon)
+    if "scale" in a:
+        mul = mul * a["scale"]
+    y = y * mul
+    if "bias" in a:
+        y = y + a["bias"]
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm + sign as integer thresholds
+
+
+def fan_in(node: dict) -> int:
+    """How many ±1 products an output of an integer product node sums."""
+    shape = node["kernel_shape"]
+    if node["op"] == "int_conv":
+        return math.prod(shape[:-1])
+    return shape[0]
+
+
+def threshold_from_decisions(ys: np.ndarray, decisions: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per-channel ``(s, t)`` with ``(s * y >= t) == decisions`` for every ``y`` in ``ys``.
+
+    Args:
+      ys: ``(K,)`` increasing integers.
+      decisions: ``(K, C)`` bools, the float model's ``sign(...) == +1`` at each ``y``.
+
+    Returns:
+      int32 ``s`` (``+1``: on at and above ``t``; ``-1``: on at and below ``-t``; ``0``: a
+      constant channel, on iff ``t <= 0``) and int32 ``t``, each ``(C,)``.
+
+    Raises:
+      ValueError: a channel whose decisions are not monotone in ``y`` (then no threshold exists).
+    """
+    d = np.asarray(decisions, bool)
+    up = np.all(d[1:] >= d[:-1], axis=0)
+    down = np.all(d[1:] <= d[:-1], axis=0)
+    const = np.all(d == d[:1], axis=0)
+    if not np.all(up | down):
+        bad = np.flatnonzero(~(up | down))
+        raise ValueError(
+            f"channels {bad[:8].tolist()} switch sign more than once over the integer range; "
+            "the layer after the binary product is not monotone (is it a BatchNorm?)"
+        )
+    s = np.where(const, 0, np.where(up, 1, -1)).astype(np.int32)
+    first_on = ys[np.argmax(d, axis=0)]  # smallest y that is on (up)
+    last_on = ys[len(ys) - 1 - np.argmax(d[::-1], axis=0)]  # largest y that is on (down)
+    t = np.where(const, np.where(d[0], 0, 1), np.where(up, first_on, -last_on))
+    return s, t.astype(np.int32)
+
+
+def _elementwise_fn(nodes: list, arrays: list):
+    def f(y):
+        for node, a in zip(nodes, arrays, strict=True):
+            if node["op"] == "affine":
+                if "scale" in a:
+                    y = y * a["scale"]
+                if "bias" in a:
+                    y = y + a["bias"]
+            else:
+                y = _batchnorm(y, a, node["epsilon"])
+        return y
+
+    return jax.jit(f)
+
+
+def fold_thresholds(program: list, arrays: list) -> tuple[list, list]:
+    """Replaces ``int product, maxpool*, (affine | batchnorm)*, sign`` by a per-channel threshold.
+
+    The float model decides ``sign(BN(y)) == +1`` in float32 for an integer ``y`` in
+    ``[-fan_in, fan_in]``; here every such ``y`` is run through the same float operations
+    (`_batchnorm`, the same order as Flax) and the decisions turned into ``(s, t)`` with
+    `threshold_from_decisions`, so the integer comparison reproduces the float decision at every
+    reachable input, ties included. Max pooling on integers commutes with nothing here: it stays
+    before the threshold, on the int32 sums.
+    """
+    out_p, out_a = [], []
+    i = 0
+    while i < len(program):
+        node, a = program[i], arrays[i]
+        if node["op"] == "residual":
+            body = fold_thresholds(node["body"], a["body"])
+            short = fold_thresholds(node["shortcut"], a["shortcut"])
+            out_p.append({**node, "body": body[0], "shortcut": short[0]})
+            out_a.append({"body": body[1], "shortcut": short[1]})
+            i += 1
+            continue
+        out_p.append(node)
+        out_a.append(a)
+        i += 1
+        if node["op"] not in INT_PRODUCTS:
+            continue
+        j = i
+        while j < len(program) and program[j]["op"] == "maxpool":
+            j += 1
+        k = j
+        while k < len(program) and program[k]["op"] in ELEMENTWISE:
+            k += 1
+        if k >= len(program) or program[k]["op"] != "sign":
+            continue
+        n = fan_in(node)
+        ys = np.arange(-n, n + 1, dtype=np.int32)
+        f = _elementwise_fn(program[j:k], arrays[j:k])
+        channels = node["kernel_shape"][-1]
+        values = f(jnp.broadcast_to(ys.astype(np.float32)[:, None], (len(ys), channels)))
+        s, t = threshold_from_decisions(ys, np.asarray(values) >= 0)
+        out_p.extend(program[i:j])
+        out_a.extend(arrays[i:j])
+        out_p.append({"op": "threshold"})
+        out_a.append({"s": s, "t": t})
+        i = k + 1
+    return out_p, out_a
