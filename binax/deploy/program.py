@@ -9,7 +9,8 @@ values; arrays are NumPy arrays. The kinds, with the dtype they take and give:
 ``int_dense``  int8 -> int32                ``x @ W``, ``W`` ±1 unpacked from bits, int32 accumulation
 ``int_conv``   int8 -> int32                ``conv(pad(x, pad_value), W)``, exactly: zero padding plus
                                             a batch-independent border term
-``threshold``  int32 -> int8                ``+1`` where ``s * y >= t`` (per channel), else ``-1``
+``threshold``  int32 -> int8                ``+1`` where ``s * y >= t`` (per channel), else ``-1``;
+                                            optionally max pooled (exactly, see `_threshold`)
 ``dense``      float -> float               ``x @ W`` (W float, or ±1 from bits)
 ``conv``       float -> float               ``conv(pad(x, pad_value), W)`` in float
 ``affine``     float -> float               ``x * scale + bias`` (a binary layer's scale and bias)
@@ -25,9 +26,9 @@ Float kinds given an integer input convert it to float32 first (exact: ``|y| < 2
 binary product not followed by a sign keeps an exact integer product with a float epilogue.
 
 Binary kernels are stored bit-packed along the reduction axis: a dense kernel ``(in, out)`` as
-``(out, ceil(in / 8))`` bytes, a convolution kernel ``(*window, in, out)`` as
-``(out, ceil(prod(window) * in / 8))`` bytes (`binax.export.pack_bits` of the transposed kernel),
-and unpacked to int8 inside the jitted function.
+``(ceil(in / 8), out)`` bytes, a convolution kernel ``(*window, in, out)`` as
+``(ceil(prod(window) * in / 8), out)`` bytes (`pack_kernel`), and unpacked to int8 inside the
+jitted function (`unpack_kernel`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from binax import export
 from binax.nn import functional as F
 
 __all__ = ["fold_thresholds", "pack_kernel", "run", "threshold_from_decisions", "unpack_kernel"]
@@ -55,18 +55,26 @@ ELEMENTWISE = ("affine", "batchnorm")
 
 
 def pack_kernel(kernel: np.ndarray) -> np.ndarray:
-    """``sign0(kernel)`` of shape ``(*reduction, out)`` as bits ``(out, ceil(prod(reduction)/8))``."""
+    """``sign0(kernel)`` of shape ``(*reduction, out)`` as bits ``(ceil(prod(reduction)/8), out)``.
+
+    Bit ``7 - r % 8`` of byte ``[r // 8, o]`` is ``kernel.reshape(-1, out)[r, o] >= 0`` (1 is
+    ``+1``): 8 consecutive weights along the reduction axis per byte, as `numpy.packbits`.
+    """
     kernel = np.asarray(kernel)
-    flat = kernel.reshape(-1, kernel.shape[-1]).T  # (out, reduction)
-    return np.asarray(export.pack_bits(jnp.asarray(flat)).bits)
+    return np.packbits(kernel.reshape(-1, kernel.shape[-1]) >= 0, axis=0)
 
 
 def unpack_kernel(bits: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    """The ±1 kernel of ``shape`` (``(*reduction, out)``) in ``dtype`` from `pack_kernel`'s bits."""
-    out = shape[-1]
+    """The ±1 kernel of ``shape`` (``(*reduction, out)``) in ``dtype`` from `pack_kernel`'s bits.
+
+    Shifts over a new axis of 8 and a reshape, no transpose: cheap enough to run inside the
+    jitted forward (the kernels stay packed in memory).
+    """
     fan_in = math.prod(shape[:-1])
-    packed = export.PackedBinary(bits=bits, shape=(out, fan_in))
-    return export.unpack_bits(packed, dtype).T.reshape(shape)
+    shifts = jnp.arange(7, -1, -1, dtype=jnp.uint8)[None, :, None]
+    b = (bits[:, None, :] >> shifts) & jnp.uint8(1)
+    w = (2 * b.astype(jnp.int8) - 1).reshape(-1, shape[-1])[:fan_in]
+    return w.reshape(shape).astype(dtype)
 
 
 def _kernel(node: dict, arrays: dict, dtype: Any) -> jax.Array:
@@ -154,7 +162,7 @@ def run(program: list, arrays: list, x: jax.Array, borders: dict, path: str = ""
                 borders[where] = _border(node, w, x)
             x = _conv(x, w, node, _pads(node, x), jnp.int32) + borders[where]
         elif op == "threshold":
-            x = jnp.where(a["s"] * x >= a["t"], jnp.int8(1), jnp.int8(-1))
+            x = _threshold(x, a, node.get("pool"))
         elif op == "dense":
             x = _float(x)
             w = _kernel(node, a, x.dtype)
@@ -200,6 +208,23 @@ def run(program: list, arrays: list, x: jax.Array, borders: dict, path: str = ""
         else:
             raise ValueError(f"unknown deployed op {op!r} at node {where}")
     return x
+
+
+def _threshold(y: jax.Array, a: dict, pool: dict | None) -> jax.Array:
+    """``+1`` where ``s * y >= t``, else ``-1`` (int8); with ``pool``, max pooling of ``y`` first.
+
+    Pooling is done after the comparison, on int8, which is exact: a channel with ``s = +1``
+    decides increasingly in ``y``, so the decision at ``max(y)`` is the max of the decisions;
+    one with ``s = -1`` decides decreasingly, so it is their min, taken here as the max of the
+    flipped decisions, flipped back (``s = 0`` is constant: either way).
+    """
+    on = a["s"] * y >= a["t"]
+    if pool is None:
+        return jnp.where(on, jnp.int8(1), jnp.int8(-1))
+    flip = a["s"] < 0
+    x = jnp.where(on != flip, jnp.int8(1), jnp.int8(-1))
+    x = _maxpool(x, pool)
+    return jnp.where(flip, -x, x)
 
 
 def _batchnorm(x: jax.Array, a: dict, epsilon: float) -> jax.Array:
@@ -273,14 +298,15 @@ def _elementwise_fn(nodes: list, arrays: list):
 
 
 def fold_thresholds(program: list, arrays: list) -> tuple[list, list]:
-    """Replaces ``int product, maxpool*, (affine | batchnorm)*, sign`` by a per-channel threshold.
+    """Replaces ``int product, [maxpool], (affine | batchnorm)*, [flatten], sign`` by a threshold.
 
     The float model decides ``sign(BN(y)) == +1`` in float32 for an integer ``y`` in
     ``[-fan_in, fan_in]``; here every such ``y`` is run through the same float operations
     (`_batchnorm`, the same order as Flax) and the decisions turned into ``(s, t)`` with
     `threshold_from_decisions`, so the integer comparison reproduces the float decision at every
-    reachable input, ties included. Max pooling on integers commutes with nothing here: it stays
-    before the threshold, on the int32 sums.
+    reachable input, ties included. A max pooling between the product and the BatchNorm moves
+    into the threshold (`_threshold`: on int8 decisions, not int32 sums); a flatten between the
+    BatchNorm and the sign moves after the threshold.
     """
     out_p, out_a = [], []
     i = 0
@@ -299,12 +325,15 @@ def fold_thresholds(program: list, arrays: list) -> tuple[list, list]:
         if node["op"] not in INT_PRODUCTS:
             continue
         j = i
-        while j < len(program) and program[j]["op"] == "maxpool":
+        pool = None
+        if j < len(program) and program[j]["op"] == "maxpool":
+            pool = {key: program[j][key] for key in ("window", "strides", "padding")}
             j += 1
         k = j
         while k < len(program) and program[k]["op"] in ELEMENTWISE:
             k += 1
-        if k >= len(program) or program[k]["op"] != "sign":
+        flat = k < len(program) and program[k]["op"] == "flatten"
+        if k + flat >= len(program) or program[k + flat]["op"] != "sign":
             continue
         n = fan_in(node)
         ys = np.arange(-n, n + 1, dtype=np.int32)
@@ -312,9 +341,10 @@ def fold_thresholds(program: list, arrays: list) -> tuple[list, list]:
         channels = node["kernel_shape"][-1]
         values = f(jnp.broadcast_to(ys.astype(np.float32)[:, None], (len(ys), channels)))
         s, t = threshold_from_decisions(ys, np.asarray(values) >= 0)
-        out_p.extend(program[i:j])
-        out_a.extend(arrays[i:j])
-        out_p.append({"op": "threshold"})
+        out_p.append({"op": "threshold", **({"pool": pool} if pool else {})})
         out_a.append({"s": s, "t": t})
-        i = k + 1
+        if flat:  # sign(flatten(z)) == flatten(sign(z))
+            out_p.append({"op": "flatten"})
+            out_a.append({})
+        i = k + flat + 1
     return out_p, out_a
