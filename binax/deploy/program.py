@@ -132,6 +132,15 @@ def _border(node: dict, kernel: jax.Array, x: jax.Array) -> jax.Array:
 
 def _maxpool(x, node):
     window, strides = tuple(node["window"]), tuple(node["strides"])
+    spatial = x.shape[1:-1]
+    if (
+        window == strides
+        and node["padding"] in ("VALID", [[0, 0]] * len(window))
+        and all(s % w == 0 for s, w in zip(spatial, window, strict=True))
+    ):  # non-overlapping windows: a reshape and a max, which XLA fuses with what comes before
+        split = [d for s, w in zip(spatial, window, strict=True) for d in (s // w, w)]
+        x = x.reshape((x.shape[0], *split, x.shape[-1]))
+        return jnp.max(x, axis=tuple(range(2, 2 * len(window) + 1, 2)))
     init = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
     padding = node["padding"]
     if not isinstance(padding, str):
@@ -221,9 +230,10 @@ def _threshold(y: jax.Array, a: dict, pool: dict | None) -> jax.Array:
     on = a["s"] * y >= a["t"]
     if pool is None:
         return jnp.where(on, jnp.int8(1), jnp.int8(-1))
+    if not pool["flip"]:  # no decreasing channel
+        return _maxpool(jnp.where(on, jnp.int8(1), jnp.int8(-1)), pool)
     flip = a["s"] < 0
-    x = jnp.where(on != flip, jnp.int8(1), jnp.int8(-1))
-    x = _maxpool(x, pool)
+    x = _maxpool(jnp.where(on != flip, jnp.int8(1), jnp.int8(-1)), pool)
     return jnp.where(flip, -x, x)
 
 
@@ -341,6 +351,8 @@ def fold_thresholds(program: list, arrays: list) -> tuple[list, list]:
         channels = node["kernel_shape"][-1]
         values = f(jnp.broadcast_to(ys.astype(np.float32)[:, None], (len(ys), channels)))
         s, t = threshold_from_decisions(ys, np.asarray(values) >= 0)
+        if pool:
+            pool["flip"] = bool(np.any(s < 0))
         out_p.append({"op": "threshold", **({"pool": pool} if pool else {})})
         out_a.append({"s": s, "t": t})
         if flat:  # sign(flatten(z)) == flatten(sign(z))
