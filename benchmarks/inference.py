@@ -1,0 +1,429 @@
+"""Inference speed and model size: binax's float forward, `binax.deploy`, and LCE / Keras.
+
+One BinaryNet (the Bop paper layout scaled by ``--width``, 28x28x1 inputs, 10 classes, binary
+kernels everywhere, float first-layer input) is timed, side by side and interleaved round by
+round, as:
+
+- ``binax float``: the NNX model in eval mode, jitted (`nnx.split` + `jax.jit`), float32;
+- ``binax deployed``: `binax.deploy.compile(model)`: kernels bit-packed, int8 products with
+  int32 accumulation, BatchNorm + sign folded into integer thresholds;
+- with ``--lce-python``: the same network (same weights and BatchNorm statistics) built in Larq,
+  converted by Larq Compute Engine (`larq_compute_engine.convert_keras_model`) and run by its
+  interpreter (2 threads), and the float Keras forward (``predict_on_batch``), in a worker process
+  of that python. LCE's interpreter runs one image at a time (its model has batch 1).
+
+The BatchNorm statistics are those of a random batch (so thresholds are not trivial); the check
+reports how many predicted classes of each engine agree with the float model on 256 images.
+
+Also reported: file sizes (the deployed file, and the float32 parameters and statistics as an
+``.npz`` checkpoint), the binary operations per image and the deployed network's overall
+GOP/s at batch 256 (binary ops only, so a lower bound for the binary layers), next to the integer
+throughput this CPU allows: an int8 matrix product with int32 accumulation (M256 x K4096 x
+N1024), and XOR + popcount on uint32-packed words in XLA, the other way to multiply ±1 matrices.
+
+Make the LCE environment (its own venv, never a binax dependency)::
+
+    python -m venv /work/venvs/lce
+    /work/venvs/lce/bin/pip install larq-compute-engine "tensorflow-cpu==2.16.*" \\
+        "tf-keras==2.16.*" larq
+
+Usage::
+
+    python benchmarks/inference.py --lce-python /work/venvs/lce/bin/python
+    python benchmarks/inference.py --quick          # small and short, no peer unless given
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+INPUT_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# The peer worker: runs under the LCE python (TensorFlow, Larq, LCE; no JAX, no binax).
+
+
+def _larq_model(weights: dict, width_plan: list, dense_plan: list):
+    import larq as lq
+    import tf_keras as keras
+
+    x = inp = keras.Input(INPUT_SHAPE)
+    for i, (out, pool) in enumerate(width_plan):
+        first = i == 0
+        x = lq.layers.QuantConv2D(
+            out,
+            3,
+            padding="same",
+            pad_values=0.0 if first else 1.0,
+            use_bias=False,
+            input_quantizer=None if first else "ste_sign",
+            kernel_quantizer="ste_sign",
+            kernel_constraint="weight_clip",
+        )(x)
+        if pool:
+            x = keras.layers.MaxPool2D(2)(x)
+        x = keras.layers.BatchNormalization(scale=False, epsilon=1e-5)(x)
+    x = keras.layers.Flatten()(x)
+    for out in dense_plan:
+        x = lq.layers.QuantDense(
+            out,
+            use_bias=False,
+            input_quantizer="ste_sign",
+            kernel_quantizer="ste_sign",
+            kernel_constraint="weight_clip",
+        )(x)
+        x = keras.layers.BatchNormalization(scale=False, epsilon=1e-5)(x)
+    model = keras.Model(inp, x)
+    layers = [
+        layer
+        for layer in model.layers
+        if isinstance(
+            layer,
+            (lq.layers.QuantConv2D, lq.layers.QuantDense, keras.layers.BatchNormalization),
+        )
+    ]
+    for i, layer in enumerate(layers):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.set_weights([weights[f"{i}_bias"], weights[f"{i}_mean"], weights[f"{i}_var"]])
+        else:
+            layer.set_weights([weights[f"{i}_kernel"]])
+    return model
+
+
+def worker(spec_path: str) -> None:
+    """Reads commands on stdin, one JSON per line; answers one JSON line each."""
+    import larq_compute_engine as lce
+    import tensorflow as tf
+    from larq_compute_engine.tflite.python.interpreter import Interpreter
+
+    tf.config.threading.set_inter_op_parallelism_threads(2)
+    tf.config.threading.set_intra_op_parallelism_threads(2)
+    with open(spec_path) as f:
+        spec = json.load(f)
+    weights = dict(np.load(spec["weights"]))
+    model = _larq_model(weights, spec["width_plan"], spec["dense_plan"])
+    flatbuffer = lce.convert_keras_model(model)
+    interpreter = Interpreter(flatbuffer, num_threads=2)
+    images = np.load(spec["images"])
+    engines = {
+        "lce": lambda x: interpreter.predict(x),
+        "keras": lambda x: model.predict_on_batch(x),
+    }
+    out = {
+        "ready": True,
+        "lce_bytes": len(flatbuffer),
+        "versions": f"tensorflow {tf.__version__}, larq-compute-engine {lce.__version__}",
+        "logits": {k: np.asarray(f(images)).tolist() for k, f in engines.items()},
+    }
+    print(json.dumps(out), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        x = images[: cmd["batch"]]
+        f = engines[cmd["engine"]]
+        f(x)
+        times = []
+        for _ in range(cmd["reps"]):
+            t0 = time.perf_counter()
+            f(x)
+            times.append(time.perf_counter() - t0)
+        print(json.dumps({"times": times}), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The main process (JAX, binax)
+
+
+def _model(width: float, seed: int = 0):
+    import jax
+    from flax import nnx
+
+    from binax import models
+
+    model = models.get(
+        "binarynet",
+        input_shape=INPUT_SHAPE,
+        num_classes=NUM_CLASSES,
+        width_multiplier=width,
+        rngs=nnx.Rngs(seed),
+    )
+    # Running statistics of one random batch (momentum 0), so thresholds are not trivial.
+    norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+    for n in norms:
+        n.momentum = 0.0
+    model.train()
+    model(jax.random.normal(jax.random.key(seed + 1), (256, *INPUT_SHAPE)))
+    model.eval()
+    return model
+
+
+def _peer_files(model, directory: str, images: np.ndarray) -> str:
+    """Writes the weights (Larq's layout: the same as binax's) and a spec for the worker."""
+    from flax import nnx
+
+    weights = {}
+    layers = []
+    for conv, norm in zip(model.convs, model.conv_norms, strict=True):
+        layers += [conv, norm]
+    for dense, norm in zip(model.dense, model.dense_norms, strict=True):
+        layers += [dense, norm]
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nnx.BatchNorm):
+            weights[f"{i}_bias"] = np.asarray(layer.bias[...])
+            weights[f"{i}_mean"] = np.asarray(layer.mean[...])
+            weights[f"{i}_var"] = np.asarray(layer.var[...])
+        else:
+            weights[f"{i}_kernel"] = np.asarray(layer.kernel[...])
+    plan = [[int(c.kernel[...].shape[-1]), bool(p)] for c, p in zip(model.convs, model.pools)]
+    dense_plan = [int(d.kernel[...].shape[-1]) for d in model.dense]
+    np.savez(os.path.join(directory, "weights.npz"), **weights)
+    np.save(os.path.join(directory, "images.npy"), images)
+    spec = {
+        "weights": os.path.join(directory, "weights.npz"),
+        "images": os.path.join(directory, "images.npy"),
+        "width_plan": plan,
+        "dense_plan": dense_plan,
+    }
+    path = os.path.join(directory, "spec.json")
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    return path
+
+
+class Peer:
+    """The worker process under the LCE python."""
+
+    def __init__(self, python: str, spec: str):
+        self.proc = subprocess.Popen(
+            [python, os.path.abspath(__file__), "--worker", spec],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_USE_LEGACY_KERAS": "1"},
+        )
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the LCE worker under {python} did not start (see its stderr)")
+        self.info = json.loads(line)
+
+    def time(self, engine: str, batch: int, reps: int) -> list[float]:
+        self.proc.stdin.write(json.dumps({"engine": engine, "batch": batch, "reps": reps}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["times"]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def _timer(fn, x):
+    def run(reps):
+        fn(x).block_until_ready()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn(x).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    return run
+
+
+def binary_ops(deployed) -> int:
+    """Operations (2 per multiply-add) of the integer products for one 28x28 image."""
+    from binax.deploy import program as P
+
+    total = 0
+    # Output positions of each convolution: the shape of its border term.
+    borders = deployed.borders(INPUT_SHAPE)
+    for i, node in enumerate(deployed.program):
+        if node["op"] == "int_conv":
+            positions = int(np.prod(borders[str(i)].shape[:-1]))
+            total += 2 * positions * P.fan_in(node) * node["kernel_shape"][-1]
+        elif node["op"] == "int_dense":
+            total += 2 * node["kernel_shape"][0] * node["kernel_shape"][1]
+    return total
+
+
+def kernel_peaks(reps: int) -> dict:
+    """GOP/s of M256 x K4096 x N1024 ±1 products: int8 (int32 acc.) and XOR+popcount (uint32)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    m, k, n = 256, 4096, 1024
+    a = jnp.where(jax.random.normal(jax.random.key(0), (m, k)) >= 0, 1, -1).astype(jnp.int8)
+    b = jnp.where(jax.random.normal(jax.random.key(1), (k, n)) >= 0, 1, -1).astype(jnp.int8)
+    int8 = jax.jit(lambda a, b: lax.dot(a, b, preferred_element_type=jnp.int32))
+
+    def pack(x, axis):  # ±1 -> uint32 words along ``axis``
+        bits = (x > 0).astype(jnp.uint32)
+        bits = jnp.moveaxis(bits, axis, -1).reshape(*bits.shape[:-1] if axis else (), -1, 32)
+        return jnp.sum(bits << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+    pa, pb = pack(a, 1), pack(b.T, 1)  # (m, k/32), (n, k/32)
+
+    @jax.jit
+    def xnor(pa, pb):
+        diff = lax.population_count(pa[:, None, :] ^ pb[None, :, :]).astype(jnp.int32)
+        return k - 2 * jnp.sum(diff, axis=-1)
+
+    ref = np.asarray(int8(a, b))
+    if not np.array_equal(np.asarray(xnor(pa, pb)), ref):
+        raise AssertionError("XOR+popcount product differs from the int8 product")
+    ops = 2 * m * k * n
+    out = {}
+    for name, f, args in (("int8", int8, (a, b)), ("xor_popcount", xnor, (pa, pb))):
+        f(*args).block_until_ready()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f(*args).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        out[name] = ops / float(np.median(times)) / 1e9
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--width", type=float, default=0.25, help="BinaryNet width multiplier")
+    p.add_argument("--lce-python", help="a python with larq-compute-engine, tf-keras, larq")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
+    p.add_argument("--reps1", type=int, default=100, help="calls per round at batch 1")
+    p.add_argument("--reps256", type=int, default=4, help="calls per round at batch 256")
+    p.add_argument("--quick", action="store_true", help="3 rounds, fewer calls")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args.worker)
+        return 0
+    if args.quick:
+        args.rounds, args.reps1, args.reps256 = 3, 20, 2
+
+    import jax
+    from flax import nnx
+
+    sys.path.insert(0, HERE)
+    import _common
+
+    import binax.deploy
+
+    print(_common.machine())
+    print(_common.command())
+    model = _model(args.width)
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    deployed = binax.deploy.compile(model)
+    images = np.asarray(jax.random.normal(jax.random.key(7), (256, *INPUT_SHAPE)), np.float32)
+
+    tmp = tempfile.mkdtemp(prefix="binax-inference-")
+    deployed_bytes = deployed.save(os.path.join(tmp, "model.bnx"))
+    ckpt = os.path.join(tmp, "float32.npz")
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
+    np.savez(ckpt, **{jax.tree_util.keystr(k): np.asarray(v, np.float32) for k, v in leaves})
+    float_bytes = os.path.getsize(ckpt)
+    reference = np.asarray(forward(state, images))
+    agree = {"binax deployed": float(np.mean(np.asarray(deployed(images)).argmax(-1) ==
+                                             reference.argmax(-1)))}
+    n_binary = sum(
+        int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, binax.nn.BinaryParam))
+    )
+    print(f"BinaryNet width {args.width}: {n_binary:,} binary weights")
+
+    engines = {
+        "binax float": lambda x: forward(state, x),
+        "binax deployed": deployed,
+    }
+    peer = None
+    sizes = {"binax float": float_bytes, "binax deployed": deployed_bytes}
+    if args.lce_python:
+        peer = Peer(args.lce_python, _peer_files(model, tmp, images))
+        print(peer.info["versions"])
+        sizes["LCE interpreter"] = peer.info["lce_bytes"]
+        for name, key in (("LCE interpreter", "lce"), ("Keras float", "keras")):
+            logits = np.asarray(peer.info["logits"][key])
+            agree[name] = float(np.mean(logits.argmax(-1) == reference.argmax(-1)))
+    else:
+        print("LCE and Keras skipped: pass --lce-python PYTHON (see this file's docstring)")
+
+    results = {}
+    for batch, reps in ((1, args.reps1), (256, args.reps256)):
+        x = jax.numpy.asarray(images[:batch])
+        timers = {name: _timer(f, x) for name, f in engines.items()}
+        if peer is not None:
+            for name, key in (("LCE interpreter", "lce"), ("Keras float", "keras")):
+                timers[name] = lambda r, key=key, batch=batch: peer.time(key, batch, r)
+        per_round = {name: [] for name in timers}
+        for _ in range(args.rounds):
+            for name, run in timers.items():
+                per_round[name].append(float(np.median(run(reps))))
+        for name, ts in per_round.items():
+            med, q1, q3 = _common.median_iqr([batch / t for t in ts])
+            results.setdefault(name, {})[batch] = {"images_s": med, "q1": q1, "q3": q3}
+    if peer is not None:
+        peer.close()
+
+    ops = binary_ops(deployed)
+    peaks = kernel_peaks(reps=5)
+    dep256 = results["binax deployed"][256]["images_s"]
+    head = ["engine", "batch 1 images/s", "batch 256 images/s", "file bytes", "agree"]
+    rows = []
+    for name, r in results.items():
+        rows.append(
+            [
+                name,
+                f"{r[1]['images_s']:.0f}",
+                f"{r[256]['images_s']:.0f}",
+                f"{sizes[name]:,}" if name in sizes else "-",
+                f"{agree[name]:.3f}" if name in agree else "-",
+            ]
+        )
+    print(_common.md_table(head, rows))
+    flt = results["binax float"]
+    print(
+        f"deployed / float: batch 1 {results['binax deployed'][1]['images_s'] / flt[1]['images_s']:.2f}x, "
+        f"batch 256 {dep256 / flt[256]['images_s']:.2f}x; file {float_bytes / deployed_bytes:.1f}x "
+        "smaller than the float32 .npz"
+    )
+    if peer is not None:
+        lce = results["LCE interpreter"]
+        print(
+            f"deployed / LCE: batch 1 {results['binax deployed'][1]['images_s'] / lce[1]['images_s']:.2f}x, "
+            f"batch 256 {dep256 / lce[256]['images_s']:.2f}x; deployed / Keras float at 256: "
+            f"{dep256 / results['Keras float'][256]['images_s']:.2f}x"
+        )
+    print(
+        f"binary ops per image {ops / 1e6:.1f} M; deployed at batch 256: "
+        f"{ops * dep256 / 1e9:.0f} GOP/s (whole network, binary ops only); "
+        f"M256xK4096xN1024 ±1 products here: int8 {peaks['int8']:.0f} GOP/s, "
+        f"XOR+popcount {peaks['xor_popcount']:.0f} GOP/s"
+    )
+    if args.out:
+        _common.write_json(
+            args.out,
+            {
+                "machine": _common.machine(),
+                "command": _common.command(),
+                "results": results,
+                "sizes": sizes,
+                "agree": agree,
+                "binary_ops_per_image": ops,
+                "kernel_gops": peaks,
+            },
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
