@@ -53,6 +53,7 @@ class Deployed:
         self.meta = dict(meta or {})
         self._device_arrays = jax.tree.map(jnp.asarray, arrays)
         self._borders: dict[tuple, dict] = {}
+        self._compiled: dict[tuple, Any] = {}
         prog = program
         self._forward = jax.jit(lambda a, b, x: P.run(prog, a, x, dict(b)))
         self._collect = jax.jit(lambda a, x: _collect_borders(prog, a, x))
@@ -76,10 +77,16 @@ class Deployed:
 
     def __call__(self, x: Any) -> jax.Array:
         """Logits for a batch ``x`` (the float model's input layout, e.g. NHWC float images)."""
-        x = jnp.asarray(x, jnp.float32)
-        if x.ndim < 2:
-            raise ValueError(f"x must be a batch (batch, ...), got shape {x.shape}")
-        return self._forward(self._device_arrays, self.borders(x.shape[1:]), x)
+        if not (isinstance(x, jax.Array) and x.dtype == jnp.float32):
+            x = jnp.asarray(x, jnp.float32)
+        run = self._compiled.get(x.shape)
+        if run is None:  # compiled once per input shape (a direct call dispatches faster)
+            if x.ndim < 2:
+                raise ValueError(f"x must be a batch (batch, ...), got shape {x.shape}")
+            borders = self.borders(x.shape[1:])
+            compiled = self._forward.lower(self._device_arrays, borders, x).compile()
+            run = self._compiled[x.shape] = lambda x: compiled(self._device_arrays, borders, x)
+        return run(x)
 
     def summary(self) -> str:
         """One line per node: the op and its array shapes."""
