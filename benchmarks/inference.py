@@ -334,8 +334,11 @@ def main(argv=None) -> int:
     np.savez(ckpt, **{jax.tree_util.keystr(k): np.asarray(v, np.float32) for k, v in leaves})
     float_bytes = os.path.getsize(ckpt)
     reference = np.asarray(forward(state, images))
-    agree = {"binax deployed": float(np.mean(np.asarray(deployed(images)).argmax(-1) ==
-                                             reference.argmax(-1)))}
+    agree = {
+        "binax deployed": float(
+            np.mean(np.asarray(deployed(images)).argmax(-1) == reference.argmax(-1))
+        )
+    }
     n_binary = sum(
         int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, binax.nn.BinaryParam))
     )

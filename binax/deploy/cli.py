@@ -36,7 +36,9 @@ def restore_model(run_dir: str, epoch: int | None = None):
 
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir!r} a binax-train run directory?")
+        raise FileNotFoundError(
+            f"{path} does not exist: is {run_dir!r} a binax-train run directory?"
+        )
     if not os.path.isdir(os.path.join(run_dir, CHECKPOINT_DIR)):
         raise FileNotFoundError(f"{run_dir} has no {CHECKPOINT_DIR}/ (was it run --no-checkpoint?)")
     with open(path) as f:
@@ -136,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             f"deployed accuracy {correct / n:.2%}"
         )
         if agree != n:
-            print("binax-deploy: error: the deployed model disagrees with the float model",
-                  file=sys.stderr)
+            print(
+                "binax-deploy: error: the deployed model disagrees with the float model",
+                file=sys.stderr,
+            )
             return 1
     return 0
 

@@ -100,7 +100,10 @@ def lower_layer(module: nnx.Module) -> tuple[list, list]:
         node = {"op": "dense", "kernel_shape": list(arrays["kernel"].shape)}
         return [node], [arrays]
     if isinstance(module, nnx.Conv):
-        if any(d != 1 for d in np.atleast_1d(module.input_dilation or 1)) or module.mask is not None:
+        if (
+            any(d != 1 for d in np.atleast_1d(module.input_dilation or 1))
+            or module.mask is not None
+        ):
             raise ValueError(f"{name}: input_dilation and mask are not deployable")
         padding = module.padding
         if isinstance(padding, str) and padding.upper() not in ("SAME", "VALID"):

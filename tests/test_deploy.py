@@ -1,0 +1,300 @@
+"""binax.deploy: deployed networks agree with the float models they come from, exactly.
+
+The float model decides every hidden sign in float32; the deployed one with integer products
+and integer thresholds. They must give the same predicted class on every input and the same
+logits up to the rounding of the float layers (here they are in fact equal), including at ties
+(BatchNorm inputs exactly on the threshold) and for channels that decrease (negative BatchNorm
+scale), with max pooling, strides, +1 and -1 padding, and odd sizes that do not fill whole bytes.
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import binax.deploy
+from binax import data as bdata
+from binax import models
+from binax.deploy import program as P
+from binax.nn import BinaryConv, BinaryLinear
+
+
+@functools.lru_cache(maxsize=1)
+def digits_test():
+    ds = bdata.load("digits", "test", normalized=True)
+    return ds.images, ds.labels
+
+
+def random_stats(model, seed, *, negative_scales=True):
+    """BatchNorm statistics and affine parameters far from their initial values."""
+    rng = np.random.default_rng(seed)
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, nnx.BatchNorm):
+            c = m.mean[...].shape[0]
+            m.mean[...] = jnp.asarray(rng.normal(0, 3, c), jnp.float32)
+            m.var[...] = jnp.asarray(rng.uniform(0.5, 20, c), jnp.float32)
+            if m.scale is not None:
+                lo = -1.5 if negative_scales else 0.2
+                m.scale[...] = jnp.asarray(rng.uniform(lo, 1.5, c), jnp.float32)
+            if m.bias is not None:
+                m.bias[...] = jnp.asarray(rng.normal(0, 1, c), jnp.float32)
+    model.eval()
+    return model
+
+
+def float_forward(model, x):
+    graphdef, state = nnx.split(model)
+    return np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
+
+
+def assert_agree(model, x):
+    ref = float_forward(model, x)
+    deployed = binax.deploy.compile(model)
+    out = np.asarray(deployed(x))
+    np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    return deployed, out, ref
+
+
+REFERENCE = {
+    "mlp": dict(hidden_sizes=(40, 27)),
+    "binarynet": dict(width_multiplier=1 / 16),
+    "resnet18": dict(width=4),
+}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_reference_models_agree_on_every_test_image(name):
+    images, _ = digits_test()
+    model = models.get(
+        name, input_shape=(8, 8, 1), num_classes=10, rngs=nnx.Rngs(1), **REFERENCE[name]
+    )
+    random_stats(model, seed=2)
+    deployed, out, ref = assert_agree(model, images)
+    # Integer products: every binary product is an int op, no float product of ±1 is left.
+    ops = {n["op"] for n in _nodes(deployed.program)}
+    assert "int_conv" in ops or "int_dense" in ops
+    if name != "resnet18":  # hidden activations stay binary: every BN + sign is a threshold
+        # but the one after the first (real-input, float) layer.
+        assert "threshold" in ops and [n["op"] for n in deployed.program].count("sign") == 1
+    # One image at a time goes through the same exact path (XOR + popcount for dense rows).
+    if name != "resnet18":
+        one = np.asarray(deployed(images[7:8]))
+        np.testing.assert_allclose(one, ref[7:8], rtol=1e-5, atol=1e-5)
+
+
+def _nodes(program):
+    for node in program:
+        yield node
+        if node["op"] == "residual":
+            yield from _nodes(node["body"])
+            yield from _nodes(node["shortcut"])
+
+
+def test_binarynet_real_first_last_and_hidden_activations_are_int8():
+    model = models.get(
+        "binarynet",
+        input_shape=(16, 16, 3),
+        num_classes=5,
+        width_multiplier=1 / 16,
+        real_first_last=True,
+        rngs=nnx.Rngs(3),
+    )
+    random_stats(model, seed=4)
+    x = jax.random.normal(jax.random.key(0), (64, 16, 16, 3))
+    deployed, _, _ = assert_agree(model, x)
+    ops = [n["op"] for n in deployed.program]
+    assert ops[0] == "conv" and ops[-2] == "dense"  # real first and last layers stay float
+    assert ops.count("threshold") == 7  # 5 hidden convs and 2 hidden dense layers
+
+
+def test_sequential_with_pooling_negative_scales_strides_and_padding():
+    rngs = nnx.Rngs(5)
+    kw = dict(use_bias=False, rngs=rngs)
+    model = nnx.Sequential(
+        BinaryConv(3, 8, (3, 3), input_quantizer=None, pad_value=None, **kw),
+        nnx.BatchNorm(8, rngs=rngs),
+        BinaryConv(8, 13, (3, 3), pad_value=1.0, **kw),
+        functools.partial(nnx.max_pool, window_shape=(2, 2), strides=(2, 2)),
+        nnx.BatchNorm(13, rngs=rngs),
+        BinaryConv(13, 9, (3, 3), strides=2, pad_value=-1.0, **kw),
+        nnx.BatchNorm(9, rngs=rngs),
+        BinaryConv(9, 6, (2, 2), padding="VALID", scale="learned", use_bias=True, rngs=rngs),
+    )
+    random_stats(model, seed=6)
+    rng = np.random.default_rng(0)
+    model.layers[-1].scale[...] = jnp.asarray(rng.uniform(0.5, 2, 6), jnp.float32)
+    model.layers[-1].bias[...] = jnp.asarray(rng.normal(0, 1, 6), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (32, 12, 12, 3))
+    deployed, _, _ = assert_agree(model, x)
+    thresholds = [a for n, a in zip(deployed.program, deployed.arrays) if n["op"] == "threshold"]
+    assert len(thresholds) == 2  # the first BatchNorm follows a float (real-input) product
+    assert any(np.any(a["s"] < 0) for a in thresholds)  # decreasing channels were exercised
+    pooled = [n for n in deployed.program if n["op"] == "threshold" and "pool" in n]
+    assert len(pooled) == 1 and pooled[0]["pool"]["flip"]
+
+
+def test_thresholds_exact_at_ties():
+    """BatchNorm inputs exactly on the threshold go the way float BatchNorm + sign sends them."""
+    fan_in = 6
+    rngs = nnx.Rngs(0)
+    first = BinaryLinear(fan_in, 16, use_bias=False, input_quantizer="ste_sign", rngs=rngs)
+    norm = nnx.BatchNorm(16, rngs=rngs)
+    last = BinaryLinear(16, 3, use_bias=False, rngs=rngs)
+    model = nnx.Sequential(first, norm, last)
+    # y = x . w takes the values -6, -4, ..., 6. Put the BatchNorm's zero exactly on reachable
+    # integers (mean), with positive, negative and zero scales, and biases that move the
+    # crossing by less than one step or exactly onto an integer after rounding.
+    mean = np.array([0, 2, -2, 4, 6, -6, 2, 0, 1, 3, 0, 0, 2, -4, 2, 0], np.float32)
+    scale = np.array([1, 1, 1, -1, -1, 1, 0.5, -2, 1, 1, 0, 0, 3, -1, 1e-8, -1e-8], np.float32)
+    bias = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, -1, -3e-7, 0, 0, 0], np.float32)
+    norm.mean[...], norm.scale[...], norm.bias[...] = map(jnp.asarray, (mean, scale, bias))
+    norm.var[...] = jnp.full((16,), 1 - 1e-5, jnp.float32)  # rsqrt(var + eps) == 1
+    model.eval()
+    x = jax.random.normal(jax.random.key(0), (512, fan_in))
+    y = np.asarray(jnp.where(x >= 0, 1.0, -1.0) @ jnp.where(first.kernel[...] >= 0, 1.0, -1.0))
+    assert np.any(y == mean)  # ties do happen in this batch
+    deployed, _, _ = assert_agree(model, x)
+    hidden_float = np.asarray(norm(jnp.asarray(y))) >= 0
+    s, t = (deployed.arrays[2][k] for k in ("s", "t"))
+    np.testing.assert_array_equal(s * y >= t, hidden_float)
+    # sign0(0.0) and sign0(-0.0) are +1: a channel centred on a reachable y is on there.
+    assert t[0] == 0 and s[0] == 1 and t[1] == 2 and t[3] == -4 and s[3] == -1
+    assert s[10] == 0 and s[11] == 0 and (t[10] <= 0) and (t[11] > 0)  # constant channels
+
+
+def test_threshold_from_decisions():
+    ys = np.arange(-3, 4)
+    d = np.stack(
+        [ys >= 1, ys <= -2, np.ones(7, bool), np.zeros(7, bool), ys >= -3, ys <= 3], axis=1
+    )
+    s, t = P.threshold_from_decisions(ys, d)
+    np.testing.assert_array_equal(s[:, None] * ys[None] >= t[:, None], d.T)
+    np.testing.assert_array_equal(s, [1, -1, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="switch sign more than once"):
+        P.threshold_from_decisions(ys, (ys % 2 == 0)[:, None])
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 5, 7), (13, 4), (1, 1, 1, 1), (2, 9, 3)])
+def test_kernels_are_packed_one_bit_per_weight_along_the_reduction_axis(shape):
+    w = np.where(np.random.default_rng(0).normal(size=shape) >= 0, 1.0, -1.0)
+    bits = P.pack_kernel(w)
+    fan_in = int(np.prod(shape[:-1]))
+    assert bits.dtype == np.uint8 and bits.shape == (-(-fan_in // 8), shape[-1])
+    np.testing.assert_array_equal(np.asarray(P.unpack_kernel(bits, shape, jnp.int8)), w)
+    # Consecutive bits of a byte are consecutive weights along the reduction axis.
+    np.testing.assert_array_equal(
+        np.unpackbits(bits, axis=0)[:fan_in], (w.reshape(fan_in, -1) > 0).astype(np.uint8)
+    )
+
+
+def test_save_load_roundtrip_and_size(tmp_path):
+    model = random_stats(
+        models.get("binarynet", input_shape=(8, 8, 1), width_multiplier=1 / 8, rngs=nnx.Rngs(0)),
+        seed=1,
+    )
+    deployed = binax.deploy.compile(model, meta={"note": "test"})
+    path = tmp_path / "m.bnx"
+    size = deployed.save(path)
+    assert size == os.path.getsize(path) and deployed.nbytes < size < deployed.nbytes + 16384
+    loaded = binax.deploy.load(path)
+    assert loaded.meta == {"note": "test"}
+    x = digits_test()[0][:50]
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(deployed(x)))
+    binary = sum(
+        int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, binax.nn.BinaryParam))
+    )
+    packed = sum(a["bits"].nbytes for a in deployed.arrays if isinstance(a, dict) and "bits" in a)
+    assert packed <= binary / 8 + 8 * 64  # 1 bit per weight (plus byte padding per column)
+
+
+def test_malformed_and_truncated_files_are_clear_errors(tmp_path):
+    model = random_stats(models.get("mlp", input_shape=10, hidden_sizes=(9,), rngs=nnx.Rngs(0)), 1)
+    data = binax.deploy.to_bytes(binax.deploy.compile(model))
+    assert binax.deploy.from_bytes(data).program
+    err = binax.deploy.DeployFileError
+    for cut in (3, 20, 30, len(data) // 2, len(data) - 1):
+        with pytest.raises(err, match="truncated|not a binax|corrupt"):
+            binax.deploy.from_bytes(data[:cut])
+    with pytest.raises(err, match="truncated"):
+        binax.deploy.from_bytes(data[:-1])
+    with pytest.raises(err, match="not a binax deployed-model file"):
+        binax.deploy.from_bytes(b"PK\x03\x04" + data[4:])
+    flipped = bytearray(data)
+    flipped[-5] ^= 0x10
+    with pytest.raises(err, match="arrays fail the CRC-32"):
+        binax.deploy.from_bytes(bytes(flipped))
+    flipped = bytearray(data)
+    flipped[40] ^= 0x01
+    with pytest.raises(err, match="header fails the CRC-32"):
+        binax.deploy.from_bytes(bytes(flipped))
+    newer = bytearray(data)
+    newer[8] = 99
+    with pytest.raises(err, match="format version 99"):
+        binax.deploy.from_bytes(bytes(newer))
+    with pytest.raises(err, match="longer|corrupt"):
+        binax.deploy.from_bytes(data + b"\0")
+    path = tmp_path / "cut.bnx"
+    path.write_bytes(data[:-7])
+    with pytest.raises(err, match=str(path)):
+        binax.deploy.load(path)
+
+
+def test_undeployable_models_are_clear_errors():
+    class Custom(nnx.Module):
+        def __init__(self):
+            self.layer = BinaryLinear(4, 2, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.layer(x)
+
+    with pytest.raises(ValueError, match="register"):
+        binax.deploy.compile(Custom())
+    tanh = BinaryLinear(4, 2, input_quantizer=lambda x: jnp.clip(x, -1, 1), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="input_quantizer"):
+        binax.deploy.compile(tanh)
+    with pytest.raises(ValueError, match="model must be a Flax NNX module"):
+        binax.deploy.compile(lambda x: x)
+    # register teaches compile a class of one's own.
+    binax.deploy.register(Custom, lambda m: binax.deploy.lower_layer(m.layer))
+    model = Custom()
+    x = jax.random.normal(jax.random.key(0), (8, 4))
+    np.testing.assert_array_equal(np.asarray(binax.deploy.compile(model)(x)), np.asarray(model(x)))
+
+
+def test_binax_deploy_command_on_a_trained_run(tmp_path, capsys):
+    from binax.deploy.cli import main, restore_model
+    from binax.train import Config, train
+
+    run_dir = str(tmp_path / "run")
+    train(
+        Config(
+            model="binarynet",
+            model_kwargs={"width_multiplier": 1 / 16},
+            dataset="digits",
+            optimizer="bop",
+            epochs=1,
+            steps_per_epoch=3,
+            batch_size=64,
+            run_dir=run_dir,
+            progress=False,
+            plots=False,
+        )
+    )
+    out = str(tmp_path / "model.bnx")
+    assert main([run_dir, out]) == 0
+    text = capsys.readouterr().out
+    assert "predictions equal to the float model's" in text
+    model, _, _, test_set = restore_model(run_dir)
+    deployed = binax.deploy.load(out)
+    assert deployed.meta["config"]["model"] == "binarynet"
+    ref = float_forward(model, test_set.images)
+    got = np.asarray(deployed(test_set.images))
+    np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))  # every test image
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert main([str(tmp_path / "nowhere"), out]) == 2
+    assert "config.json does not exist" in capsys.readouterr().err
