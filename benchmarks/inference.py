@@ -184,7 +184,7 @@ def _peer_files(model, directory: str, images: np.ndarray) -> str:
             weights[f"{i}_var"] = np.asarray(layer.var[...])
         else:
             weights[f"{i}_kernel"] = np.asarray(layer.kernel[...])
-    plan = [[int(c.kernel[...].shape[-1]), bool(p)] for c, p in zip(model.convs, model.pools)]
+    plan = [[int(c.kernel[...].shape[-1]), bool(p)] for c, p in zip(model.convs, model.pools, strict=True)]
     dense_plan = [int(d.kernel[...].shape[-1]) for d in model.dense]
     np.savez(os.path.join(directory, "weights.npz"), **weights)
     np.save(os.path.join(directory, "images.npy"), images)
@@ -393,16 +393,16 @@ def main(argv=None) -> int:
             ]
         )
     print(_common.md_table(head, rows))
-    flt = results["binax float"]
+    flt, dep1 = results["binax float"], results["binax deployed"][1]["images_s"]
     print(
-        f"deployed / float: batch 1 {results['binax deployed'][1]['images_s'] / flt[1]['images_s']:.2f}x, "
+        f"deployed / float: batch 1 {dep1 / flt[1]['images_s']:.2f}x, "
         f"batch 256 {dep256 / flt[256]['images_s']:.2f}x; file {float_bytes / deployed_bytes:.1f}x "
         "smaller than the float32 .npz"
     )
     if peer is not None:
         lce = results["LCE interpreter"]
         print(
-            f"deployed / LCE: batch 1 {results['binax deployed'][1]['images_s'] / lce[1]['images_s']:.2f}x, "
+            f"deployed / LCE: batch 1 {dep1 / lce[1]['images_s']:.2f}x, "
             f"batch 256 {dep256 / lce[256]['images_s']:.2f}x; deployed / Keras float at 256: "
             f"{dep256 / results['Keras float'][256]['images_s']:.2f}x"
         )

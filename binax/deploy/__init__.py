@@ -7,7 +7,7 @@
 The ``binax-deploy RUN_DIR OUT`` command does the same for a ``binax-train`` run directory.
 """
 
-from binax.deploy.deployed import DeployFileError, Deployed, compile, from_bytes, load, to_bytes
+from binax.deploy.deployed import Deployed, DeployFileError, compile, from_bytes, load, to_bytes
 from binax.deploy.lower import lower_layer, register
 
 __all__ = [

@@ -22,7 +22,7 @@ CONFIG_FILE, CHECKPOINT_DIR = "config.json", "checkpoints"
 
 
 def restore_model(run_dir: str, epoch: int | None = None):
-    """``(model, config, meta, test_set)``: the trained model of a ``binax-train`` run, in eval mode.
+    """``(model, config, meta, test_set)`` of a ``binax-train`` run; the model in eval mode.
 
     Raises:
       FileNotFoundError: ``run_dir`` has no ``config.json`` or no checkpoints.

@@ -18,7 +18,7 @@ from flax import nnx
 
 from binax import quantizers as q
 from binax.deploy import program as P
-from binax.nn import BinaryConv, BinaryLinear, FixedScale
+from binax.nn import BinaryConv, BinaryLinear
 
 __all__ = ["lower", "lower_layer", "register"]
 

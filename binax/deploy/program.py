@@ -4,24 +4,24 @@ A program is a list of nodes, each a dict ``{"op": kind, ...static fields..., "a
 (``residual`` nodes hold two sub-programs, ``body`` and ``shortcut``). Static fields are JSON
 values; arrays are NumPy arrays. The kinds, with the dtype they take and give:
 
-=============  ===========================  =========================================================
-``sign``       float -> int8                ``+1`` where ``x >= 0``, else ``-1`` (`binax.sign0`)
-``int_dense``  int8 -> int32                ``x @ W``, ``W`` ±1 unpacked from bits, int32 accumulation
-                                            (XOR + popcount on the bits for 1-2 rows)
-``int_conv``   int8 -> int32                ``conv(pad(x, pad_value), W)``, exactly: zero padding plus
-                                            a batch-independent border term
-``threshold``  int32 -> int8                ``+1`` where ``s * y >= t`` (per channel), else ``-1``;
-                                            optionally max pooled (exactly, see `_threshold`)
-``dense``      float -> float               ``x @ W`` (W float, or ±1 from bits)
-``conv``       float -> float               ``conv(pad(x, pad_value), W)`` in float
-``affine``     float -> float               ``x * scale + bias`` (a binary layer's scale and bias)
-``batchnorm``  float -> float               BatchNorm with running statistics, in Flax's op order
-``maxpool``    any -> same                  max over windows (integers stay integers)
-``avgpool``    float -> float               `flax.linen.avg_pool`
-``flatten``    any -> same                  ``(batch, -1)``
-``mean``       float -> float               mean over the spatial axes
-``residual``   float -> float               ``body(x) + shortcut(x)`` (empty shortcut: ``x``)
-=============  ===========================  =========================================================
+=============  ===============  ==============================================================
+``sign``       float -> int8    ``+1`` where ``x >= 0``, else ``-1`` (`binax.sign0`)
+``int_dense``  int8 -> int32    ``x @ W``, ``W`` ±1 unpacked from bits, int32 accumulation
+                                (XOR + popcount on the bits for 1-2 rows)
+``int_conv``   int8 -> int32    ``conv(pad(x, pad_value), W)``, exactly: zero padding plus a
+                                batch-independent border term
+``threshold``  int32 -> int8    ``+1`` where ``s * y >= t`` (per channel), else ``-1``;
+                                optionally max pooled (exactly, see `_threshold`)
+``dense``      float -> float   ``x @ W`` (W float, or ±1 from bits)
+``conv``       float -> float   ``conv(pad(x, pad_value), W)`` in float
+``affine``     float -> float   ``x * scale + bias`` (a binary layer's scale and bias)
+``batchnorm``  float -> float   BatchNorm with running statistics, in Flax's op order
+``maxpool``    any -> same      max over windows (integers stay integers)
+``avgpool``    float -> float   `flax.linen.avg_pool`
+``flatten``    any -> same      ``(batch, -1)``
+``mean``       float -> float   mean over the spatial axes
+``residual``   float -> float   ``body(x) + shortcut(x)`` (empty shortcut: ``x``)
+=============  ===============  ==============================================================
 
 Float kinds given an integer input convert it to float32 first (exact: ``|y| < 2**24``), so a
 binary product not followed by a sign keeps an exact integer product with a float epilogue.
