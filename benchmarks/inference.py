@@ -184,7 +184,10 @@ def _peer_files(model, directory: str, images: np.ndarray) -> str:
             weights[f"{i}_var"] = np.asarray(layer.var[...])
         else:
             weights[f"{i}_kernel"] = np.asarray(layer.kernel[...])
-    plan = [[int(c.kernel[...].shape[-1]), bool(p)] for c, p in zip(model.convs, model.pools, strict=True)]
+    plan = [
+        [int(c.kernel[...].shape[-1]), bool(p)]
+        for c, p in zip(model.convs, model.pools, strict=True)
+    ]
     dense_plan = [int(d.kernel[...].shape[-1]) for d in model.dense]
     np.savez(os.path.join(directory, "weights.npz"), **weights)
     np.save(os.path.join(directory, "images.npy"), images)

@@ -131,7 +131,8 @@ def test_sequential_with_pooling_negative_scales_strides_and_padding():
     model.layers[-1].bias[...] = jnp.asarray(rng.normal(0, 1, 6), jnp.float32)
     x = jax.random.normal(jax.random.key(1), (32, 12, 12, 3))
     deployed, _, _ = assert_agree(model, x)
-    thresholds = [a for n, a in zip(deployed.program, deployed.arrays, strict=True) if n["op"] == "threshold"]
+    nodes = zip(deployed.program, deployed.arrays, strict=True)
+    thresholds = [a for n, a in nodes if n["op"] == "threshold"]
     assert len(thresholds) == 2  # the first BatchNorm follows a float (real-input) product
     assert any(np.any(a["s"] < 0) for a in thresholds)  # decreasing channels were exercised
     pooled = [n for n in deployed.program if n["op"] == "threshold" and "pool" in n]
