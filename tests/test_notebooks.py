@@ -34,6 +34,7 @@ EXPECTED = {
     "02_compare_optimizers",
     "03_custom_optimizer",
     "04_nnx_binary_cnn",
+    "05_deploy",
 }
 COLAB = "https://colab.research.google.com/github/{org}/binax/blob/main/notebooks/{name}.ipynb"
 CELL_TIMEOUT = 300  # seconds per cell; the quick runs take a few seconds per cell
