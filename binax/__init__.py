@@ -1,11 +1,19 @@
-"""binax: binary neural network optimizers as pure Optax transforms."""
+"""binax: binary neural network optimizers as pure Optax transforms.
 
-from binax import data, export, linen, models, nn, quantizers
+``import binax`` loads what needs only JAX and Optax (the optimizers, transforms, partition,
+metrics, quantizers). The Flax side (`binax.nn`, `binax.linen`, `binax.models`, `binax.export`,
+`binax.summary`, `binax.BinaryParam`) and the training side (`binax.train`, `binax.data`) load on
+first use.
+"""
+
+import importlib
+import sys
+import types
+
+from binax import quantizers
 from binax.metrics import flip_counts, flip_metrics
-from binax.nn import BinaryParam
 from binax.optimizers import bop, bop2nd_order, cema, diode, sgdat
 from binax.partition import binarize, binary_mask, partition
-from binax.summary import summary
 from binax.transforms import (
     clip_latent,
     flip_by_adaptive_threshold,
@@ -19,6 +27,36 @@ from binax.transforms import (
 )
 
 __version__ = "0.1.0"
+
+_LAZY_MODULES = ("data", "export", "linen", "models", "nn", "train")
+_LAZY_NAMES = {"BinaryParam": "binax.nn", "summary": "binax.summary"}
+
+
+def __getattr__(name):
+    """Loads the Flax and training modules on first use (PEP 562)."""
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+    elif name in _LAZY_MODULES:
+        value = importlib.import_module(f"binax.{name}")
+    else:
+        raise AttributeError(f"module 'binax' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY_MODULES, *_LAZY_NAMES})
+
+
+class _Binax(types.ModuleType):
+    def __setattr__(self, name, value):
+        # `import binax.summary` sets the attribute to the module: keep the function there.
+        if name == "summary" and isinstance(value, types.ModuleType):
+            value = value.summary
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Binax
 
 __all__ = [
     "BinaryParam",
@@ -48,4 +86,5 @@ __all__ = [
     "models",
     "nn",
     "quantizers",
+    "train",
 ]

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from binax._ops import path_str
+
 
 def check_scalar(
     name: str,
@@ -110,10 +112,6 @@ def check_rounding(name: str, rounding: Any, state_dtype: jnp.dtype) -> str:
     return rounding
 
 
-def _path_str(path) -> str:
-    return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
-
-
 def check_params(transform: str, updates: Any, params: Any) -> None:
     """Checks what a flip rule needs: params given, matching `updates`, floating dtypes."""
     if params is None:
@@ -138,7 +136,7 @@ def check_same_structure(transform: str, updates: Any, params: Any, what: str = 
     ):
         if jnp.shape(u) != jnp.shape(p):
             raise ValueError(
-                f"{transform}: gradient and {what} shapes differ at {_path_str(path)}: "
+                f"{transform}: gradient and {what} shapes differ at {path_str(path)}: "
                 f"{jnp.shape(u)} vs {jnp.shape(p)}"
             )
 
@@ -148,7 +146,7 @@ def check_float_leaves(transform: str, params: Any) -> None:
         dt = p.dtype if isinstance(p, jax.ShapeDtypeStruct) else jnp.result_type(p)
         if not jnp.issubdtype(dt, jnp.floating):
             raise TypeError(
-                f"{transform}: `params` leaf {_path_str(path)} has dtype {dt}; binary "
+                f"{transform}: `params` leaf {path_str(path)} has dtype {dt}; binary "
                 "weights must be stored in a floating dtype (float32, bfloat16, ...) "
                 "holding +1/-1"
             )

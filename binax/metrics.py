@@ -7,8 +7,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from binax.partition import IsBinary, binary_mask, path_str
-from binax.transforms import sign0
+from binax._ops import path_str, sign0
+from binax.partition import IsBinary, binary_mask
 
 
 def flip_counts(params: Any, new_params: Any) -> Any:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
 import numpy as np
 import optax
+
+from binax._ops import path_str, path_tuple, sign0
 
 BINARY = "binary"
 REAL = "real"
@@ -14,31 +17,20 @@ REAL = "real"
 IsBinary = Any  # a tree of bools, a predicate on the leaf's path, or a Flax NNX model/state.
 
 
-def path_tuple(path) -> tuple[str | int, ...]:
-    """A JAX key path as a plain tuple, e.g. ``('params', 'Dense_0', 'kernel')``."""
-    out = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(getattr(k, attr))
-                break
-        else:  # pragma: no cover - unknown key type
-            out.append(str(k))
-    return tuple(out)
+def _from_nnx(obj: Any, *, labels: bool) -> Any:
+    """A Flax NNX model or state as labels (`binax.nn.binary_labels`) or as plain arrays.
 
+    Anything else is returned as it is. Flax is never imported here: an NNX object can only exist
+    once ``flax.nnx`` is loaded, so this code stays Optax-only for everyone else.
+    """
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None or not isinstance(obj, (nnx.Module, nnx.State)):
+        return obj
+    if labels:
+        from binax.nn import binary_labels
 
-def path_str(path) -> str:
-    """A JAX key path as ``'a/b/0/kernel'``."""
-    return "/".join(str(k) for k in path_tuple(path)) or "<root>"
-
-
-def _is_flax_nnx(obj: Any) -> bool:
-    """True for a Flax NNX module or state (checked without importing Flax otherwise)."""
-    if not any(c.__module__.startswith("flax") for c in type(obj).__mro__):
-        return False
-    from flax import nnx
-
-    return isinstance(obj, (nnx.Module, nnx.State))
+        return binary_labels(obj)
+    return nnx.as_pure(obj)
 
 
 def _is_map_params_placeholder(tree: Any) -> bool:
@@ -71,14 +63,8 @@ def binary_mask(is_binary: IsBinary, tree: Any) -> Any:
       ValueError: the label tree does not match ``tree``, or no leaf is binary.
       TypeError: a label is not a bool.
     """
-    if _is_flax_nnx(is_binary):
-        from binax import nn
-
-        is_binary = nn.binary_labels(is_binary)
-    if _is_flax_nnx(tree):  # nnx.Optimizer passes its init a tree of Variables
-        from flax import nnx
-
-        tree = nnx.as_pure(tree)
+    is_binary = _from_nnx(is_binary, labels=True)
+    tree = _from_nnx(tree, labels=False)  # nnx.Optimizer passes its init a tree of Variables
     if callable(is_binary):
         pred = is_binary
 
@@ -114,8 +100,6 @@ def binarize(params: Any, is_binary: IsBinary | None = None) -> Any:
     its binary kernels with real values. ``is_binary`` as in `binary_mask`; ``None`` binarizes
     every leaf.
     """
-    from binax.transforms import sign0
-
     mask = (
         jax.tree.map(lambda _: True, params)
         if is_binary is None
@@ -150,10 +134,7 @@ def partition(
       ...                      is_binary=lambda path: path[-1] == "kernel")
       >>> state = tx.init(params)
     """
-    if _is_flax_nnx(is_binary):
-        from binax import nn
-
-        is_binary = nn.binary_labels(is_binary)
+    is_binary = _from_nnx(is_binary, labels=True)
     for name, tx in (("binary", binary), ("real", real)):
         if not isinstance(tx, optax.GradientTransformation):
             raise TypeError(f"{name} must be an optax.GradientTransformation, got {tx!r}")

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from binax.transforms import sign0  # +1 where x >= 0, else -1: the one definition in binax
+from binax._ops import sign0  # +1 where x >= 0, else -1: the one definition in binax
 
 Quantizer = Callable[[jax.Array], jax.Array]
 QuantizerLike = str | Quantizer | None

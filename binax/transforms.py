@@ -57,14 +57,9 @@ import optax
 
 from binax import _checks
 from binax._hashing import mix32
+from binax._ops import sign0
 
 ScalarOrSchedule = optax.ScalarOrSchedule
-
-
-def sign0(x: jax.Array) -> jax.Array:
-    """``+1`` where ``x >= 0``, else ``-1``, in the dtype of ``x`` (never 0)."""
-    one = jnp.ones((), jnp.result_type(x))
-    return jnp.where(x >= 0, one, -one)
 
 
 def _value(hparam: ScalarOrSchedule, count: jax.Array, dtype) -> jax.Array:
