@@ -20,9 +20,6 @@ from binax.train.config import Config, ConfigError
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 
-# Flag name -> hyperparameter key, for the binary optimizers' hyperparameters.
-_SCHEDULED = ("threshold", "gamma", "sigma", "alpha", "binary_lr")
-_NUMBERS = ("momentum", "eps", "b1", "b2", "init_scale", "clip")
 _PER_OPTIMIZER = " (default: per optimizer, see the table below)"
 _MODEL_FLAGS = {"hidden_sizes": "mlp", "width_multiplier": "binarynet", "width": "resnet18"}
 
@@ -54,13 +51,37 @@ several devices: every local device is used (data parallel); --model-parallel N 
 
 def _epilog() -> str:
     lines = []
-    for name, hp in optim.BINARY_DEFAULTS.items():
-        args = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in hp.items()) or "(none)"
-        text = textwrap.fill(
-            optim.DESCRIPTIONS[name], width=78, initial_indent=" " * 16, subsequent_indent=" " * 16
-        )
-        lines.append(f"  {name:<13} {args}\n{text}")
+    for r in optim.RECIPES.values():
+        args = ", ".join(f"{h.flag} {h.default}" for h in r.hyperparameters) or "(none)"
+        text = textwrap.fill(r.description, 78, initial_indent=" " * 16, subsequent_indent=" " * 16)
+        lines.append(f"  {r.name:<13} {args}\n{text}")
     return _EPILOG_HEAD + "\n".join(lines) + "\n" + _EPILOG_TAIL
+
+
+def _hyperparameters() -> dict[str, list[tuple[str, optim.Hyperparameter]]]:
+    """Every hyperparameter name, with the (optimizer, Hyperparameter) pairs that take it."""
+    out: dict[str, list[tuple[str, optim.Hyperparameter]]] = {}
+    for r in optim.RECIPES.values():
+        for h in r.hyperparameters:
+            out.setdefault(h.name, []).append((r.name, h))
+    return out
+
+
+def _add_hyperparameter_flags(group, takers: dict[str, list[tuple[str, optim.Hyperparameter]]]):
+    for owners in takers.values():
+        h = owners[0][1]
+        by_help: dict[str, list[str]] = {}
+        for name, hh in owners:
+            by_help.setdefault(hh.help, []).append(name)
+        text = "; ".join(f"{', '.join(names)}: {t}" for t, names in by_help.items())
+        defaults = {hh.default for _, hh in owners}
+        default = f" (default {h.default})" if len(defaults) == 1 else _PER_OPTIMIZER
+        if h.choices is not None:
+            group.add_argument(h.flag, choices=tuple(h.choices), help=text + default)
+        elif h.schedulable:
+            group.add_argument(h.flag, type=_schedule, metavar="SCHEDULE", help=text + default)
+        else:
+            group.add_argument(h.flag, type=float, help=text + default)
 
 
 def _schedule(text: str) -> float | str:
@@ -161,57 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=optim.OPTIMIZERS,
         help=f"optimizer of the binary weights (default {d.optimizer}); see below",
     )
-    g.add_argument(
-        "--threshold",
-        type=_schedule,
-        metavar="SCHEDULE",
-        help="bop, bop2nd_order, sgdat: flip threshold tau" + _PER_OPTIMIZER,
-    )
-    g.add_argument(
-        "--gamma",
-        type=_schedule,
-        metavar="SCHEDULE",
-        help="bop, bop2nd_order, cema: gradient EMA rate in (0, 1]" + _PER_OPTIMIZER,
-    )
-    g.add_argument(
-        "--sigma",
-        type=_schedule,
-        metavar="SCHEDULE",
-        help="bop2nd_order: squared-gradient EMA rate in (0, 1]" + _PER_OPTIMIZER,
-    )
-    g.add_argument(
-        "--alpha",
-        type=_schedule,
-        metavar="SCHEDULE",
-        help="cema: inertia EMA rate in (0, 1]" + _PER_OPTIMIZER,
-    )
-    g.add_argument(
-        "--binary-lr",
-        type=_schedule,
-        metavar="SCHEDULE",
-        help="sgdat, diode: learning rate; latent: Adam learning rate of the "
-        "latent weights" + _PER_OPTIMIZER,
-    )
-    g.add_argument(
-        "--bias-correction",
-        choices=optim.BIAS_CORRECTIONS,
-        help="bop2nd_order: none (biased, default), rate (authors' code) or adam",
-    )
-    g.add_argument("--momentum", type=float, help="sgdat: momentum (default 0)")
-    g.add_argument("--eps", type=float, help="sgdat: added to the adaptive threshold (default 0)")
-    g.add_argument("--b1", type=float, help="diode: gradient EMA decay (default 0.9)")
-    g.add_argument("--b2", type=float, help="diode: sign EMA decay (default 0.999)")
-    g.add_argument(
-        "--init-scale", type=float, help="diode: scale of its random initial state (default 1e-3)"
-    )
-    g.add_argument(
-        "--clip", type=float, help="latent: latent weights are clipped to [-clip, clip] (default 1)"
-    )
+    _add_hyperparameter_flags(g, _hyperparameters())
 
     g = p.add_argument_group("real-valued weights (BatchNorm, real layers; all for 'real')")
     g.add_argument(
         "--real-optimizer",
-        choices=optim.REAL_OPTIMIZERS,
+        choices=tuple(optim.REAL_OPTIMIZERS),
         help=f"optimizer (default {d.real_optimizer}; sgd has momentum 0.9)",
     )
     g.add_argument(
@@ -311,7 +287,7 @@ def config_from_args(args: dict[str, Any], base: Config | None = None) -> Config
     fields = {f.name for f in dataclasses.fields(Config)}
     updates = {k: v for k, v in args.items() if k in fields}
     hparams = dict(config.hparams)
-    for key in (*_SCHEDULED, *_NUMBERS, "bias_correction"):
+    for key in _hyperparameters():
         if key in args:
             hparams[key] = args[key]
     model_kwargs = dict(config.model_kwargs)

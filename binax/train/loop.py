@@ -156,15 +156,8 @@ def _prepare(images: np.ndarray, indices: np.ndarray, dataset, augment: bool, se
     return bdata.normalize(images, dataset.mean, dataset.std, dataset.max_value)
 
 
-def _schedule_values(config: Config, hp: dict[str, Any], spe: int, total: int, step: int):
-    out = {}
-    for key, spec in [
-        *((k, v) for k, v in hp.items() if k in optim.SCHEDULABLE),
-        ("lr", config.lr),
-    ]:
-        s = schedules.build(spec, spe, total)
-        out[key] = float(s(max(step - 1, 0))) if callable(s) else float(s)
-    return out
+def _schedule_values(scheduled: dict[str, schedules.Schedule], spe: int, total: int, step: int):
+    return {k: s.value(max(step - 1, 0), spe, total) for k, s in scheduled.items()}
 
 
 def _evaluate(program: Program, state: TrainState, test_set, eval_bs: int) -> tuple[float, float]:
@@ -253,7 +246,10 @@ def train(
     config = dataclasses.replace(config, run_dir=run_dir)
     _check_run_dir(config, run_dir)
     _sync("binax-train: run directory checked")  # before any process writes into it
-    hp = optim.hparams(config.optimizer, config.hparams)
+    recipe = optim.recipe(config.optimizer)
+    hp = recipe.resolve(config.hparams)
+    lr = schedules.parse(config.lr)
+    scheduled = {k: v for k, v in hp.items() if isinstance(v, schedules.Schedule)} | {"lr": lr}
 
     train_set, test_set, augment = _load_data(config)
     try:
@@ -283,14 +279,14 @@ def train(
             train_set.images.shape[1:],
             train_set.num_classes,
             config.seed,
-            full_precision=config.optimizer == "real",
+            full_precision=recipe.baseline == optim.FULL_PRECISION,
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(
             f"cannot build model {config.model!r} with model_kwargs {config.model_kwargs}: {e}"
         ) from None
     init_params = None
-    if config.optimizer in ("latent", "real"):
+    if recipe.baseline is not None:
         key = jax.random.key(config.seed + 1)
         # One compiled program for every leaf (drawing eagerly compiles one per shape).
         init_params = lambda params, mask: jax.jit(lambda p: optim.latent_init(p, mask, key))(
@@ -302,7 +298,7 @@ def train(
             config.optimizer,
             hp,
             config.real_optimizer,
-            config.lr,
+            lr,
             labels,
             seed=config.seed,
             steps_per_epoch=spe,
@@ -345,7 +341,7 @@ def train(
     sharding = program.batch_sharding
     if start_epoch == 0:
         n_binary = sum(program.flip_sizes)
-        kind = "real-valued (full-precision baseline)" if config.optimizer == "real" else "binary"
+        kind = "binary" if recipe.baseline is None else f"real-valued ({recipe.baseline} baseline)"
         _say(
             f"{config.model} on {config.dataset} with {config.optimizer}: {n_binary:,} {kind} "
             f"weights in {len(program.flip_names)} binary layers; {len(train_set):,} training "
@@ -407,7 +403,7 @@ def train(
                     "flips": flips,
                     "flip_ratio": ratios,
                     "flip_ratio_total": sum(flips.values()) / (sum(program.flip_sizes) * spe),
-                    "hparams": _schedule_values(config, hp, spe, total, step),
+                    "hparams": _schedule_values(scheduled, spe, total, step),
                     "time_s": time.perf_counter() - t0,
                 }
                 history.append(record)

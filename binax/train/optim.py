@@ -1,14 +1,20 @@
-"""The optimizers the training command offers, built from a `Config`.
+"""The optimizers the training command offers: one `Recipe` each.
 
-Binary weights (the model's `binax.nn.BinaryParam` leaves) get one of the BNN optimizers, the
-latent-weight baseline (Adam on real latent weights, clipped to [-1, 1]) or, for the
-full-precision baseline ``"real"``, the same optimizer as every other parameter. Real-valued
-parameters (BatchNorm, real first/last layers) get an ordinary Optax optimizer. The two are
-combined with `binax.partition`.
+A recipe says everything the command needs about an optimizer of the binary weights: its name
+and description, its hyperparameters (flag, default, help, whether a schedule may drive it),
+the `binax` factory that builds it and whether it is a baseline. The command's flags, help and
+epilog, the config check and the optimizer the loop builds all come from `RECIPES`, so adding an
+optimizer is a factory in ``binax/optimizers.py``, one recipe here and its tests.
+
+Real-valued parameters (BatchNorm, real first/last layers) get an ordinary Optax optimizer
+(`REAL_OPTIMIZERS`); `make_optimizer` joins the two with `binax.partition`. The full-precision
+baseline (``"real"``) trains every parameter with the real-valued optimizer.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,131 +25,249 @@ import optax
 import binax
 from binax.train import schedules
 
-#: Optimizers for the binary weights, with their hyperparameters and the defaults used by the
-#: training command: the papers' defaults (``spec/optimizers.md``) for Bop, Bop2ndOrder and
-#: SGDAT; for Diode, whose published defaults need thousands of steps per flip, faster rates
-#: for runs of tens of epochs; CEMA has no published defaults. On the digits main job (MLP,
-#: 20 epochs) the papers' Diode defaults reach 82% test accuracy, these 96%.
-BINARY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "bop": {"threshold": 1e-8, "gamma": 1e-4},
-    "bop2nd_order": {
-        "threshold": 1e-6,
-        "gamma": 1e-6,
-        "sigma": 1e-2,
-        "bias_correction": "none",
-    },
-    "sgdat": {"binary_lr": 1e-4, "threshold": 1e-7, "momentum": 0.0, "eps": 0.0},
-    "diode": {"binary_lr": 1e-3, "b1": 0.9, "b2": 0.999, "init_scale": 1e-3},
-    "cema": {"gamma": 1e-3, "alpha": 1e-2},
-    "latent": {"binary_lr": 1e-2, "clip": 1.0},
-    "real": {},
-}
-OPTIMIZERS = tuple(BINARY_DEFAULTS)
+LATENT, FULL_PRECISION = "latent", "full_precision"
 
-#: What each optimizer does, for ``--help``.
-DESCRIPTIONS = {
-    "bop": "Bop (Helwegen et al. 2019): EMA of gradients, flip where w*m > threshold",
-    "bop2nd_order": "Bop2ndOrder (Suarez-Ramirez et al. 2021): Bop on m/sqrt(v)",
-    "sgdat": "SGDAT (Gu et al. 2023): accumulated gradients, per-weight adaptive threshold",
-    "diode": "Diode (Guo et al. 2024): stochastic sign descent",
-    "cema": "CEMA (Quist et al. 2023): Bop on a cascade of two EMAs (no published defaults)",
-    "latent": "latent-weight baseline: Adam on real latent weights + clip_latent(clip)",
-    "real": "full-precision baseline: same architecture, real kernels and hard-tanh "
-    "activations, every parameter trained by the real-valued optimizer",
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameter:
+    """One hyperparameter of a recipe.
+
+    Attributes:
+      name: its key in ``Config.hparams``; the flag is ``--name`` with ``-`` for ``_``.
+      default: the training command's default.
+      help: what it is, for ``--help``.
+      schedulable: takes a schedule string (`binax.train.schedules`), else a number.
+      arg: the factory's argument (default: ``name``).
+      choices: for a hyperparameter that is a word, flag value -> factory argument.
+    """
+
+    name: str
+    default: Any
+    help: str
+    schedulable: bool = False
+    arg: str | None = None
+    choices: dict[str, Any] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How the training command builds one optimizer of the binary weights.
+
+    Attributes:
+      name: the ``--optimizer`` value.
+      description: one line for ``--help``: what it is, and the paper.
+      hyperparameters: its `Hyperparameter`\\ s.
+      factory: builds the optimizer from the hyperparameters' ``arg``\\ s (``None``: the
+        real-valued optimizer trains every parameter).
+      seeded: the factory takes ``seed`` (random initial state).
+      baseline: ``"latent"`` (real latent weights) or ``"full_precision"`` (a real network);
+        ``None`` for a flip rule on exactly binary weights.
+    """
+
+    name: str
+    description: str
+    hyperparameters: tuple[Hyperparameter, ...] = ()
+    factory: Callable[..., optax.GradientTransformation] | None = None
+    seeded: bool = False
+    baseline: str | None = None
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {h.name: h.default for h in self.hyperparameters}
+
+    def resolve(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The hyperparameters: defaults updated by ``overrides``, checked and parsed once.
+
+        Schedulable values become `binax.train.schedules.Schedule`\\ s, words their factory
+        value, numbers floats. The result is checked by building the optimizer with the
+        (first) values, so an out-of-range value is caught here with the factory's message.
+
+        Raises:
+          ValueError: a hyperparameter the optimizer does not take, or a bad value (the
+            message names the flag).
+        """
+        known = {h.name: h for h in self.hyperparameters}
+        for key in overrides or {}:
+            if key not in known:
+                takes = ", ".join(known) or "none (it uses --lr for every parameter)"
+                raise ValueError(
+                    f"hyperparameter {key!r} does not apply to optimizer {self.name!r}; "
+                    f"it takes: {takes}"
+                )
+        values = {**self.defaults, **(overrides or {})}
+        out = {}
+        for h in self.hyperparameters:
+            v = values[h.name]
+            if h.schedulable:
+                try:
+                    out[h.name] = schedules.parse(v)
+                except ValueError as e:
+                    raise ValueError(f"{h.flag}: {e}") from None
+            elif h.choices is not None:
+                if v not in h.choices:
+                    raise ValueError(f"{h.flag} must be one of {', '.join(h.choices)}, got {v!r}")
+                out[h.name] = h.choices[v]
+            elif isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{h.flag} must be a number, got {v!r}")
+            else:
+                out[h.name] = float(v)
+        try:
+            self.build(out, seed=0, steps_per_epoch=1, total_steps=1)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--optimizer {self.name}: {e}") from None
+        return out
+
+    def build(
+        self, hp: dict[str, Any], *, seed: int, steps_per_epoch: int, total_steps: int
+    ) -> optax.GradientTransformation | None:
+        """The optimizer of the binary weights from `resolve`'s values (``None`` for "real")."""
+        if self.factory is None:
+            return None
+        kwargs = {
+            h.arg or h.name: (
+                hp[h.name].build(steps_per_epoch, total_steps) if h.schedulable else hp[h.name]
+            )
+            for h in self.hyperparameters
+        }
+        if self.seeded:
+            kwargs["seed"] = seed
+        return self.factory(**kwargs)
+
+
+def latent_adam(learning_rate: optax.ScalarOrSchedule, clip: float):
+    """The latent-weight baseline: Adam on real latent weights, clipped to [-clip, clip]."""
+    return optax.chain(optax.adam(learning_rate), binax.clip_latent(clip))
+
+
+def _h(name, default, help, **kw) -> Hyperparameter:
+    return Hyperparameter(name, default, help, **kw)
+
+
+_TAU = "flip threshold tau"
+_GAMMA = "gradient EMA rate in (0, 1]"
+_LR = "learning rate"
+
+#: The training command's optimizers. Defaults: the papers' (``spec/optimizers.md``) for Bop,
+#: Bop2ndOrder and SGDAT; for Diode, whose published defaults need thousands of steps per flip,
+#: faster rates for runs of tens of epochs (on the digits main job, MLP, 20 epochs, the papers'
+#: defaults reach 82% test accuracy, these 96%); CEMA has no published defaults.
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "bop",
+            "Bop (Helwegen et al. 2019): EMA of gradients, flip where w*m > threshold",
+            (
+                _h("threshold", 1e-8, _TAU, schedulable=True),
+                _h("gamma", 1e-4, _GAMMA, schedulable=True),
+            ),
+            binax.bop,
+        ),
+        Recipe(
+            "bop2nd_order",
+            "Bop2ndOrder (Suarez-Ramirez et al. 2021): Bop on m/sqrt(v)",
+            (
+                _h("threshold", 1e-6, _TAU, schedulable=True),
+                _h("gamma", 1e-6, _GAMMA, schedulable=True),
+                _h("sigma", 1e-2, "squared-gradient EMA rate in (0, 1]", schedulable=True),
+                _h(
+                    "bias_correction",
+                    "none",
+                    "none (biased), rate (authors' code) or adam",
+                    choices={"none": None, "rate": "rate", "adam": "adam"},
+                ),
+            ),
+            binax.bop2nd_order,
+        ),
+        Recipe(
+            "sgdat",
+            "SGDAT (Gu et al. 2023): accumulated gradients, per-weight adaptive threshold",
+            (
+                _h("binary_lr", 1e-4, _LR, schedulable=True, arg="learning_rate"),
+                _h("threshold", 1e-7, _TAU, schedulable=True),
+                _h("momentum", 0.0, "momentum"),
+                _h("eps", 0.0, "added to the adaptive threshold"),
+            ),
+            binax.sgdat,
+        ),
+        Recipe(
+            "diode",
+            "Diode (Guo et al. 2024): stochastic sign descent",
+            (
+                _h("binary_lr", 1e-3, _LR, schedulable=True, arg="learning_rate"),
+                _h("b1", 0.9, "gradient EMA decay"),
+                _h("b2", 0.999, "sign EMA decay"),
+                _h("init_scale", 1e-3, "scale of its random initial state"),
+            ),
+            binax.diode,
+            seeded=True,
+        ),
+        Recipe(
+            "cema",
+            "CEMA (Quist et al. 2023): Bop on a cascade of two EMAs (no published defaults)",
+            (
+                _h("gamma", 1e-3, _GAMMA, schedulable=True),
+                _h("alpha", 1e-2, "inertia EMA rate in (0, 1]", schedulable=True),
+            ),
+            binax.cema,
+        ),
+        Recipe(
+            "latent",
+            "latent-weight baseline: Adam on real latent weights + clip_latent(clip)",
+            (
+                _h(
+                    "binary_lr",
+                    1e-2,
+                    "Adam learning rate of the latent weights",
+                    schedulable=True,
+                    arg="learning_rate",
+                ),
+                _h("clip", 1.0, "latent weights are clipped to [-clip, clip]"),
+            ),
+            latent_adam,
+            baseline=LATENT,
+        ),
+        Recipe(
+            "real",
+            "full-precision baseline: same architecture, real kernels and hard-tanh "
+            "activations, every parameter trained by the real-valued optimizer",
+            baseline=FULL_PRECISION,
+        ),
+    )
+}
+OPTIMIZERS = tuple(RECIPES)
+#: Each optimizer's defaults, ``{name: {hyperparameter: default}}``.
+BINARY_DEFAULTS = {name: r.defaults for name, r in RECIPES.items()}
+
+#: Optimizers of the real-valued parameters: name -> factory of the learning rate.
+REAL_OPTIMIZERS: dict[str, Callable[[optax.ScalarOrSchedule], optax.GradientTransformation]] = {
+    "adam": optax.adam,
+    "adamw": optax.adamw,
+    "sgd": lambda lr: optax.sgd(lr, momentum=0.9),
 }
 
-#: Hyperparameters that take a schedule (see `binax.train.schedules`).
-SCHEDULABLE = frozenset({"threshold", "gamma", "sigma", "alpha", "binary_lr"})
-BIAS_CORRECTIONS = ("none", "rate", "adam")
-REAL_OPTIMIZERS = ("adam", "adamw", "sgd")
+
+def recipe(optimizer: str) -> Recipe:
+    """The recipe of ``optimizer``; raises ValueError listing the valid names."""
+    if optimizer not in RECIPES:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
+    return RECIPES[optimizer]
 
 
 def hparams(optimizer: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The binary optimizer's hyperparameters: its defaults updated by ``overrides``.
-
-    Raises:
-      ValueError: unknown optimizer, a hyperparameter the optimizer does not take, or a bad
-        value (the message names it).
-    """
-    if optimizer not in BINARY_DEFAULTS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
-    out = dict(BINARY_DEFAULTS[optimizer])
-    for key, value in (overrides or {}).items():
-        if key not in out:
-            takes = ", ".join(out) or "none (it uses --lr for every parameter)"
-            raise ValueError(
-                f"hyperparameter {key!r} does not apply to optimizer {optimizer!r}; "
-                f"it takes: {takes}"
-            )
-        out[key] = value
-    for key, value in out.items():
-        if key in SCHEDULABLE:
-            schedules.parse(value)
-        elif key == "bias_correction":
-            if value not in BIAS_CORRECTIONS:
-                raise ValueError(
-                    f"bias_correction must be one of {', '.join(BIAS_CORRECTIONS)}, got {value!r}"
-                )
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"hyperparameter {key!r} must be a number, got {value!r}")
-    return out
-
-
-def real_optimizer(name: str, lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-    """The optimizer of the real-valued parameters."""
-    if name == "adam":
-        return optax.adam(lr)
-    if name == "adamw":
-        return optax.adamw(lr)
-    if name == "sgd":
-        return optax.sgd(lr, momentum=0.9)
-    raise ValueError(
-        f"unknown real optimizer {name!r}; valid choices: {', '.join(REAL_OPTIMIZERS)}"
-    )
-
-
-def binary_optimizer(
-    optimizer: str, hp: dict[str, Any], seed: int, steps_per_epoch: int, total_steps: int
-) -> optax.GradientTransformation:
-    """The optimizer of the binary weights (``None`` for ``"real"``)."""
-    h = {
-        k: schedules.build(v, steps_per_epoch, total_steps) if k in SCHEDULABLE else v
-        for k, v in hp.items()
-    }
-    if optimizer == "bop":
-        return binax.bop(threshold=h["threshold"], gamma=h["gamma"])
-    if optimizer == "bop2nd_order":
-        bc = None if h["bias_correction"] == "none" else h["bias_correction"]
-        return binax.bop2nd_order(
-            threshold=h["threshold"], gamma=h["gamma"], sigma=h["sigma"], bias_correction=bc
-        )
-    if optimizer == "sgdat":
-        return binax.sgdat(
-            learning_rate=h["binary_lr"],
-            threshold=h["threshold"],
-            momentum=h["momentum"],
-            eps=h["eps"],
-        )
-    if optimizer == "diode":
-        return binax.diode(
-            learning_rate=h["binary_lr"],
-            b1=h["b1"],
-            b2=h["b2"],
-            init_scale=h["init_scale"],
-            seed=seed,
-        )
-    if optimizer == "cema":
-        return binax.cema(gamma=h["gamma"], alpha=h["alpha"])
-    if optimizer == "latent":
-        return optax.chain(optax.adam(h["binary_lr"]), binax.clip_latent(h["clip"]))
-    raise ValueError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
+    """``recipe(optimizer).resolve(overrides)``: its checked, parsed hyperparameters."""
+    return recipe(optimizer).resolve(overrides)
 
 
 def make_optimizer(
     optimizer: str,
     hp: dict[str, Any],
     real: str,
-    lr: float | str,
+    lr: float | str | schedules.Schedule,
     is_binary: Any,
     *,
     seed: int,
@@ -154,17 +278,23 @@ def make_optimizer(
 
     Args:
       optimizer: one of `OPTIMIZERS`.
-      hp: its hyperparameters, as returned by `hparams` (numbers or schedule strings).
+      hp: its hyperparameters, as returned by `hparams`.
       real: one of `REAL_OPTIMIZERS`, for the real-valued parameters.
-      lr: its learning rate (number or schedule string).
+      lr: its learning rate (number, schedule string or `Schedule`).
       is_binary: the label tree of the binary leaves (`binax.nn.binary_labels`).
       seed: seed of optimizers that draw random state (Diode).
       steps_per_epoch, total_steps: to turn schedules into Optax schedules.
     """
-    real_tx = real_optimizer(real, schedules.build(lr, steps_per_epoch, total_steps))
-    if optimizer == "real":
+    if real not in REAL_OPTIMIZERS:
+        raise ValueError(
+            f"unknown real optimizer {real!r}; valid choices: {', '.join(REAL_OPTIMIZERS)}"
+        )
+    real_tx = REAL_OPTIMIZERS[real](schedules.parse(lr).build(steps_per_epoch, total_steps))
+    binary_tx = recipe(optimizer).build(
+        hp, seed=seed, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+    )
+    if binary_tx is None:
         return real_tx
-    binary_tx = binary_optimizer(optimizer, hp, seed, steps_per_epoch, total_steps)
     return binax.partition(binary=binary_tx, real=real_tx, is_binary=is_binary)
 
 

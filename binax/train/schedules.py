@@ -39,6 +39,37 @@ class Schedule(NamedTuple):
     kind: str
     values: tuple[float, ...]
 
+    def __str__(self) -> str:
+        return f"{self.kind}:{','.join(repr(v) for v in self.values)}"
+
+    def build(self, steps_per_epoch: int, total_steps: int) -> float | optax.Schedule:
+        """A float (constant) or an `optax.Schedule` over a run of ``total_steps`` steps.
+
+        Args:
+          steps_per_epoch: optimizer steps per epoch (``step`` schedules count epochs).
+          total_steps: optimizer steps in the whole run (``linear`` and ``cosine`` span it).
+        """
+        if self.kind == "constant":
+            return self.values[0]
+        span = max(total_steps - 1, 1)
+        if self.kind == "linear":
+            return optax.linear_schedule(*self.values, transition_steps=span)
+        if self.kind == "cosine":
+            start, end = self.values
+            return optax.cosine_decay_schedule(start, decay_steps=span, alpha=end / start)
+        start, factor, every = self.values
+        return optax.exponential_decay(
+            start,
+            transition_steps=max(int(every) * steps_per_epoch, 1),
+            decay_rate=factor,
+            staircase=True,
+        )
+
+    def value(self, count: int, steps_per_epoch: int, total_steps: int) -> float:
+        """The value at optimizer step ``count`` (0-based), as a float."""
+        s = self.build(steps_per_epoch, total_steps)
+        return float(s(count)) if callable(s) else float(s)
+
 
 def _number(text: str, spec: str) -> float:
     try:
@@ -50,8 +81,10 @@ def _number(text: str, spec: str) -> float:
     return x
 
 
-def parse(spec: float | int | str) -> Schedule:
+def parse(spec: float | int | str | Schedule) -> Schedule:
     """Parses a number or a schedule string; raises ValueError saying what is expected."""
+    if isinstance(spec, Schedule):
+        return spec
     if isinstance(spec, bool):
         raise ValueError(f"expected a number or a schedule string, got {spec!r}")
     if isinstance(spec, (int, float)):
@@ -87,26 +120,5 @@ def parse(spec: float | int | str) -> Schedule:
 
 
 def build(spec: float | str, steps_per_epoch: int, total_steps: int) -> float | optax.Schedule:
-    """Turns a number or schedule string into a float or an `optax.Schedule`.
-
-    Args:
-      spec: see the module docstring.
-      steps_per_epoch: optimizer steps per epoch (``step`` schedules count epochs).
-      total_steps: optimizer steps in the whole run (``linear`` and ``cosine`` span it).
-    """
-    s = parse(spec)
-    if s.kind == "constant":
-        return s.values[0]
-    span = max(total_steps - 1, 1)
-    if s.kind == "linear":
-        return optax.linear_schedule(s.values[0], s.values[1], transition_steps=span)
-    if s.kind == "cosine":
-        start, end = s.values
-        return optax.cosine_decay_schedule(start, decay_steps=span, alpha=end / start)
-    start, factor, every = s.values
-    return optax.exponential_decay(
-        start,
-        transition_steps=max(int(every) * steps_per_epoch, 1),
-        decay_rate=factor,
-        staircase=True,
-    )
+    """``parse(spec).build(steps_per_epoch, total_steps)``."""
+    return parse(spec).build(steps_per_epoch, total_steps)
