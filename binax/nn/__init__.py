@@ -9,6 +9,8 @@
 * `binax.nn.functional`: the pure functions behind the layers (shared with `binax.linen`).
 """
 
+import inspect
+
 from binax.nn import functional
 from binax.nn.attention import (
     Attention,
@@ -19,6 +21,29 @@ from binax.nn.attention import (
     ElasticLinear,
 )
 from binax.nn.layers import BinaryConv, BinaryLinear, BinaryParam, FixedScale, binary_labels
+
+
+def _show_init_signature(cls):
+    """Makes ``help(cls)`` and ``inspect.signature(cls)`` show ``cls.__init__``'s arguments.
+
+    Flax's module metaclass defines ``__call__(*args, **kwargs)``, which is what they would show.
+    """
+    sig = inspect.signature(cls.__init__)
+    cls.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
+    return cls
+
+
+for _cls in (
+    BinaryConv,
+    BinaryLinear,
+    FixedScale,
+    BinaryEmbed,
+    BinaryMultiHeadAttention,
+    BinaryTransformerBlock,
+    ElasticBinarization,
+    ElasticLinear,
+):
+    _show_init_signature(_cls)
 
 __all__ = [
     "Attention",

@@ -4,43 +4,83 @@
 >>> result = train(Config(model="mlp", dataset="digits", optimizer="bop", epochs=20))
 >>> result.final["test_accuracy"]  # doctest: +SKIP
 
-The step is one `jax.jit` over a device mesh (data parallel, optionally splitting kernels over
-a "model" axis); it runs unchanged on one CPU, several GPUs, a TPU slice or several hosts after
-`initialize_distributed`. See ``docs/training.md``.
+`train` is a short sequence of phases, each in its module: the run directory (`rundir`),
+devices and hosts (`sharding`), the input pipeline (`input_pipeline`), the model (`model`) and
+its optimizer (`optim`, one recipe per optimizer), the jitted steps (`step`). The step is one
+`jax.jit` over a device mesh; it runs unchanged on one CPU, several GPUs, a TPU slice or several
+hosts after `initialize_distributed`. See ``docs/training.md``.
+
+Needs the ``train`` extra: ``python -m pip install 'binax[train]'``.
 """
 
-from binax.train.checkpoint import CheckpointError, Checkpoints, fingerprint
-from binax.train.config import Config, ConfigError
-from binax.train.distributed import initialize_distributed
-from binax.train.loop import RunDirError, TrainResult, train
-from binax.train.optim import BINARY_DEFAULTS, OPTIMIZERS, REAL_OPTIMIZERS, make_optimizer
-from binax.train.step import (
-    Program,
-    TrainState,
-    build_model,
-    make_mesh,
-    make_program,
-    state_shardings,
+import importlib.util
+import sys
+
+#: Module -> PyPI package of the ``train`` extra.
+_EXTRA = {
+    "orbax.checkpoint": "orbax-checkpoint",
+    "matplotlib": "matplotlib",
+    "tqdm": "tqdm",
+    "sklearn": "scikit-learn",
+}
+
+
+def _missing(module: str) -> bool:
+    if module in sys.modules:
+        return sys.modules[module] is None
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):
+        return True
+
+
+_absent = [pkg for module, pkg in _EXTRA.items() if _missing(module)]
+if _absent:
+    raise ImportError(
+        f"binax.train needs the 'train' extra, which is not installed (missing: "
+        f"{', '.join(_absent)}). Install it with: python -m pip install 'binax[train]'"
+    )
+
+from binax.train.checkpoint import CheckpointError, Checkpoints, fingerprint  # noqa: E402
+from binax.train.config import Config, ConfigError  # noqa: E402
+from binax.train.loop import TrainingDiverged, TrainResult, train  # noqa: E402
+from binax.train.model import build_model  # noqa: E402
+from binax.train.optim import (  # noqa: E402
+    BINARY_DEFAULTS,
+    OPTIMIZERS,
+    REAL_OPTIMIZERS,
+    RECIPES,
+    Hyperparameter,
+    Recipe,
+    make_optimizer,
 )
+from binax.train.rundir import RunDirError, read_config  # noqa: E402
+from binax.train.sharding import initialize_distributed, make_mesh, state_shardings  # noqa: E402
+from binax.train.step import Program, TrainState, make_program  # noqa: E402
 
 __all__ = [
     "BINARY_DEFAULTS",
     "OPTIMIZERS",
     "REAL_OPTIMIZERS",
+    "RECIPES",
     "CheckpointError",
     "Checkpoints",
     "Config",
     "ConfigError",
+    "Hyperparameter",
     "Program",
+    "Recipe",
     "RunDirError",
     "TrainResult",
     "TrainState",
+    "TrainingDiverged",
     "build_model",
     "fingerprint",
     "initialize_distributed",
     "make_mesh",
     "make_optimizer",
     "make_program",
+    "read_config",
     "state_shardings",
     "train",
 ]

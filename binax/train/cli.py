@@ -1,7 +1,8 @@
 """``binax-train``: train a binary network from the command line.
 
 Also ``python -m binax.train``. ``binax-train --help`` explains every flag; ``main`` returns
-the exit status (0 done, 2 bad input / missing data / unusable checkpoint, 130 interrupted).
+the exit status (0 done, 2 bad input / missing data / unusable checkpoint, 3 the loss became
+NaN or infinite, 130 interrupted).
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import json
-import os
 import sys
 import textwrap
 from typing import Any
@@ -18,13 +17,12 @@ from typing import Any
 from binax.train import optim, schedules
 from binax.train.config import Config, ConfigError
 
-EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
 _PER_OPTIMIZER = " (default: per optimizer, see the table below)"
-_MODEL_FLAGS = {"hidden_sizes": "mlp", "width_multiplier": "binarynet", "width": "resnet18"}
 
 _EPILOG_HEAD = """\
-main job (offline, a couple of minutes on 2 CPU cores):
+main job (offline, about a minute on 2 CPU cores):
   binax-train --model mlp --dataset digits --optimizer bop --epochs 20
 
 schedules: every hyperparameter marked SCHEDULE takes a number or
@@ -52,36 +50,25 @@ several devices: every local device is used (data parallel); --model-parallel N 
 def _epilog() -> str:
     lines = []
     for r in optim.RECIPES.values():
-        args = ", ".join(f"{h.flag} {h.default}" for h in r.hyperparameters) or "(none)"
+        args = ", ".join(f"{h.flag} {r.defaults[h.name]}" for h in r.hyperparameters) or "(none)"
         text = textwrap.fill(r.description, 78, initial_indent=" " * 16, subsequent_indent=" " * 16)
         lines.append(f"  {r.name:<13} {args}\n{text}")
     return _EPILOG_HEAD + "\n".join(lines) + "\n" + _EPILOG_TAIL
 
 
-def _hyperparameters() -> dict[str, list[tuple[str, optim.Hyperparameter]]]:
-    """Every hyperparameter name, with the (optimizer, Hyperparameter) pairs that take it."""
-    out: dict[str, list[tuple[str, optim.Hyperparameter]]] = {}
-    for r in optim.RECIPES.values():
-        for h in r.hyperparameters:
-            out.setdefault(h.name, []).append((r.name, h))
-    return out
-
-
-def _add_hyperparameter_flags(group, takers: dict[str, list[tuple[str, optim.Hyperparameter]]]):
-    for owners in takers.values():
-        h = owners[0][1]
-        by_help: dict[str, list[str]] = {}
-        for name, hh in owners:
-            by_help.setdefault(hh.help, []).append(name)
-        text = "; ".join(f"{', '.join(names)}: {t}" for t, names in by_help.items())
-        defaults = {hh.default for _, hh in owners}
-        default = f" (default {h.default})" if len(defaults) == 1 else _PER_OPTIMIZER
+def _add_hyperparameter_flags(group) -> None:
+    """A flag per hyperparameter of the recipes (`binax.train.optim.HYPERPARAMETERS`)."""
+    for h in optim.HYPERPARAMETERS.values():
+        owners = [r for r in optim.RECIPES.values() if h.name in r.defaults]
+        defaults = {r.defaults[h.name] for r in owners}
+        text = f"{', '.join(r.name for r in owners)}: {h.help}"
+        text += f" (default {defaults.pop()})" if len(defaults) == 1 else _PER_OPTIMIZER
         if h.choices is not None:
-            group.add_argument(h.flag, choices=tuple(h.choices), help=text + default)
+            group.add_argument(h.flag, choices=tuple(h.choices), help=text)
         elif h.schedulable:
-            group.add_argument(h.flag, type=_schedule, metavar="SCHEDULE", help=text + default)
+            group.add_argument(h.flag, type=_schedule, metavar="SCHEDULE", help=text)
         else:
-            group.add_argument(h.flag, type=float, help=text + default)
+            group.add_argument(h.flag, type=float, metavar="X", help=text)
 
 
 def _schedule(text: str) -> float | str:
@@ -104,6 +91,19 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+#: Model arguments with a flag of their own: name -> (model, type, metavar, help).
+_MODEL_FLAGS = {
+    "hidden_sizes": (
+        "mlp",
+        _int_list,
+        "N,N,...",
+        "hidden layer widths (default 512,512)",
+    ),
+    "width_multiplier": ("binarynet", float, "F", "scales every width (default 1.0)"),
+    "width": ("resnet18", int, "N", "width of the first stage (default 64)"),
+}
+
+
 def _key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -116,11 +116,9 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser. Defaults are suppressed: only flags given appear in the result."""
-    from binax import models
-    from binax.data import DATASET_NAMES
-
-    d = Config()
+    """The argument parser: a flag per `Config` field, per hyperparameter of the recipes, per
+    model argument, and the multi-host flags. Defaults are suppressed: only flags given appear
+    in the result."""
     p = argparse.ArgumentParser(
         prog="binax-train",
         description="Train a binary neural network (Flax NNX) with a BNN optimizer; "
@@ -129,138 +127,40 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", choices=models.names(), help=f"architecture (default {d.model})")
-    g.add_argument(
-        "--hidden-sizes",
-        type=_int_list,
-        metavar="N,N,...",
-        help="mlp: hidden layer widths (default 512,512)",
-    )
-    g.add_argument(
-        "--width-multiplier",
-        type=float,
-        metavar="F",
-        help="binarynet: scales every width (default 1.0)",
-    )
-    g.add_argument(
-        "--width", type=int, metavar="N", help="resnet18: width of the first stage (default 64)"
-    )
-    g.add_argument(
-        "--model-arg",
-        type=_key_value,
-        action="append",
-        metavar="KEY=VALUE",
-        help="any other keyword argument of the model (a Python literal), e.g. "
-        "--model-arg real_first_last=True; repeatable",
-    )
-    g.add_argument(
-        "--dataset",
-        choices=DATASET_NAMES,
-        help=f"dataset (default {d.dataset}, bundled with scikit-learn: no download)",
-    )
-    g.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="where the dataset files are (default $BINAX_DATA_DIR or ~/.cache/binax/datasets)",
-    )
-    g.add_argument(
-        "--download",
-        action="store_true",
-        help="download missing dataset files (checked against SHA-256)",
-    )
-    g.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        help="random crop (pad 4) and horizontal flip of training images "
-        "(default: on for cifar10/cifar100, off otherwise)",
-    )
-
-    g = p.add_argument_group("binary weights")
-    g.add_argument(
-        "--optimizer",
-        choices=optim.OPTIMIZERS,
-        help=f"optimizer of the binary weights (default {d.optimizer}); see below",
-    )
-    _add_hyperparameter_flags(g, _hyperparameters())
-
-    g = p.add_argument_group("real-valued weights (BatchNorm, real layers; all for 'real')")
-    g.add_argument(
-        "--real-optimizer",
-        choices=tuple(optim.REAL_OPTIMIZERS),
-        help=f"optimizer (default {d.real_optimizer}; sgd has momentum 0.9)",
-    )
-    g.add_argument(
-        "--lr", type=_schedule, metavar="SCHEDULE", help=f"its learning rate (default {d.lr})"
-    )
-
-    g = p.add_argument_group("training")
-    g.add_argument(
-        "--epochs",
-        type=int,
-        help=f"number of epochs (default {d.epochs}); with --resume, a larger "
-        "number extends the run (schedules then span the new length)",
-    )
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        help=f"global batch size, over all devices and hosts (default {d.batch_size})",
-    )
-    g.add_argument(
-        "--eval-batch-size",
-        type=int,
-        help=f"global batch size of the evaluation (default {d.eval_batch_size})",
-    )
-    g.add_argument(
-        "--steps-per-epoch",
-        type=int,
-        help="at most this many steps per epoch (default: the whole training set)",
-    )
-    g.add_argument(
-        "--seed", type=int, help=f"seed of the model, data order, augmentation (default {d.seed})"
-    )
-
-    g = p.add_argument_group("output")
-    g.add_argument(
-        "--run-dir",
-        metavar="DIR",
-        help="run directory (default runs/<model>-<dataset>-<optimizer>-<time>)",
-    )
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --run-dir from its last checkpoint (its saved "
-        "config is used; flags given must agree with it, except runtime ones such "
-        "as --epochs)",
-    )
-    g.add_argument(
-        "--no-checkpoint", dest="checkpoint", action="store_false", help="do not save checkpoints"
-    )
-    g.add_argument(
-        "--keep-checkpoints",
-        type=int,
-        help=f"how many checkpoints to keep (default {d.keep_checkpoints})",
-    )
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    g.add_argument(
-        "--log-every",
-        type=int,
-        help=f"refresh the bar's loss/accuracy every N steps (default {d.log_every})",
-    )
-    g.add_argument("--no-plots", dest="plots", action="store_false", help="no PNG plots")
-
-    g = p.add_argument_group("devices and hosts")
-    g.add_argument(
-        "--num-devices",
-        type=int,
-        help="use only the first N devices (default: all; single process only)",
-    )
-    g.add_argument(
-        "--model-parallel",
-        type=int,
-        help="devices along the mesh's 'model' axis: kernels whose last axis it "
-        "divides are split over them (default 1: pure data parallel)",
-    )
+    groups = {}
+    for f in dataclasses.fields(Config):
+        if not f.metadata:
+            continue  # model_kwargs, hparams: the flags below
+        if f.metadata["group"] not in groups:
+            groups[f.metadata["group"]] = p.add_argument_group(f.metadata["group"])
+        kw = dict(f.metadata["flag"])
+        flag = kw.pop("flag", "--" + f.name.replace("_", "-"))
+        if kw.get("type") is int:
+            kw.setdefault("metavar", "N")
+        if kw.get("type") == "schedule":
+            kw.update(type=_schedule, metavar="SCHEDULE")
+        if callable(kw.get("choices")):
+            kw["choices"] = kw["choices"]()
+        groups[f.metadata["group"]].add_argument(flag, dest=f.name, help=f.metadata["help"], **kw)
+        if f.name == "model":
+            for name, (owner, kind, metavar, text) in _MODEL_FLAGS.items():
+                groups[f.metadata["group"]].add_argument(
+                    "--" + name.replace("_", "-"),
+                    type=kind,
+                    metavar=metavar,
+                    help=f"{owner}: {text}",
+                )
+            groups[f.metadata["group"]].add_argument(
+                "--model-arg",
+                type=_key_value,
+                action="append",
+                metavar="KEY=VALUE",
+                help="any other keyword argument of the model (a Python literal), e.g. "
+                "--model-arg real_first_last=True; repeatable",
+            )
+        if f.name == "optimizer":
+            _add_hyperparameter_flags(groups[f.metadata["group"]])
+    g = groups["devices and hosts"]
     g.add_argument(
         "--coordinator-address",
         metavar="HOST:PORT",
@@ -287,12 +187,12 @@ def config_from_args(args: dict[str, Any], base: Config | None = None) -> Config
     fields = {f.name for f in dataclasses.fields(Config)}
     updates = {k: v for k, v in args.items() if k in fields}
     hparams = dict(config.hparams)
-    for key in _hyperparameters():
+    for key in optim.HYPERPARAMETERS:
         if key in args:
             hparams[key] = args[key]
     model_kwargs = dict(config.model_kwargs)
     model = updates.get("model", config.model)
-    for key, owner in _MODEL_FLAGS.items():
+    for key, (owner, *_) in _MODEL_FLAGS.items():
         if key in args:
             if model != owner:
                 raise ConfigError(
@@ -314,25 +214,22 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the command; returns its exit status."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    # Data errors are imported late: the parser must work before JAX is started.
-    from binax.data import DataFormatError, DatasetNotFoundError
+    # Imported late: the parser must work before JAX is started.
+    from binax.data import DOWNLOADABLE, DataFormatError, DatasetNotFoundError
     from binax.train.checkpoint import CheckpointError
-    from binax.train.loop import RunDirError, train
+    from binax.train.loop import TrainingDiverged, train
+    from binax.train.rundir import RunDirError, read_config
 
     try:
         base = None
         if args.get("resume"):
             if "run_dir" not in args:
                 return _error("--resume needs --run-dir (the directory of the run to continue)")
-            saved = os.path.join(args["run_dir"], "config.json")
-            if not os.path.isfile(saved):
-                return _error(f"cannot resume: {saved} does not exist")
-            with open(saved) as f:
-                base = Config.from_dict(json.load(f))
+            base = read_config(args["run_dir"])
         config = config_from_args(args, base).validate()
         dist = ("coordinator_address", "num_processes", "process_id")
         if args.get("distributed") or any(k in args for k in dist):
-            from binax.train.distributed import initialize_distributed
+            from binax.train.sharding import initialize_distributed
 
             initialize_distributed(*(args.get(k) for k in dist))
         train(config)
@@ -340,9 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         print("binax-train: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except DatasetNotFoundError as e:
-        return _error(f"{e}\nWith binax-train: add --download (and --data-dir DIR) to fetch it.")
+        if config.dataset in DOWNLOADABLE and not config.download:
+            e = f"{e}\nWith binax-train: add --download (and --data-dir DIR) to fetch it."
+        return _error(str(e))
     except (ConfigError, RunDirError, CheckpointError, DataFormatError) as e:
         return _error(str(e))
+    except TrainingDiverged as e:
+        print(f"binax-train: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     return EXIT_OK
 
 

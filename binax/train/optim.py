@@ -17,9 +17,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 import binax
@@ -30,11 +27,10 @@ LATENT, FULL_PRECISION = "latent", "full_precision"
 
 @dataclasses.dataclass(frozen=True)
 class Hyperparameter:
-    """One hyperparameter of a recipe.
+    """A hyperparameter of the binary optimizers (its default is the recipe's).
 
     Attributes:
       name: its key in ``Config.hparams``; the flag is ``--name`` with ``-`` for ``_``.
-      default: the training command's default.
       help: what it is, for ``--help``.
       schedulable: takes a schedule string (`binax.train.schedules`), else a number.
       arg: the factory's argument (default: ``name``).
@@ -42,7 +38,6 @@ class Hyperparameter:
     """
 
     name: str
-    default: Any
     help: str
     schedulable: bool = False
     arg: str | None = None
@@ -53,6 +48,32 @@ class Hyperparameter:
         return "--" + self.name.replace("_", "-")
 
 
+#: Every hyperparameter a recipe may take, by name.
+HYPERPARAMETERS = {
+    h.name: h
+    for h in (
+        Hyperparameter("threshold", "flip threshold tau", schedulable=True),
+        Hyperparameter("gamma", "gradient EMA rate in (0, 1]", schedulable=True),
+        Hyperparameter("sigma", "squared-gradient EMA rate in (0, 1]", schedulable=True),
+        Hyperparameter("alpha", "inertia EMA rate in (0, 1]", schedulable=True),
+        Hyperparameter(
+            "binary_lr", "learning rate (latent: Adam's)", schedulable=True, arg="learning_rate"
+        ),
+        Hyperparameter(
+            "bias_correction",
+            "none (biased), rate (authors' code) or adam",
+            choices={"none": None, "rate": "rate", "adam": "adam"},
+        ),
+        Hyperparameter("momentum", "momentum"),
+        Hyperparameter("eps", "added to the adaptive threshold"),
+        Hyperparameter("b1", "gradient EMA decay"),
+        Hyperparameter("b2", "sign EMA decay"),
+        Hyperparameter("init_scale", "scale of its random initial state"),
+        Hyperparameter("clip", "latent weights are clipped to [-clip, clip]"),
+    )
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """How the training command builds one optimizer of the binary weights.
@@ -60,9 +81,9 @@ class Recipe:
     Attributes:
       name: the ``--optimizer`` value.
       description: one line for ``--help``: what it is, and the paper.
-      hyperparameters: its `Hyperparameter`\\ s.
       factory: builds the optimizer from the hyperparameters' ``arg``\\ s (``None``: the
         real-valued optimizer trains every parameter).
+      defaults: its hyperparameters (`HYPERPARAMETERS` names) and the command's defaults.
       seeded: the factory takes ``seed`` (random initial state).
       baseline: ``"latent"`` (real latent weights) or ``"full_precision"`` (a real network);
         ``None`` for a flip rule on exactly binary weights.
@@ -70,14 +91,14 @@ class Recipe:
 
     name: str
     description: str
-    hyperparameters: tuple[Hyperparameter, ...] = ()
-    factory: Callable[..., optax.GradientTransformation] | None = None
+    factory: Callable[..., optax.GradientTransformation] | None
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
     seeded: bool = False
     baseline: str | None = None
 
     @property
-    def defaults(self) -> dict[str, Any]:
-        return {h.name: h.default for h in self.hyperparameters}
+    def hyperparameters(self) -> tuple[Hyperparameter, ...]:
+        return tuple(HYPERPARAMETERS[k] for k in self.defaults)
 
     def resolve(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The hyperparameters: defaults updated by ``overrides``, checked and parsed once.
@@ -143,14 +164,6 @@ def latent_adam(learning_rate: optax.ScalarOrSchedule, clip: float):
     return optax.chain(optax.adam(learning_rate), binax.clip_latent(clip))
 
 
-def _h(name, default, help, **kw) -> Hyperparameter:
-    return Hyperparameter(name, default, help, **kw)
-
-
-_TAU = "flip threshold tau"
-_GAMMA = "gradient EMA rate in (0, 1]"
-_LR = "learning rate"
-
 #: The training command's optimizers. Defaults: the papers' (``spec/optimizers.md``) for Bop,
 #: Bop2ndOrder and SGDAT; for Diode, whose published defaults need thousands of steps per flip,
 #: faster rates for runs of tens of epochs (on the digits main job, MLP, 20 epochs, the papers'
@@ -161,87 +174,53 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "bop",
             "Bop (Helwegen et al. 2019): EMA of gradients, flip where w*m > threshold",
-            (
-                _h("threshold", 1e-8, _TAU, schedulable=True),
-                _h("gamma", 1e-4, _GAMMA, schedulable=True),
-            ),
             binax.bop,
+            {"threshold": 1e-8, "gamma": 1e-4},
         ),
         Recipe(
             "bop2nd_order",
             "Bop2ndOrder (Suarez-Ramirez et al. 2021): Bop on m/sqrt(v)",
-            (
-                _h("threshold", 1e-6, _TAU, schedulable=True),
-                _h("gamma", 1e-6, _GAMMA, schedulable=True),
-                _h("sigma", 1e-2, "squared-gradient EMA rate in (0, 1]", schedulable=True),
-                _h(
-                    "bias_correction",
-                    "none",
-                    "none (biased), rate (authors' code) or adam",
-                    choices={"none": None, "rate": "rate", "adam": "adam"},
-                ),
-            ),
             binax.bop2nd_order,
+            {"threshold": 1e-6, "gamma": 1e-6, "sigma": 1e-2, "bias_correction": "none"},
         ),
         Recipe(
             "sgdat",
             "SGDAT (Gu et al. 2023): accumulated gradients, per-weight adaptive threshold",
-            (
-                _h("binary_lr", 1e-4, _LR, schedulable=True, arg="learning_rate"),
-                _h("threshold", 1e-7, _TAU, schedulable=True),
-                _h("momentum", 0.0, "momentum"),
-                _h("eps", 0.0, "added to the adaptive threshold"),
-            ),
             binax.sgdat,
+            {"binary_lr": 1e-4, "threshold": 1e-7, "momentum": 0.0, "eps": 0.0},
         ),
         Recipe(
             "diode",
             "Diode (Guo et al. 2024): stochastic sign descent",
-            (
-                _h("binary_lr", 1e-3, _LR, schedulable=True, arg="learning_rate"),
-                _h("b1", 0.9, "gradient EMA decay"),
-                _h("b2", 0.999, "sign EMA decay"),
-                _h("init_scale", 1e-3, "scale of its random initial state"),
-            ),
             binax.diode,
+            {"binary_lr": 1e-3, "b1": 0.9, "b2": 0.999, "init_scale": 1e-3},
             seeded=True,
         ),
         Recipe(
             "cema",
             "CEMA (Quist et al. 2023): Bop on a cascade of two EMAs (no published defaults)",
-            (
-                _h("gamma", 1e-3, _GAMMA, schedulable=True),
-                _h("alpha", 1e-2, "inertia EMA rate in (0, 1]", schedulable=True),
-            ),
             binax.cema,
+            {"gamma": 1e-3, "alpha": 1e-2},
         ),
         Recipe(
             "latent",
             "latent-weight baseline: Adam on real latent weights + clip_latent(clip)",
-            (
-                _h(
-                    "binary_lr",
-                    1e-2,
-                    "Adam learning rate of the latent weights",
-                    schedulable=True,
-                    arg="learning_rate",
-                ),
-                _h("clip", 1.0, "latent weights are clipped to [-clip, clip]"),
-            ),
             latent_adam,
+            {"binary_lr": 1e-2, "clip": 1.0},
             baseline=LATENT,
         ),
         Recipe(
             "real",
             "full-precision baseline: same architecture, real kernels and hard-tanh "
             "activations, every parameter trained by the real-valued optimizer",
+            None,
             baseline=FULL_PRECISION,
         ),
     )
 }
 OPTIMIZERS = tuple(RECIPES)
 #: Each optimizer's defaults, ``{name: {hyperparameter: default}}``.
-BINARY_DEFAULTS = {name: r.defaults for name, r in RECIPES.items()}
+BINARY_DEFAULTS = {name: dict(r.defaults) for name, r in RECIPES.items()}
 
 #: Optimizers of the real-valued parameters: name -> factory of the learning rate.
 REAL_OPTIMIZERS: dict[str, Callable[[optax.ScalarOrSchedule], optax.GradientTransformation]] = {
@@ -296,27 +275,3 @@ def make_optimizer(
     if binary_tx is None:
         return real_tx
     return binax.partition(binary=binary_tx, real=real_tx, is_binary=is_binary)
-
-
-def latent_init(params: Any, mask: Any, key: jax.Array) -> Any:
-    """Gives binary leaves Glorot-uniform magnitudes, keeping their signs.
-
-    For the latent-weight and full-precision baselines, whose kernels are real: the models
-    initialise binary kernels to exactly +1/-1, which a latent weight clipped to [-1, 1] would
-    take ~1/lr steps to leave. The signs are kept, so every optimizer starts from the same
-    binary network. Fans are computed as Flax does (receptive field times channels).
-    """
-    leaves, treedef = jax.tree.flatten(params)
-    masks = jax.tree.leaves(mask)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for w, m, k in zip(leaves, masks, keys, strict=True):
-        if m and w.ndim >= 2:
-            receptive = int(np.prod(w.shape[:-2]))
-            fan_in, fan_out = w.shape[-2] * receptive, w.shape[-1] * receptive
-            limit = float(np.sqrt(6.0 / (fan_in + fan_out)))
-            # In (0, limit]: never exactly zero, so the sign is kept.
-            mag = limit * (1.0 - jax.random.uniform(k, w.shape, w.dtype))
-            w = jnp.where(w >= 0, mag, -mag).astype(w.dtype)
-        out.append(w)
-    return jax.tree.unflatten(treedef, out)

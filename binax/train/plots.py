@@ -8,8 +8,9 @@ from typing import Any
 PLOTS = ("loss.png", "accuracy.png", "flip_ratio.png")
 
 
-def write_plots(history: list[dict[str, Any]], directory: str) -> list[str]:
-    """Writes `PLOTS` into ``directory`` from the per-epoch records; returns their paths."""
+def figures(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of `PLOTS` (file name -> matplotlib figure), each with a title; accuracy is
+    in percent, as the command prints it."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -17,37 +18,45 @@ def write_plots(history: list[dict[str, Any]], directory: str) -> list[str]:
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
-    paths = []
-
-    def save(fig, name):
-        path = os.path.join(directory, name)
-        fig.axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
-        fig.tight_layout()
-        fig.savefig(path + ".tmp.png", dpi=100)
-        os.replace(path + ".tmp.png", path)  # a reader never sees half a PNG
-        plt.close(fig)
-        paths.append(path)
-
-    for key, label in (("loss", "cross-entropy loss"), ("accuracy", "accuracy")):
+    out = {}
+    for key, label, scale in (("loss", "cross-entropy loss", 1), ("accuracy", "accuracy (%)", 100)):
         fig, ax = plt.subplots(figsize=(6, 4))
         for split in ("train", "test"):
-            ax.plot(epochs, [r[f"{split}_{key}"] for r in history], marker=".", label=split)
-        ax.set_xlabel("epoch")
+            values = [scale * r[f"{split}_{key}"] for r in history]
+            ax.plot(epochs, values, marker=".", label=split)
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
+        ax.set_title(f"{key}: train (running, train mode) and test (eval mode)")
         ax.legend()
-        save(fig, f"{key}.png")
+        out[f"{key}.png"] = fig
 
     fig, ax = plt.subplots(figsize=(6, 4))
     names = list(history[0]["flip_ratio"]) if history else []
     for name in names:
         ax.plot(epochs, [r["flip_ratio"][name] for r in history], marker=".", label=name)
     ax.set_yscale("symlog", linthresh=1e-6)
-    ax.set_xlabel("epoch")
     ax.set_ylabel("flips per weight per step")
     ax.set_title("flip ratio of the binary layers")
-    ax.grid(alpha=0.3)
     if names:
         ax.legend(fontsize="small")
-    save(fig, "flip_ratio.png")
+    out["flip_ratio.png"] = fig
+    for fig in out.values():
+        ax = fig.axes[0]
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+    return out
+
+
+def write_plots(history: list[dict[str, Any]], directory: str) -> list[str]:
+    """Writes `PLOTS` into ``directory`` from the per-epoch records; returns their paths."""
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, fig in figures(history).items():
+        path = os.path.join(directory, name)
+        fig.savefig(path + ".tmp.png", dpi=100)
+        os.replace(path + ".tmp.png", path)  # a reader never sees half a PNG
+        plt.close(fig)
+        paths.append(path)
     return paths

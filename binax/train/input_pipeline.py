@@ -1,0 +1,132 @@
+"""The input pipeline: the dataset, its batches as global arrays, augmentation and normalisation.
+
+Training batches come from `binax.data.batches`: the order of an epoch and the augmentation of
+each example are pure functions of ``(seed, epoch)``, so a resumed run sees exactly the batches
+it would have seen. Each process reads only its own rows of a global batch (the rows its
+devices hold, `binax.train.sharding.process_rows`). Augmentation (random crop and flip) works
+on the raw pixels, before normalisation. The evaluation runs over the whole test split in
+batches padded to a fixed size, the padding weighted 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from binax import data as bdata
+from binax.train.config import Config, ConfigError
+from binax.train.sharding import global_batch, process_rows
+
+
+@dataclasses.dataclass
+class InputPipeline:
+    """The batches of a run (see the module docstring).
+
+    Attributes:
+      train_set, test_set: the two splits (`binax.data.Dataset`); the train split holds raw
+        pixels when ``augment`` is on, normalised ones otherwise.
+      augment: random crop (pad 4) and horizontal flip of training images.
+      batch_size, eval_batch_size: global batch sizes.
+      steps_per_epoch: training steps per epoch.
+      seed: seed of the data order and the augmentation.
+      sharding: the sharding of a batch.
+    """
+
+    train_set: bdata.Dataset
+    test_set: bdata.Dataset
+    augment: bool
+    batch_size: int
+    eval_batch_size: int
+    steps_per_epoch: int
+    seed: int
+    sharding: NamedSharding
+
+    def train_batches(self, epoch: int) -> Iterator[tuple[jax.Array, jax.Array]]:
+        """The ``(images, labels)`` global batches of ``epoch`` (0-based)."""
+        index, count = process_rows(self.sharding, self.batch_size)
+        stream = bdata.batches(
+            self.train_set,
+            self.batch_size,
+            self.seed,
+            epoch,
+            process_index=index,
+            process_count=count,
+        )
+        for _, b in zip(range(self.steps_per_epoch), stream, strict=False):
+            images = b.images
+            if self.augment:
+                images = bdata.random_crop_flip(images, self.seed, epoch, b.indices)
+                ds = self.train_set
+                images = bdata.normalize(images, ds.mean, ds.std, ds.max_value)
+            yield self._global(images, self.batch_size), self._global(b.labels, self.batch_size)
+
+    def eval_batches(self) -> Iterator[tuple[jax.Array, jax.Array, jax.Array]]:
+        """``(images, labels, weights)`` global batches over the test split, in order; the
+        last one is padded, with weight 0."""
+        n, bs = len(self.test_set), self.eval_batch_size
+        padded = math.ceil(n / bs) * bs
+        images = np.zeros((padded, *self.test_set.images.shape[1:]), self.test_set.images.dtype)
+        labels = np.zeros((padded,), np.int32)
+        images[:n], labels[:n] = self.test_set.images, self.test_set.labels
+        index, count = process_rows(self.sharding, bs)
+        for b in bdata.batches(
+            (images, labels), bs, 0, 0, shuffle=False, process_index=index, process_count=count
+        ):
+            weights = (b.indices < n).astype(np.float32)
+            yield self._global(b.images, bs), self._global(b.labels, bs), self._global(weights, bs)
+
+    def _global(self, local: np.ndarray, rows: int) -> jax.Array:
+        return global_batch(self.sharding, local, rows)
+
+
+def load_datasets(config: Config) -> tuple[bdata.Dataset, bdata.Dataset, bool]:
+    """``(train_set, test_set, augment)``: the two splits as the run uses them.
+
+    The train split is raw when augmenting (augmentation works on pixels, then normalises);
+    ``digits`` and ``mnist_subset``, which have no official split, always use the test split of
+    ``binax.data.load(..., seed=0)``, so runs with different seeds are evaluated alike.
+    """
+    augment = config.augment if config.augment is not None else config.dataset.startswith("cifar")
+    kw = dict(data_dir=config.data_dir, download=config.download, seed=0)
+    train_set = bdata.load(config.dataset, "train", normalized=not augment, **kw)
+    test_set = bdata.load(config.dataset, "test", normalized=True, **kw)
+    return train_set, test_set, augment
+
+
+def create(config: Config, sharding: NamedSharding) -> InputPipeline:
+    """The input pipeline of ``config`` over the batch ``sharding`` (split along ``"data"``).
+
+    Raises:
+      ConfigError: a batch size the data-parallel devices do not divide, or larger than the
+        training set.
+      binax.data.DatasetNotFoundError, binax.data.DataFormatError: from `binax.data.load`.
+    """
+    data_size = sharding.mesh.shape["data"]
+    if config.batch_size % data_size:
+        raise ConfigError(
+            f"batch_size={config.batch_size} must be divisible by the number of data-parallel "
+            f"devices ({data_size})"
+        )
+    train_set, test_set, augment = load_datasets(config)
+    spe = bdata.num_batches(len(train_set), config.batch_size)
+    if spe < 1:
+        raise ConfigError(
+            f"batch_size={config.batch_size} is larger than the training set ({len(train_set)})"
+        )
+    if config.steps_per_epoch is not None:
+        spe = min(spe, config.steps_per_epoch)
+    return InputPipeline(
+        train_set=train_set,
+        test_set=test_set,
+        augment=augment,
+        batch_size=config.batch_size,
+        eval_batch_size=math.ceil(config.eval_batch_size / data_size) * data_size,
+        steps_per_epoch=spe,
+        seed=config.seed,
+        sharding=sharding,
+    )

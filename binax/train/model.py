@@ -1,0 +1,95 @@
+"""The model: a `binax.models` architecture, as a binary network or as one of the baselines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from binax.train import optim
+
+
+def hard_tanh(x: jax.Array) -> jax.Array:
+    """``clip(x, -1, 1)``: the activation of the full-precision baseline (sign's surrogate)."""
+    return jnp.clip(x, -1.0, 1.0)
+
+
+def build_model(
+    name: str,
+    model_kwargs: dict[str, Any],
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    seed: int,
+    *,
+    full_precision: bool = False,
+) -> nnx.Module:
+    """Builds a `binax.models` architecture.
+
+    With ``full_precision=True`` the same architecture is built with real kernels (no kernel
+    quantizer; the kernels keep their `BinaryParam` type, so flips are still counted) and
+    `hard_tanh` in place of the sign activations.
+    """
+    from binax import models
+
+    kwargs = dict(model_kwargs)
+    if full_precision:
+        kwargs.update(kernel_quantizer=None, input_quantizer=hard_tanh)
+    return models.get(
+        name, input_shape=tuple(input_shape), num_classes=num_classes, rngs=nnx.Rngs(seed), **kwargs
+    )
+
+
+def for_recipe(
+    recipe: optim.Recipe,
+    name: str,
+    model_kwargs: dict[str, Any],
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    seed: int,
+):
+    """The model ``recipe`` trains and its initialiser of the parameters (or ``None``).
+
+    Returns ``(model, init_params)``: the full-precision baseline gets real kernels and hard
+    tanh (`build_model`); both baselines get `latent_init` magnitudes (``init_params``, as
+    `binax.train.make_program` takes it), flip rules the model's exactly binary kernels.
+    """
+    model = build_model(
+        name,
+        model_kwargs,
+        input_shape,
+        num_classes,
+        seed,
+        full_precision=recipe.baseline == optim.FULL_PRECISION,
+    )
+    if recipe.baseline is None:
+        return model, None
+    key = jax.random.key(seed + 1)
+    # One compiled program for every leaf (drawing eagerly compiles one per shape).
+    return model, lambda params, mask: jax.jit(lambda p: latent_init(p, mask, key))(params)
+
+
+def latent_init(params: Any, mask: Any, key: jax.Array) -> Any:
+    """Gives binary leaves Glorot-uniform magnitudes, keeping their signs.
+
+    For the latent-weight and full-precision baselines, whose kernels are real: the models
+    initialise binary kernels to exactly +1/-1, which a latent weight clipped to [-1, 1] would
+    take ~1/lr steps to leave. The signs are kept, so every optimizer starts from the same
+    binary network. Fans are computed as Flax does (receptive field times channels).
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    masks = jax.tree.leaves(mask)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for w, m, k in zip(leaves, masks, keys, strict=True):
+        if m and w.ndim >= 2:
+            receptive = int(np.prod(w.shape[:-2]))
+            fan_in, fan_out = w.shape[-2] * receptive, w.shape[-1] * receptive
+            limit = float(np.sqrt(6.0 / (fan_in + fan_out)))
+            # In (0, limit]: never exactly zero, so the sign is kept.
+            mag = limit * (1.0 - jax.random.uniform(k, w.shape, w.dtype))
+            w = jnp.where(w >= 0, mag, -mag).astype(w.dtype)
+        out.append(w)
+    return jax.tree.unflatten(treedef, out)

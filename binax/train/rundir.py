@@ -1,0 +1,222 @@
+"""The run directory: checking it, resuming from it, and the log, plots and checkpoints in it.
+
+A run directory holds::
+
+    config.json        the Config (JSON)
+    log.jsonl          one JSON record per epoch (losses, accuracies, flips per binary layer)
+    loss.png, accuracy.png, flip_ratio.png
+    checkpoints/<N>/   the Orbax checkpoint after epoch N (the last ``keep_checkpoints``)
+
+Each record of ``log.jsonl`` has ``epoch`` (1-based), ``step``, ``train_loss``,
+``train_accuracy`` (running, in train mode), ``test_loss``, ``test_accuracy`` (eval mode),
+``flips`` (per binary layer, summed over the epoch), ``flip_ratio`` (per binary layer: flips per
+weight per step, averaged over the epoch), ``flip_ratio_total``, ``hparams`` (the scheduled
+values at the epoch's last step) and ``time_s`` (training time of the epoch, without
+evaluation, checkpoint, plots and the first step of a process, which compiles the step and is
+reported apart).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+import binax
+from binax.train import plots
+from binax.train.checkpoint import CheckpointError, Checkpoints
+from binax.train.config import Config, ConfigError
+from binax.train.sharding import broadcast, is_main, say
+
+CONFIG_FILE, LOG_FILE, CHECKPOINT_DIR = "config.json", "log.jsonl", "checkpoints"
+
+
+class RunDirError(ValueError):
+    """The run directory does not fit the request (exists without ``resume``, missing, or its
+    ``config.json`` is unreadable)."""
+
+
+def read_config(run_dir: str) -> Config:
+    """The `Config` saved in ``run_dir/config.json``.
+
+    Raises:
+      RunDirError: the file is missing, is not JSON, or is not a config (the message says
+        which, and what to do).
+    """
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise RunDirError(
+            f"cannot resume: {path} does not exist (is --run-dir the directory of a previous run?)"
+        )
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        if not isinstance(d, dict):
+            raise ConfigError(f"expected a JSON object, got {type(d).__name__}")
+        return Config.from_dict(d)
+    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as e:
+        raise RunDirError(
+            f"cannot resume: {path} is not a readable run config ({e}). Repair it (it is "
+            f"what the run was started with), or start a new run with another --run-dir"
+        ) from None
+
+
+def default_run_dir(config: Config) -> str:
+    """``runs/<model>-<dataset>-<optimizer>-<date>-<time>`` (process 0's time on every host)."""
+    stamp = broadcast(np.array([int(c) for c in time.strftime("%Y%m%d%H%M%S")], np.int32))
+    text = "".join(str(int(d)) for d in stamp)
+    name = f"{config.model}-{config.dataset}-{config.optimizer}-{text[:8]}-{text[8:]}"
+    return os.path.join("runs", name)
+
+
+def check(config: Config) -> Config:
+    """Validates ``config``, names its run directory, and checks the directory fits.
+
+    Writes nothing. Returns the config with ``run_dir`` set.
+
+    Raises:
+      ConfigError: a bad field.
+      RunDirError: the directory holds a run and ``resume`` is off, or ``resume`` is on and it
+        holds none, or the config differs from the run's (except `RUNTIME_FIELDS`).
+    """
+    config.validate()
+    run_dir = config.run_dir or default_run_dir(config)
+    config = dataclasses.replace(config, run_dir=run_dir)
+    if config.resume:
+        diff = config.differences(read_config(run_dir))
+        if diff:
+            raise RunDirError(
+                "cannot resume: the config differs from the run's (" + "; ".join(diff) + "); "
+                "resume with the same settings, or start a new run"
+            )
+    elif os.path.exists(os.path.join(run_dir, CHECKPOINT_DIR)) or os.path.exists(
+        os.path.join(run_dir, CONFIG_FILE)
+    ):
+        raise RunDirError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
+            "--run-dir"
+        )
+    return config
+
+
+@dataclasses.dataclass
+class RunDir:
+    """An open run directory: its checkpoints and the history of the epochs so far.
+
+    Attributes:
+      path: the directory.
+      config: the run's config.
+      history: the records of the epochs done (as in ``log.jsonl``).
+      checkpoints: the `Checkpoints`, or ``None`` with ``checkpoint=False``.
+    """
+
+    path: str
+    config: Config
+    history: list[dict[str, Any]]
+    checkpoints: Checkpoints | None
+
+    @property
+    def epoch(self) -> int:
+        """The number of epochs done."""
+        return len(self.history)
+
+    def end_epoch(self, record: dict[str, Any], state: Any) -> None:
+        """Adds ``record``; saves the checkpoint, the log and the plots."""
+        self.history.append(record)
+        if self.checkpoints is not None:
+            meta = {
+                "config": self.config.to_dict(),
+                "history": self.history,
+                "step": record["step"],
+                "binax_version": binax.__version__,
+            }
+            self.checkpoints.save(record["epoch"], state, meta)
+        if is_main():
+            self.write_log()
+            if self.config.plots:
+                plots.write_plots(self.history, self.path)
+
+    def write_log(self) -> None:
+        tmp = os.path.join(self.path, LOG_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            for r in self.history:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, os.path.join(self.path, LOG_FILE))
+
+    def last_checkpoint(self) -> int | None:
+        """The epoch of the last complete checkpoint (``None``: there is none)."""
+        epochs = self.checkpoints.epochs() if self.checkpoints is not None else []
+        return epochs[-1] if epochs else None
+
+    def close(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.close()
+
+
+def open_run(config: Config, state: Any) -> tuple[RunDir, Any]:
+    """Opens the run directory of a checked config; with ``resume`` restores the last checkpoint.
+
+    ``state`` is the initial `binax.train.TrainState` (the restore target). Writes
+    ``config.json`` and the log. Resuming a run without a complete checkpoint (stopped during
+    its first epoch, or run with ``checkpoint=False``) starts it from the beginning, and says so.
+
+    Returns:
+      The `RunDir` and the state to start from.
+
+    Raises:
+      CheckpointError: the last checkpoint cannot be read (nothing is changed).
+    """
+    path = config.run_dir
+    directory = os.path.join(path, CHECKPOINT_DIR)
+    history: list[dict[str, Any]] = []
+    ckpts = None
+    if config.resume and os.path.isdir(directory):
+        ckpts = Checkpoints(directory, config.keep_checkpoints, create=False)
+        if ckpts.epochs():
+            try:
+                state, meta = ckpts.restore(state)
+            except CheckpointError:
+                ckpts.close()
+                raise
+            history = list(meta["history"])
+            say(f"resumed {path} after epoch {meta['epoch']} (step {meta['step']})")
+    if config.resume and not history:
+        say(f"{path} has no complete checkpoint: starting the run from the beginning")
+    if is_main():
+        os.makedirs(path, exist_ok=True)
+    if ckpts is None and config.checkpoint:
+        ckpts = Checkpoints(directory, config.keep_checkpoints)
+    if ckpts is not None and not config.checkpoint:
+        ckpts.close()
+        ckpts = None
+    run = RunDir(path, config, history, ckpts)
+    if is_main():
+        with open(os.path.join(path, CONFIG_FILE), "w") as f:
+            f.write(config.to_json())
+        run.write_log()
+    return run, state
+
+
+def table(history: list[dict[str, Any]]) -> str:
+    """The history as a table, accuracies in percent."""
+    head = (
+        f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test loss':>9}  "
+        f"{'test acc':>8}  {'flip ratio':>10}"
+    )
+    rows = [head, "-" * len(head)]
+    for r in history:
+        rows.append(
+            f"{r['epoch']:>5}  {r['train_loss']:>10.4f}  {100 * r['train_accuracy']:>8.2f}%  "
+            f"{r['test_loss']:>9.4f}  {100 * r['test_accuracy']:>7.2f}%  "
+            f"{r['flip_ratio_total']:>10.2e}"
+        )
+    return "\n".join(rows)
+
+
+def epochs(n: int) -> str:
+    """``"1 epoch"``, ``"2 epochs"``."""
+    return f"{n} epoch" if n == 1 else f"{n} epochs"

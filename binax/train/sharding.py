@@ -1,0 +1,242 @@
+"""Devices and hosts: the mesh, the shardings, and moving data between processes and devices.
+
+The mesh has two axes, ``"data"`` and ``"model"``. The batch is split along ``"data"``;
+parameters are replicated, except that with ``model_parallel > 1`` the last axis of every kernel
+of two or more dimensions whose size is divisible by it is split along ``"model"``. Each
+optimizer-state leaf gets exactly the sharding of the parameter it belongs to, and XLA inserts
+the gradient all-reduce. Several hosts: `initialize_distributed` first; then the mesh spans the
+devices of every process, each process supplies its own rows of a global batch (`process_rows`,
+`global_batch`), and process 0 alone writes the log and prints (`is_main`, `say`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from binax._ops import path_tuple
+
+DATA, MODEL = "data", "model"
+
+
+def make_mesh(num_devices: int | None = None, model_parallel: int = 1) -> Mesh:
+    """A ``("data", "model")`` mesh over the first ``num_devices`` devices (all by default).
+
+    In a multi-process run ``jax.devices()`` lists the devices of every process, so the mesh
+    spans all hosts. The axes are `AxisType.Auto`: shardings are given at the `jit` boundary
+    and XLA propagates them through the model.
+
+    Raises:
+      ValueError: ``num_devices`` out of range, or ``model_parallel`` does not divide it.
+    """
+    devices = jax.devices()
+    n = len(devices) if num_devices is None else num_devices
+    if not isinstance(n, int) or not 1 <= n <= len(devices):
+        raise ValueError(f"num_devices must be in [1, {len(devices)}], got {num_devices!r}")
+    if n != len(devices) and jax.process_count() > 1:
+        raise ValueError("num_devices cannot be used in a multi-process run (it uses all devices)")
+    if not isinstance(model_parallel, int) or model_parallel < 1 or n % model_parallel:
+        raise ValueError(
+            f"model_parallel must be a positive divisor of the number of devices ({n}), "
+            f"got {model_parallel!r}"
+        )
+    return jax.make_mesh(
+        (n // model_parallel, model_parallel),
+        (DATA, MODEL),
+        axis_types=(AxisType.Auto, AxisType.Auto),
+        devices=devices[:n],
+    )
+
+
+def param_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
+    """The partition spec of a parameter: split its last axis over ``"model"`` when it can."""
+    m = mesh.shape[MODEL]
+    if m > 1 and len(shape) >= 2 and shape[-1] % m == 0:
+        return P(*([None] * (len(shape) - 1)), MODEL)
+    return P()
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """`NamedSharding` of every parameter leaf (see `param_spec`)."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), mesh)), tree)
+
+
+def state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """The sharding of each optimizer-state leaf: that of the parameter it belongs to.
+
+    A state leaf belongs to a parameter when the parameter's key path ends its own key path
+    and the shapes agree (Optax states nest copies of the parameter tree, e.g.
+    ``inner_states/binary/inner_state/0/ema/layers/0/kernel``). Other leaves (step counts,
+    scalars) are replicated.
+    """
+    by_path = {
+        path_tuple(p): (np.shape(x), s)
+        for (p, x), s in zip(
+            jax.tree_util.tree_leaves_with_path(params),
+            jax.tree.leaves(param_shardings),
+            strict=True,
+        )
+    }
+    lengths = sorted({len(k) for k in by_path}, reverse=True)
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        keys = path_tuple(path)
+        for n in lengths:
+            hit = by_path.get(keys[-n:]) if len(keys) >= n else None
+            if hit is not None and hit[0] == np.shape(leaf):
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def global_array(value: Any, sharding: NamedSharding) -> jax.Array:
+    """A global array from a value every process holds in full."""
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(x: Any) -> Any:
+    """A replicated array (or tree of them) as NumPy, also when other processes share it."""
+
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return np.asarray(a.addressable_data(0))
+        return np.asarray(a)
+
+    return jax.tree.map(one, x)
+
+
+def process_rows(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
+    """Which contiguous block of a global batch this process must supply.
+
+    Returns ``(index, count)``: the process supplies rows ``index * global_rows // count`` to
+    ``(index + 1) * global_rows // count``, which is what ``binax.data.batches(...,
+    process_index=index, process_count=count)`` yields. Read off the sharding, so it is right
+    whatever the order of the devices in the mesh (two processes that hold the same rows, as
+    with a ``"model"`` axis across hosts, get the same block).
+    """
+    index_map = sharding.addressable_devices_indices_map((global_rows,))
+    spans = {
+        (s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
+        for s in index_map.values()
+    }
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    rows = hi - lo
+    covered = sum(b - a for a, b in spans)
+    if covered != rows or global_rows % rows:
+        raise ValueError(
+            "this process's devices do not hold one contiguous block of the batch; use a "
+            "mesh from binax.train.make_mesh"
+        )
+    return lo // rows, global_rows // rows
+
+
+def global_batch(sharding: NamedSharding, local: np.ndarray, global_rows: int) -> jax.Array:
+    """The global array of a batch from this process's rows (`process_rows`)."""
+    shape = (global_rows, *local.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, local, shape)
+
+
+def is_main() -> bool:
+    """True in process 0, the one that prints and writes the log, config and plots."""
+    return jax.process_index() == 0
+
+
+def say(text: str) -> None:
+    """Prints ``text`` on process 0 (through tqdm, so that an open progress bar stays intact)."""
+    if is_main():
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stdout)
+
+
+def sync(name: str) -> None:
+    """A barrier over all processes (nothing to do in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def broadcast(value: np.ndarray) -> np.ndarray:
+    """Process 0's ``value`` on every process (``value`` itself in a single-process run)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(value))
+
+
+#: Environment variables read when the arguments are not given (JAX itself reads
+#: ``JAX_COORDINATOR_ADDRESS``; the other two are binax's, for symmetry).
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = (
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"${name} must be an integer, got {value!r}") from None
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    timeout_s: int = 300,
+) -> None:
+    """Calls `jax.distributed.initialize` (before anything else touches the devices).
+
+    Every process runs the same program with its own ``process_id``; afterwards
+    ``jax.devices()`` lists the devices of all processes and `binax.train.make_mesh` spans
+    them. Arguments left ``None`` are read from ``$JAX_COORDINATOR_ADDRESS``,
+    ``$JAX_NUM_PROCESSES`` and ``$JAX_PROCESS_ID``; when all three are still missing JAX
+    detects the cluster itself (Cloud TPU VMs and pod slices, SLURM, Open MPI, Kubernetes).
+
+    On CPU the collectives go through Gloo (``jax_cpu_collectives_implementation``, already
+    the default in JAX 0.10), so several CPU processes on one machine can train together, as
+    the tests do.
+
+    Args:
+      coordinator_address: ``host:port`` of process 0, reachable from every process.
+      num_processes: the number of processes.
+      process_id: this process's index in ``[0, num_processes)``.
+      timeout_s: seconds to wait for all processes to connect.
+    """
+    coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+    if num_processes is None:
+        num_processes = _env_int(ENV_NUM_PROCESSES)
+    if process_id is None:
+        process_id = _env_int(ENV_PROCESS_ID)
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if (
+        process_id is not None
+        and num_processes is not None
+        and not (0 <= process_id < num_processes)
+    ):
+        raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=timeout_s,
+    )
