@@ -305,6 +305,18 @@ def test_result_model_is_the_trained_model_in_eval_mode(reference_run):
     assert_test_accuracy_is_the_models(reference_run, reference_run.final)
 
 
+def test_restore_reads_a_run_directory_back(reference_run):
+    from binax.train import read_config, restore
+
+    assert read_config(reference_run.run_dir).to_dict() == reference_run.config.to_dict()
+    restored = restore(reference_run.run_dir)
+    assert restored.history == reference_run.history
+    for a, b in zip(leaves(restored.state), leaves(reference_run.state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    first = restore(reference_run.run_dir, epoch=2)
+    assert int(first.state.step) == 8 and len(first.history) == 2
+
+
 def _largest_file(directory):
     files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs]
     return max(files, key=os.path.getsize)

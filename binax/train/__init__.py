@@ -43,7 +43,7 @@ if _absent:
 
 from binax.train.checkpoint import CheckpointError, Checkpoints, fingerprint  # noqa: E402
 from binax.train.config import Config, ConfigError  # noqa: E402
-from binax.train.loop import TrainingDiverged, TrainResult, train  # noqa: E402
+from binax.train.loop import TrainingDiverged, TrainResult, restore, train  # noqa: E402
 from binax.train.model import build_model  # noqa: E402
 from binax.train.optim import (  # noqa: E402
     BINARY_DEFAULTS,
@@ -81,6 +81,7 @@ __all__ = [
     "make_optimizer",
     "make_program",
     "read_config",
+    "restore",
     "state_shardings",
     "train",
 ]

@@ -16,18 +16,10 @@ class ConfigError(ValueError):
 
 
 def _field(default: Any, help: str, group: str, *, runtime: bool = False, **flag: Any) -> Any:
-    """A Config field with its ``--flag`` (the field's name, ``_`` as ``-``).
-
-    Args:
-      default: its default (appended to ``help`` unless ``help`` names it, with "default").
-      help: what it is, for ``--help``.
-      group: its group in ``--help``.
-      runtime: it may change when a run is resumed (it does not change what is computed, or,
-        for ``epochs``, only extends or shortens the run).
-      **flag: `argparse` arguments (``type``, ``choices``, ``action``, ``metavar``, ``flag``: the
-        flag's name when it is not the field's, e.g. ``--no-plots``); ``type="schedule"`` for a
-        number or schedule string.
-    """
+    """A Config field with its ``--flag`` (the field's name, ``_`` as ``-``; ``flag["flag"]`` if
+    given): ``help`` (the default is appended unless it names it), ``group`` in ``--help``,
+    ``runtime`` (it may change when a run is resumed) and `argparse` arguments in ``flag``
+    (``type="schedule"``: a number or schedule string)."""
     if "default" not in help and default is not None and "action" not in flag:
         help = f"{help} (default {default})"
     meta = {"help": help, "group": group, "runtime": runtime, "flag": flag}

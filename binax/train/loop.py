@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import sys
 import threading
@@ -26,6 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from binax.train import input_pipeline, model, optim, rundir, schedules
+from binax.train.checkpoint import Checkpoints
 from binax.train.config import Config, ConfigError
 from binax.train.rundir import CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, RunDirError  # noqa: F401
 from binax.train.sharding import DATA, is_main, make_mesh, say, sync, to_host
@@ -113,6 +115,26 @@ def setup(config: Config) -> tuple[input_pipeline.InputPipeline, Program, dict[s
     )
     scheduled = {k: v for k, v in hp.items() if isinstance(v, schedules.Schedule)}
     return data, program, scheduled | {"lr": lr}
+
+
+def restore(run_dir: str, epoch: int | None = None) -> TrainResult:
+    """A run as its checkpoint of ``epoch`` (the last by default) holds it, without training.
+
+    Builds what `train` builds from the run's ``config.json`` (loading the dataset for its
+    shapes) and restores the checkpoint; ``restore(run_dir).model()`` is the trained model.
+
+    Raises:
+      RunDirError: no readable ``config.json``.
+      CheckpointError: no such checkpoint, or it cannot be read.
+    """
+    config = dataclasses.replace(rundir.read_config(run_dir), run_dir=run_dir, resume=False)
+    data, program, _ = setup(config)
+    ckpts = Checkpoints(os.path.join(run_dir, CHECKPOINT_DIR), create=False)
+    try:
+        state, meta = ckpts.restore(program.init_state(), epoch)
+    finally:
+        ckpts.close()
+    return TrainResult(config, run_dir, list(meta["history"]), state, program)
 
 
 def train(config: Config, *, on_step: Callable[[int, int], None] | None = None) -> TrainResult:

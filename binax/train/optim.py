@@ -136,8 +136,12 @@ class Recipe:
                 raise ValueError(f"{h.flag} must be a number, got {v!r}")
             else:
                 out[h.name] = float(v)
+        first = {  # a schedule is checked at its first value
+            k: schedules.Schedule("constant", v.values[:1]) if h.schedulable else v
+            for (k, v), h in zip(out.items(), self.hyperparameters, strict=True)
+        }
         try:
-            self.build(out, seed=0, steps_per_epoch=1, total_steps=1)
+            self.build(first, seed=0, steps_per_epoch=1, total_steps=1)
         except (ValueError, TypeError) as e:
             raise ValueError(f"--optimizer {self.name}: {e}") from None
         return out

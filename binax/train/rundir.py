@@ -7,13 +7,7 @@ A run directory holds::
     loss.png, accuracy.png, flip_ratio.png
     checkpoints/<N>/   the Orbax checkpoint after epoch N (the last ``keep_checkpoints``)
 
-Each record of ``log.jsonl`` has ``epoch`` (1-based), ``step``, ``train_loss``,
-``train_accuracy`` (running, in train mode), ``test_loss``, ``test_accuracy`` (eval mode),
-``flips`` (per binary layer, summed over the epoch), ``flip_ratio`` (per binary layer: flips per
-weight per step, averaged over the epoch), ``flip_ratio_total``, ``hparams`` (the scheduled
-values at the epoch's last step) and ``time_s`` (training time of the epoch, without
-evaluation, checkpoint, plots and the first step of a process, which compiles the step and is
-reported apart).
+The fields of a ``log.jsonl`` record are listed in ``docs/training.md`` ("The run directory").
 """
 
 from __future__ import annotations

@@ -25,12 +25,13 @@ from typing import NamedTuple
 
 import optax
 
-KINDS = ("constant", "linear", "cosine", "step")
-
-HELP = (
-    "a number, or linear:START,END | cosine:START[,END] | step:START,FACTOR,EVERY_EPOCHS "
-    "(linear and cosine span the whole run)"
-)
+#: The kinds of schedule and their forms.
+FORMS = {
+    "constant": "constant:VALUE",
+    "linear": "linear:START,END",
+    "cosine": "cosine:START[,END]",
+    "step": "step:START,FACTOR,EVERY_EPOCHS",
+}
 
 
 class Schedule(NamedTuple):
@@ -97,19 +98,13 @@ def parse(spec: float | int | str | Schedule) -> Schedule:
         return Schedule("constant", (_number(text, spec),))
     kind = kind.strip().lower()
     values = tuple(_number(v.strip(), spec) for v in rest.split(",")) if rest.strip() else ()
-    counts = {"constant": (1,), "linear": (2,), "cosine": (1, 2), "step": (3,)}
-    if kind not in counts:
+    if kind not in FORMS:
         raise ValueError(
-            f"schedule {spec!r}: unknown kind {kind!r}; valid kinds: {', '.join(KINDS)}"
+            f"schedule {spec!r}: unknown kind {kind!r}; valid kinds: {', '.join(FORMS)}"
         )
-    if len(values) not in counts[kind]:
-        forms = {
-            "constant": "constant:VALUE",
-            "linear": "linear:START,END",
-            "cosine": "cosine:START[,END]",
-            "step": "step:START,FACTOR,EVERY_EPOCHS",
-        }
-        raise ValueError(f"schedule {spec!r}: expected {forms[kind]}")
+    counts = {"constant": (1,), "linear": (2,), "cosine": (1, 2), "step": (3,)}[kind]
+    if len(values) not in counts:
+        raise ValueError(f"schedule {spec!r}: expected {FORMS[kind]}")
     if kind == "cosine" and len(values) == 1:
         values = (values[0], 0.0)
     if kind == "cosine" and values[0] <= 0:
