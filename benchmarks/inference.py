@@ -9,8 +9,10 @@ round, as:
   int32 accumulation, BatchNorm + sign folded into integer thresholds;
 - with ``--lce-python``: the same network (same weights and BatchNorm statistics) built in Larq,
   converted by Larq Compute Engine (`larq_compute_engine.convert_keras_model`) and run by its
-  interpreter (2 threads), and the float Keras forward (``predict_on_batch``), in a worker process
-  of that python. LCE's interpreter runs one image at a time (its model has batch 1).
+  interpreter (``--lce-threads``, default 2), and the float Keras forward
+  (``predict_on_batch``), in a worker process of that python. LCE's interpreter runs one image
+  at a time (its model has batch 1). TFLite's thread pool suffers badly on an oversubscribed
+  machine (load average well above the core count): compare runs at similar load.
 
 The BatchNorm statistics are those of a random batch (so thresholds are not trivial); the check
 reports how many predicted classes of each engine agree with the float model on 256 images.
@@ -114,7 +116,7 @@ def worker(spec_path: str) -> None:
     weights = dict(np.load(spec["weights"]))
     model = _larq_model(weights, spec["width_plan"], spec["dense_plan"])
     flatbuffer = lce.convert_keras_model(model)
-    interpreter = Interpreter(flatbuffer, num_threads=2)
+    interpreter = Interpreter(flatbuffer, num_threads=spec["lce_threads"])
     images = np.load(spec["images"])
     engines = {
         "lce": lambda x: interpreter.predict(x),
@@ -167,7 +169,7 @@ def _model(width: float, seed: int = 0):
     return model
 
 
-def _peer_files(model, directory: str, images: np.ndarray) -> str:
+def _peer_files(model, directory: str, images: np.ndarray, lce_threads: int) -> str:
     """Writes the weights (Larq's layout: the same as binax's) and a spec for the worker."""
     from flax import nnx
 
@@ -196,6 +198,7 @@ def _peer_files(model, directory: str, images: np.ndarray) -> str:
         "images": os.path.join(directory, "images.npy"),
         "width_plan": plan,
         "dense_plan": dense_plan,
+        "lce_threads": lce_threads,
     }
     path = os.path.join(directory, "spec.json")
     with open(path, "w") as f:
@@ -301,6 +304,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--width", type=float, default=0.25, help="BinaryNet width multiplier")
     p.add_argument("--lce-python", help="a python with larq-compute-engine, tf-keras, larq")
+    p.add_argument("--lce-threads", type=int, default=2, help="LCE interpreter threads")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
     p.add_argument("--reps1", type=int, default=100, help="calls per round at batch 1")
     p.add_argument("--reps256", type=int, default=4, help="calls per round at batch 256")
@@ -354,7 +358,7 @@ def main(argv=None) -> int:
     peer = None
     sizes = {"binax float": float_bytes, "binax deployed": deployed_bytes}
     if args.lce_python:
-        peer = Peer(args.lce_python, _peer_files(model, tmp, images))
+        peer = Peer(args.lce_python, _peer_files(model, tmp, images, args.lce_threads))
         print(peer.info["versions"])
         sizes["LCE interpreter"] = peer.info["lce_bytes"]
         for name, key in (("LCE interpreter", "lce"), ("Keras float", "keras")):
