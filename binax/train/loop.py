@@ -225,6 +225,8 @@ def _header(config: Config, data: input_pipeline.InputPipeline, program: Program
     n = sum(program.flip_sizes)
     if baseline is None:
         weights = f"{n:,} binary weights in {len(program.flip_names)} binary layers"
+    elif not program.flip_names:  # built as its full-precision twin
+        weights = f"its full-precision twin ({baseline} baseline), no binary layer"
     else:  # the kernels the binary network would binarize are real here
         weights = (
             f"{n:,} real-valued weights ({baseline} baseline) in the "
@@ -285,7 +287,8 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
         "test_accuracy": test_acc,
         "flips": flips,
         "flip_ratio": {k: flips[k] / (sizes[k] * spe) for k in program.flip_names},
-        "flip_ratio_total": sum(flips.values()) / (sum(program.flip_sizes) * spe),
+        # 0 for a full-precision twin, which has no binary leaf
+        "flip_ratio_total": sum(flips.values()) / max(sum(program.flip_sizes) * spe, 1),
         "hparams": {
             k: s.value(max(step - 1, 0), spe, spe * config.epochs) for k, s in scheduled.items()
         },

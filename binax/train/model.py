@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
@@ -28,18 +29,33 @@ def build_model(
 ) -> nnx.Module:
     """Builds a `binax.models` architecture.
 
-    With ``full_precision=True`` the same architecture is built with real kernels (no kernel
-    quantizer; the kernels keep their `BinaryParam` type, so flips are still counted) and
-    `hard_tanh` in place of the sign activations.
+    With ``full_precision=True`` it is built as `full_precision_kwargs` says.
     """
     from binax import models
 
     kwargs = dict(model_kwargs)
     if full_precision:
-        kwargs.update(kernel_quantizer=None, input_quantizer=hard_tanh)
+        kwargs.update(full_precision_kwargs(name))
     return models.get(
         name, input_shape=tuple(input_shape), num_classes=num_classes, rngs=nnx.Rngs(seed), **kwargs
     )
+
+
+def full_precision_kwargs(name: str) -> dict[str, Any]:
+    """The arguments that make model ``name`` the full-precision baseline.
+
+    A model with a full-precision twin (a ``binary`` argument: the transformers,
+    `binax.models.BinaryViT`) is built as that twin, ``binary=False``: real kernels and
+    activations, no binary leaf (so no flips to count). The others are built with real kernels
+    (no kernel quantizer; the kernels keep their `BinaryParam` type, so flips are still
+    counted) and `hard_tanh` in place of the sign activations.
+    """
+    from binax import models
+
+    cls = models._REGISTRY.get(name)  # an unknown name: models.get says so
+    if cls is not None and "binary" in inspect.signature(cls).parameters:
+        return {"binary": False}
+    return {"kernel_quantizer": None, "input_quantizer": hard_tanh}
 
 
 def for_recipe(
@@ -52,8 +68,8 @@ def for_recipe(
 ):
     """The model ``recipe`` trains and its initialiser of the parameters (or ``None``).
 
-    Returns ``(model, init_params)``: the full-precision baseline gets real kernels and hard
-    tanh (`build_model`); both baselines get `latent_init` magnitudes (``init_params``, as
+    Returns ``(model, init_params)``: the full-precision baseline is built as
+    `full_precision_kwargs` says; both baselines get `latent_init` magnitudes (``init_params``, as
     `binax.train.make_program` takes it), flip rules the model's exactly binary kernels.
     """
     model = build_model(

@@ -85,7 +85,11 @@ def train_step(
     (loss, (logits, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    flips = binax.flip_metrics(state.params, params, is_binary=binary_mask)
+    flips = (
+        binax.flip_metrics(state.params, params, is_binary=binary_mask)
+        if any(jax.tree.leaves(binary_mask))
+        else {}  # a full-precision twin
+    )
     n = labels.shape[0]
     metrics = {
         "loss": metrics["loss"] + loss * n,
@@ -177,7 +181,10 @@ def make_program(
     eval_graphdef, _, _ = nnx.split(model, nnx.Param, ...)
     model.train()
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
-    mask = binax.binary_mask(labels, params)
+    if any(jax.tree.leaves(labels)):
+        mask = binax.binary_mask(labels, params)
+    else:  # a full-precision twin (the "real" baseline of a transformer): no binary leaf
+        mask = jax.tree.map(lambda _: False, params)
     if init_params is not None:
         params = init_params(params, mask)
     tx = make_tx(labels)
