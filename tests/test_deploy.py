@@ -299,3 +299,36 @@ def test_binax_deploy_command_on_a_trained_run(tmp_path, capsys):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     assert main([str(tmp_path / "nowhere"), out]) == 2
     assert "config.json does not exist" in capsys.readouterr().err
+
+
+def test_linen_sequential_through_its_nnx_twin():
+    import flax.linen as nn
+
+    from binax import linen as bl
+
+    model = nn.Sequential(
+        [
+            bl.BinaryConv(8, (3, 3), input_quantizer=None, pad_value=None, use_bias=False),
+            nn.BatchNorm(use_running_average=True),
+            bl.BinaryConv(6, (3, 3), use_bias=False),
+            functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2)),
+            nn.BatchNorm(use_running_average=True),
+            bl.BinaryConv(5, (3, 3), pad_value=-1.0, scale="learned"),
+        ]
+    )
+    x = jax.random.normal(jax.random.key(0), (16, 10, 10, 3))
+    variables = model.init(jax.random.key(1), x)
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(
+        lambda v: jnp.asarray(v + rng.normal(0, 2, v.shape), jnp.float32) if v.ndim == 1 else v,
+        variables,
+    )
+    variables["batch_stats"] = jax.tree.map(jnp.abs, variables["batch_stats"])  # var > 0
+    ref = np.asarray(model.apply(variables, x))
+    deployed = binax.deploy.compile(model, variables)
+    out = np.asarray(deployed(x))
+    np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert "threshold" in {n["op"] for n in deployed.program}
+    with pytest.raises(ValueError, match="variables"):
+        binax.deploy.compile(model)

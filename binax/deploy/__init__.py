@@ -8,13 +8,14 @@ The ``binax-deploy RUN_DIR OUT`` command does the same for a ``binax-train`` run
 """
 
 from binax.deploy.deployed import Deployed, DeployFileError, compile, from_bytes, load, to_bytes
-from binax.deploy.lower import lower_layer, register
+from binax.deploy.lower import from_linen, lower_layer, register
 
 __all__ = [
     "DeployFileError",
     "Deployed",
     "compile",
     "from_bytes",
+    "from_linen",
     "load",
     "lower_layer",
     "register",

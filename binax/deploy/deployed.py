@@ -121,20 +121,32 @@ def _collect_borders(program, arrays, x):
     return borders
 
 
-def compile(model: nnx.Module, *, meta: dict[str, Any] | None = None) -> Deployed:  # noqa: A001
+def compile(  # noqa: A001
+    model: Any, variables: Any = None, *, meta: dict[str, Any] | None = None
+) -> Deployed:
     """Compiles a trained NNX model of binax layers into a `Deployed` network.
 
     The model is deployed as it computes in eval mode (BatchNorm with its running statistics).
     Supported: the `binax.models` architectures, `flax.nnx.Sequential` of deployable layers,
-    any single deployable layer, and classes taught with `binax.deploy.register`.
+    any single deployable layer, classes taught with `binax.deploy.register`, and a Linen
+    `flax.linen.Sequential` with its ``variables`` (through `binax.deploy.from_linen`).
 
     Args:
       model: the trained model (it is not changed).
+      variables: the variables of a Linen ``model`` (``params`` and ``batch_stats``).
       meta: JSON metadata to keep in the saved file.
 
     Raises:
       ValueError: a layer or quantizer without a deployed form (the message names it).
     """
+    import flax.linen as nn
+
+    if isinstance(model, nn.Module):
+        if variables is None:
+            raise ValueError("variables: a Linen model needs its variables (params, batch_stats)")
+        model = L.from_linen(model, variables)
+    elif variables is not None:
+        raise ValueError("variables: only for a Linen model; an NNX model holds its own")
     if not isinstance(model, nnx.Module):
         raise ValueError(f"model must be a Flax NNX module, got {type(model).__name__}")
     program, arrays = L.lower(model)

@@ -2,7 +2,8 @@
 
 Each architecture has a *lowering*: a function ``(model) -> (program, arrays)`` that lists its
 layers in order. The reference models (`binax.models`) and `flax.nnx.Sequential` models are
-built in; `register` adds one for a user's own class. Layers are lowered one by one by
+built in; `register` adds one for a user's own class; `from_linen` turns a Linen
+``Sequential`` into its NNX twin. Layers are lowered one by one by
 `lower_layer`, which turns a binax layer into ``sign`` (its input quantizer), an integer or float
 product, and an ``affine`` epilogue (its scale and bias).
 """
@@ -20,7 +21,7 @@ from binax import quantizers as q
 from binax.deploy import program as P
 from binax.nn import BinaryConv, BinaryLinear
 
-__all__ = ["lower", "lower_layer", "register"]
+__all__ = ["from_linen", "lower", "lower_layer", "register"]
 
 Lowering = Callable[[nnx.Module], tuple[list, list]]
 _LOWERINGS: dict[type, Lowering] = {}
@@ -318,3 +319,109 @@ def _register_builtins() -> None:
 
 
 _register_builtins()
+
+
+def from_linen(module, variables) -> nnx.Module:
+    """An NNX `flax.nnx.Sequential` equal to a Linen `flax.linen.Sequential` and its variables.
+
+    The layers may be `binax.linen.BinaryDense`, `binax.linen.BinaryConv`, `flax.linen.Dense`,
+    `flax.linen.Conv`, `flax.linen.BatchNorm` (its running statistics are used) and
+    ``functools.partial(flax.linen.max_pool, ...)``; each becomes its `binax.nn` / `flax.nnx`
+    twin with the same parameters, so `binax.deploy.compile` deploys it like an NNX model.
+
+    Raises:
+      ValueError: not a Linen ``Sequential``, or a layer without an NNX twin here.
+    """
+    import flax.linen as nn
+
+    from binax import linen as bl
+    from binax import nn as bnn
+
+    if not isinstance(module, nn.Sequential):
+        raise ValueError(
+            f"from_linen: module must be a flax.linen.Sequential, got {type(module).__name__}"
+        )
+    bound = module.bind(variables)
+    rngs = nnx.Rngs(0)
+    layers = []
+    for i, layer in enumerate(bound.layers):
+        if not isinstance(layer, nn.Module):
+            layers.append(layer)  # functions (max_pool partials) are taken as they are
+            continue
+        v = layer.variables
+        params = v.get("params", {})
+
+        def put(var, value):
+            var[...] = np.asarray(value, np.float32)
+
+        if isinstance(layer, (bl.BinaryDense, bl.BinaryConv)):
+            kernel = params.get(bl.BINARY_KERNEL, params.get("kernel"))
+            common = dict(
+                use_bias=layer.use_bias,
+                input_quantizer=layer.input_quantizer,
+                kernel_quantizer=layer.kernel_quantizer,
+                binary_kernel=layer.binary_kernel,
+                scale=layer.scale,
+                rngs=rngs,
+            )
+            if isinstance(layer, bl.BinaryDense):
+                twin = bnn.BinaryLinear(kernel.shape[0], layer.features, **common)
+            else:
+                twin = bnn.BinaryConv(
+                    kernel.shape[-2] * layer.feature_group_count,
+                    layer.features,
+                    kernel.shape[:-2],
+                    strides=layer.strides,
+                    padding=layer.padding,
+                    kernel_dilation=layer.kernel_dilation,
+                    feature_group_count=layer.feature_group_count,
+                    pad_value=layer.pad_value,
+                    **common,
+                )
+            put(twin.kernel, kernel)
+            if layer.scale == "learned":
+                put(twin.scale, params["scale"])
+            elif layer.scale == "fixed":
+                put(twin.scale, v[bl.CONSTANTS]["scale"])
+        elif isinstance(layer, nn.BatchNorm):
+            stats = v["batch_stats"]
+            twin = nnx.BatchNorm(
+                stats["mean"].shape[-1],
+                use_scale=layer.use_scale,
+                use_bias=layer.use_bias,
+                epsilon=layer.epsilon,
+                rngs=rngs,
+            )
+            put(twin.mean, stats["mean"])
+            put(twin.var, stats["var"])
+            if layer.use_scale:
+                put(twin.scale, params["scale"])
+        elif isinstance(layer, nn.Dense):
+            kernel = params["kernel"]
+            twin = nnx.Linear(*kernel.shape, use_bias=layer.use_bias, rngs=rngs)
+            put(twin.kernel, kernel)
+        elif isinstance(layer, nn.Conv):
+            kernel = params["kernel"]
+            twin = nnx.Conv(
+                kernel.shape[-2] * layer.feature_group_count,
+                kernel.shape[-1],
+                kernel.shape[:-2],
+                strides=layer.strides,
+                padding=layer.padding,
+                kernel_dilation=layer.kernel_dilation,
+                feature_group_count=layer.feature_group_count,
+                use_bias=layer.use_bias,
+                rngs=rngs,
+            )
+            put(twin.kernel, kernel)
+        else:
+            raise ValueError(
+                f"from_linen: layer {i} ({type(layer).__name__}) has no NNX twin here "
+                "(BinaryDense, BinaryConv, Dense, Conv, BatchNorm, max_pool partials)"
+            )
+        if getattr(twin, "bias", None) is not None and "bias" in params:
+            put(twin.bias, params["bias"])
+        layers.append(twin)
+    model = nnx.Sequential(*layers)
+    model.eval()
+    return model
