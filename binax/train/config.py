@@ -27,7 +27,11 @@ def _field(default: Any, help: str, group: str, *, runtime: bool = False, **flag
 
 
 _MODEL, _BINARY, _REAL = "model and data", "binary weights", "real-valued weights"
-_TRAINING, _OUTPUT, _DEVICES = "training", "output", "devices and hosts"
+_TRAIN, _OUT, _HOSTS = "training", "output", "devices and hosts"
+_BOOL, OPTIMIZERS = argparse.BooleanOptionalAction, optim.OPTIMIZERS
+# Runtime fields (they may change on --resume) of each kind.
+_N, _RUN_DIR = dict(runtime=True, type=int), dict(runtime=True, metavar="DIR")
+_ON, _OFF = dict(runtime=True, action="store_true"), dict(runtime=True, action="store_false")
 
 
 def _model_names() -> tuple[str, ...]:
@@ -48,119 +52,49 @@ class Config:
 
     model: str = _field("mlp", "architecture", _MODEL, choices=_model_names)
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    dataset: str = _field(
-        "digits",
-        "dataset (default digits: bundled with scikit-learn, no download)",
-        _MODEL,
-        choices=DATASET_NAMES,
-    )
+    dataset: str = _field("digits", "dataset (digits: no download)", _MODEL, choices=DATASET_NAMES)
     data_dir: str | None = _field(
         None,
-        "where the dataset files are, and only there (default $BINAX_DATA_DIR or "
-        "~/.cache/binax/datasets, and for fashion_mnist the Debian package's copy)",
+        "where the dataset files are, and only there "
+        "(default $BINAX_DATA_DIR, else ~/.cache/binax/datasets)",
         _MODEL,
-        runtime=True,
-        metavar="DIR",
+        **_RUN_DIR,
     )
     download: bool = _field(
-        False,
-        "download missing dataset files (checked against SHA-256)",
-        _MODEL,
-        runtime=True,
-        action="store_true",
+        False, "download missing dataset files (SHA-256 checked)", _MODEL, **_ON
     )
     augment: bool | None = _field(
-        None,
-        "random crop (pad 4) and horizontal flip of training images (default: on for "
-        "cifar10/cifar100, off otherwise)",
-        _MODEL,
-        action=argparse.BooleanOptionalAction,
+        None, "random crop and flip (default: on for cifar*)", _MODEL, action=_BOOL
     )
-    optimizer: str = _field(
-        "bop",
-        "optimizer of the binary weights (default bop); see below",
-        _BINARY,
-        choices=optim.OPTIMIZERS,
-    )
+    optimizer: str = _field("bop", "of the binary weights; see below", _BINARY, choices=OPTIMIZERS)
     hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
     real_optimizer: str = _field(
-        "adam",
-        "optimizer of BatchNorm and real layers, of every parameter for --optimizer real "
-        "(default adam; sgd has momentum 0.9)",
-        _REAL,
+        "adam", "of the real-valued parameters (all for 'real'); sgd: momentum 0.9", _REAL,
         choices=tuple(optim.REAL_OPTIMIZERS),
-    )
+    )  # fmt: skip
     lr: float | str = _field(1e-2, "its learning rate", _REAL, type="schedule")
-    epochs: int = _field(
-        20,
-        "number of epochs; with --resume, a larger number extends the run (schedules then "
-        "span the new length)",
-        _TRAINING,
-        runtime=True,
-        type=int,
-    )
-    batch_size: int = _field(
-        64, "global batch size, over all devices and hosts", _TRAINING, type=int
-    )
-    eval_batch_size: int = _field(512, "global batch size of the evaluation", _TRAINING, type=int)
+    epochs: int = _field(20, "number of epochs (more, with --resume, extend a run)", _TRAIN, **_N)
+    batch_size: int = _field(64, "global batch size, over all devices and hosts", _TRAIN, type=int)
+    eval_batch_size: int = _field(512, "global batch size of the evaluation", _TRAIN, type=int)
     steps_per_epoch: int | None = _field(
-        None,
-        "at most this many steps per epoch (default: the whole training set)",
-        _TRAINING,
-        type=int,
+        None, "at most N steps per epoch (default: the whole training set)", _TRAIN, type=int
     )
-    seed: int = _field(0, "seed of the model, data order, augmentation", _TRAINING, type=int)
+    seed: int = _field(0, "seed of the model, data order and augmentation", _TRAIN, type=int)
     run_dir: str | None = _field(
-        None,
-        "run directory (default runs/<model>-<dataset>-<optimizer>-<time>)",
-        _OUTPUT,
-        runtime=True,
-        metavar="DIR",
+        None, "run directory (default runs/<name>-<time>)", _OUT, **_RUN_DIR
     )
     resume: bool = _field(
-        False,
-        "continue the run in --run-dir from its last checkpoint (its saved config is used; "
-        "flags given must agree with it, except runtime ones such as --epochs)",
-        _OUTPUT,
-        runtime=True,
-        action="store_true",
+        False, "continue the run in --run-dir (flags must agree with its config)", _OUT, **_ON
     )
-    checkpoint: bool = _field(
-        True, "do not save checkpoints", _OUTPUT, runtime=True, flag="--no-checkpoint",
-        action="store_false",
-    )  # fmt: skip
-    keep_checkpoints: int = _field(
-        2, "how many checkpoints to keep", _OUTPUT, runtime=True, type=int
-    )
-    num_devices: int | None = _field(
-        None,
-        "use only the first N devices (default: all; single process only)",
-        _DEVICES,
-        runtime=True,
-        type=int,
-    )
-    model_parallel: int = _field(
-        1,
-        "devices along the mesh's 'model' axis: kernels whose last axis it divides are split "
-        "over them (default 1: pure data parallel)",
-        _DEVICES,
-        runtime=True,
-        type=int,
-    )
+    checkpoint: bool = _field(True, "do not save checkpoints", _OUT, **_OFF, flag="--no-checkpoint")
+    keep_checkpoints: int = _field(2, "how many checkpoints to keep", _OUT, **_N)
+    num_devices: int | None = _field(None, "use the first N devices (default: all)", _HOSTS, **_N)
+    model_parallel: int = _field(1, "devices along the 'model' axis (kernels split)", _HOSTS, **_N)
     progress: bool = _field(
-        True,
-        "no progress bar (there is none either when stderr is not a terminal)",
-        _OUTPUT,
-        runtime=True,
-        flag="--no-progress",
-        action="store_false",
+        True, "no progress bar (none off a terminal)", _OUT, **_OFF, flag="--no-progress"
     )
-    log_every: int = _field(
-        10, "refresh the bar's loss/accuracy every N steps", _OUTPUT, runtime=True, type=int
-    )
-    plots: bool = _field(
-        True, "no PNG plots", _OUTPUT, runtime=True, flag="--no-plots", action="store_false"
-    )
+    log_every: int = _field(10, "refresh the bar's loss/accuracy every N steps", _OUT, **_N)
+    plots: bool = _field(True, "no PNG plots", _OUT, **_OFF, flag="--no-plots")
 
     def validate(self) -> Config:
         """Checks every field; raises `ConfigError` naming the field and what it expects."""
