@@ -144,6 +144,8 @@ def main() -> None:
         print(f"\n{name}: batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds")
         for k, v in med.items():
             print(f"  {k:<16} {1e3 * v:8.3f} ms/step   x resident {v / med['resident']:.2f}")
+        ratios = [a / b for a, b in zip(times["pipeline"], times["resident"], strict=True)]
+        print(f"  pipeline / resident per round: {', '.join(f'{x:.2f}' for x in ratios)}")
 
 
 if __name__ == "__main__":
