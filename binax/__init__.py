@@ -2,8 +2,8 @@
 
 ``import binax`` loads what needs only JAX and Optax (the optimizers, transforms, partition,
 metrics, quantizers). The Flax side (`binax.nn`, `binax.linen`, `binax.models`, `binax.export`,
-`binax.summary`, `binax.BinaryParam`) and the training side (`binax.train`, `binax.data`) load on
-first use.
+`binax.summary`, `binax.BinaryParam`), inference (`binax.deploy`) and the training side
+(`binax.train`, `binax.data`) load on first use.
 """
 
 import importlib
@@ -28,7 +28,7 @@ from binax.transforms import (
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("data", "export", "linen", "models", "nn", "train")
+_LAZY_MODULES = ("data", "deploy", "export", "linen", "models", "nn", "train")
 _LAZY_NAMES = {"BinaryParam": "binax.nn", "summary": "binax.summary"}
 
 
@@ -81,6 +81,7 @@ __all__ = [
     "sign0",
     "summary",
     "data",
+    "deploy",
     "export",
     "linen",
     "models",
