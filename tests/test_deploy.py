@@ -8,7 +8,10 @@ scale), with max pooling, strides, +1 and -1 padding, and odd sizes that do not 
 """
 
 import functools
+import json
 import os
+import struct
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -239,6 +242,15 @@ def test_malformed_and_truncated_files_are_clear_errors(tmp_path):
         binax.deploy.from_bytes(bytes(newer))
     with pytest.raises(err, match="longer|corrupt"):
         binax.deploy.from_bytes(data + b"\0")
+    # A well-formed file (checksums right) whose program names an op this binax does not know.
+    prefix = struct.Struct("<8sIQI")
+    magic, version, head_len, _ = prefix.unpack_from(data)
+    header = json.loads(data[prefix.size : prefix.size + head_len])
+    header["program"][0]["op"] = "lut_conv"
+    head = json.dumps(header).encode()
+    unknown = prefix.pack(magic, version, len(head), zlib.crc32(head)) + head
+    with pytest.raises(err, match="not a known op .'lut_conv'."):
+        binax.deploy.from_bytes(unknown + data[prefix.size + head_len :])
     path = tmp_path / "cut.bnx"
     path.write_bytes(data[:-7])
     with pytest.raises(err, match=str(path)):

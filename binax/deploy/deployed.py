@@ -211,8 +211,12 @@ def to_bytes(deployed: Deployed) -> bytes:
 def _join(program, table, payload, where):
     nodes, arrays = [], []
     for i, node in enumerate(program):
-        if not isinstance(node, dict) or "op" not in node:
-            raise DeployFileError(f"{where}: node {i} is not an op")
+        op = node.get("op") if isinstance(node, dict) else node
+        if op not in P.OPS:
+            raise DeployFileError(
+                f"{where}: node {i} is not a known op ({op!r}); was the file written by a "
+                "newer binax?"
+            )
         if node["op"] == "residual":
             body = _join(node["body"], table, payload, where)
             short = _join(node["shortcut"], table, payload, where)

@@ -47,6 +47,10 @@ from binax.nn import functional as F
 
 __all__ = ["fold_thresholds", "pack_kernel", "run", "threshold_from_decisions", "unpack_kernel"]
 
+OPS = (
+    "sign", "int_dense", "int_conv", "threshold", "dense", "conv", "affine", "batchnorm",
+    "maxpool", "avgpool", "flatten", "mean", "residual",
+)  # fmt: skip
 INT_PRODUCTS = ("int_dense", "int_conv")
 ELEMENTWISE = ("affine", "batchnorm")
 
