@@ -1,6 +1,7 @@
 """binax-train on transformers: the full-precision twin as baseline, distillation from a run."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -8,8 +9,8 @@ import pytest
 from flax import nnx
 
 from binax.nn import BinaryParam
-from binax.train import Config, cli, train
-from binax.train.loop import LOG_FILE
+from binax.train import Config, ConfigError, cli, restore, train
+from binax.train.loop import CONFIG_FILE, LOG_FILE
 
 VIT = {"patch_size": 4, "features": 8, "depth": 1, "num_heads": 2}
 
@@ -60,3 +61,95 @@ def test_real_baseline_of_vit_from_the_command_line(tmp_path, capsys):
     assert "its full-precision twin (full_precision baseline), no binary layer" in out
     log = [json.loads(line) for line in (tmp_path / "run" / LOG_FILE).read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1]
+
+
+# ------------------------------------------------------------------ distillation
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def students(teacher_run, tmp_path_factory):
+    """Bop ViTs from the same seed: without a teacher, distilled with every weight 0, and
+    distilled with the default weights."""
+    root = tmp_path_factory.mktemp("students")
+    teacher = teacher_run.run_dir
+    zero = dict(distill_logits=0.0, distill_attention=0.0, distill_hidden=0.0)
+    return {
+        "plain": train(tiny_vit(root / "plain", optimizer="bop")),
+        "zero": train(tiny_vit(root / "zero", optimizer="bop", distill_from=teacher, **zero)),
+        "distilled": train(tiny_vit(root / "distilled", optimizer="bop", distill_from=teacher)),
+    }
+
+
+def test_distillation_terms_enter_the_loss(students):
+    plain, zero, distilled = students["plain"], students["zero"], students["distilled"]
+    assert "distill" not in plain.final
+    for run in (zero, distilled):
+        terms = run.final["distill"]
+        assert set(terms) == {"logits", "attention", "hidden"}
+        assert all(np.isfinite(v) and v > 0 for v in terms.values())
+    # Weighted 0, the teacher changes nothing: the same steps as without it (up to float
+    # rounding: the step is another compiled program) ...
+    for a, b in zip(leaves(plain.state.params), leaves(zero.state.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(plain.final["train_loss"], zero.final["train_loss"], rtol=1e-5)
+    # ... and weighted 1, it changes them.
+    assert (
+        max(
+            np.max(np.abs(a - b))
+            for a, b in zip(leaves(plain.state.params), leaves(distilled.state.params), strict=True)
+        )
+        > 1e-3
+    )
+
+
+def test_the_teacher_is_frozen_and_not_in_the_training_state(teacher_run, students):
+    plain, distilled = students["plain"], students["distilled"]
+    # The student's state (params, optimizer state: what is checkpointed) has no teacher in it.
+    assert jax.tree.structure(distilled.state) == jax.tree.structure(plain.state)
+    # The teacher did not move.
+    again = restore(teacher_run.run_dir)
+    for a, b in zip(leaves(again.state.params), leaves(teacher_run.state.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_keeps_the_distillation(students, teacher_run, capsys):
+    run_dir = students["distilled"].run_dir
+    saved = json.loads((Path(run_dir) / CONFIG_FILE).read_text())
+    assert saved["distill_from"] == teacher_run.run_dir and saved["distill_hidden"] == 1.0
+    argv = ["--resume", "--run-dir", run_dir, "--epochs", "2", "--no-progress"]
+    assert cli.main(argv) == 0
+    assert "resumed" in capsys.readouterr().out
+    log = [json.loads(line) for line in (Path(run_dir) / LOG_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert all(set(r["distill"]) == {"logits", "attention", "hidden"} for r in log)
+    # Resuming with other distillation settings is refused.
+    assert cli.main([*argv, "--epochs", "3", "--distill-hidden", "0"]) == 2
+    assert "distill_hidden" in capsys.readouterr().err
+
+
+def test_distilling_a_model_that_is_not_a_transformer_uses_the_logits(tmp_path):
+    mlp = dict(model="mlp", model_kwargs={"hidden_sizes": [16]}, model_parallel=1)
+    teacher = train(tiny_vit(tmp_path / "teacher", optimizer="real", **mlp))
+    student = train(tiny_vit(tmp_path / "student", distill_from=teacher.run_dir, **mlp))
+    terms = student.final["distill"]
+    assert terms["logits"] > 0 and terms["attention"] == 0 and terms["hidden"] == 0
+    # A teacher of another model is refused, naming the flag.
+    with pytest.raises(ConfigError, match=r"--distill-from .*teacher's model is 'mlp'"):
+        train(tiny_vit(tmp_path / "vit", distill_from=teacher.run_dir))
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"distill_from": "no/such/run"}, r"--distill-from no/such/run: cannot restore"),
+        ({"distill_temperature": 0.0}, "distill_temperature must be a positive number"),
+        ({"distill_hidden": -1.0}, "distill_hidden must be a non-negative number"),
+    ],
+)
+def test_bad_distillation_settings_are_clear_errors(kw, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_vit(tmp_path / "run", **kw))

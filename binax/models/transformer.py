@@ -318,6 +318,11 @@ def _masked_mean_sq(a, b, weights):
     return jnp.sum(sq * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def _mean(losses):
+    """Their mean; 0 for none (outputs without attention or hidden states: logits only)."""
+    return jnp.mean(jnp.stack(losses)) if losses else jnp.zeros((), jnp.float32)
+
+
 def distillation_loss(
     student: TransformerOutput,
     teacher: TransformerOutput,
@@ -340,6 +345,10 @@ def distillation_loss(
       (before the softmax), over the (query, key) pairs of real tokens;
     * ``L_hidden``: mean over the ``depth + 1`` hidden states of their mean squared error, over
       real tokens.
+
+    A `TransformerOutput` with no hidden states and no attention (``TransformerOutput(logits,
+    (), ())``, e.g. of a model that is not a transformer) distils the logits only (the other
+    terms are 0).
 
     These are the losses of TinyBERT and BinaryBERT, which BiT uses (Jiao et al., "TinyBERT",
     Findings of EMNLP 2020; Bai et al., "BinaryBERT", ACL 2021; Liu et al., "BiT", NeurIPS 2022).
@@ -384,21 +393,17 @@ def distillation_loss(
         valid = mask != 0
         tokens = valid[:, :, None]  # (batch, length, 1)
         pairs = (valid[:, :, None] & valid[:, None, :])[:, None]  # (batch, 1, query, key)
-    attention_loss = jnp.mean(
-        jnp.stack(
-            [
-                _masked_mean_sq(a.scores, b.scores, pairs)
-                for a, b in zip(student.attentions, teacher.attentions, strict=True)
-            ]
-        )
+    attention_loss = _mean(
+        [
+            _masked_mean_sq(a.scores, b.scores, pairs)
+            for a, b in zip(student.attentions, teacher.attentions, strict=True)
+        ]
     )
-    hidden_loss = jnp.mean(
-        jnp.stack(
-            [
-                _masked_mean_sq(a, b, tokens)
-                for a, b in zip(student.hidden_states, teacher.hidden_states, strict=True)
-            ]
-        )
+    hidden_loss = _mean(
+        [
+            _masked_mean_sq(a, b, tokens)
+            for a, b in zip(student.hidden_states, teacher.hidden_states, strict=True)
+        ]
     )
     parts = {"logits": logits_loss, "attention": attention_loss, "hidden": hidden_loss}
     loss = (

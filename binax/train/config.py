@@ -32,6 +32,7 @@ _BOOL, OPTIMIZERS = argparse.BooleanOptionalAction, optim.OPTIMIZERS
 # Runtime fields (they may change on --resume) of each kind.
 _N, _RUN_DIR = dict(runtime=True, type=int), dict(runtime=True, metavar="DIR")
 _ON, _OFF = dict(runtime=True, action="store_true"), dict(runtime=True, action="store_false")
+_DISTILL = "distillation"
 
 
 def _model_names() -> tuple[str, ...]:
@@ -80,6 +81,20 @@ class Config:
         None, "at most N steps per epoch (default: the whole training set)", _TRAIN, type=int
     )
     seed: int = _field(0, "seed of the model, data order and augmentation", _TRAIN, type=int)
+    distill_from: str | None = _field(
+        None,
+        "distil from the finished run in RUN_DIR (same model and dataset; frozen)",
+        _DISTILL,
+        metavar="RUN_DIR",
+    )
+    distill_temperature: float = _field(
+        1.0, "temperature of the logits' distillation loss", _DISTILL, type=float
+    )
+    distill_logits: float = _field(1.0, "weight of the logits' term", _DISTILL, type=float)
+    distill_attention: float = _field(
+        1.0, "weight of the attention scores' term", _DISTILL, type=float
+    )
+    distill_hidden: float = _field(1.0, "weight of the hidden states' term", _DISTILL, type=float)
     run_dir: str | None = _field(
         None, "run directory (default runs/<name>-<time>)", _OUT, **_RUN_DIR
     )
@@ -127,6 +142,15 @@ class Config:
                 if isinstance(value, bool) or not isinstance(value, int) or value < low:
                     kind = "non-negative" if low == 0 else "positive"
                     raise ConfigError(f"{f.name} must be a {kind} integer, got {value!r}")
+        distill = ("distill_temperature", "distill_logits", "distill_attention", "distill_hidden")
+        for name in distill:
+            value, positive = getattr(self, name), name == "distill_temperature"
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not (value > 0 if positive else value >= 0):
+                kind = "positive" if positive else "non-negative"
+                raise ConfigError(f"{name} must be a {kind} number, got {value!r}")
+        if self.distill_from is not None and not isinstance(self.distill_from, str):
+            raise ConfigError(f"distill_from must be a run directory, got {self.distill_from!r}")
         if not isinstance(self.model_kwargs, dict):
             raise ConfigError(f"model_kwargs must be a dict, got {self.model_kwargs!r}")
         return self

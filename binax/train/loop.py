@@ -27,11 +27,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from binax.train import input_pipeline, model, optim, rundir, schedules
-from binax.train.checkpoint import Checkpoints
+from binax.train.checkpoint import CheckpointError, Checkpoints
 from binax.train.config import Config, ConfigError
 from binax.train.rundir import CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, RunDirError  # noqa: F401
 from binax.train.sharding import DATA, is_main, make_mesh, say, sync, to_host
-from binax.train.step import Program, TrainState, make_program
+from binax.train.step import Distillation, Program, TrainState, make_program, outputs
 
 
 class TrainingDiverged(RuntimeError):
@@ -98,6 +98,7 @@ def setup(config: Config) -> tuple[input_pipeline.InputPipeline, Program, dict[s
             f"cannot build model {config.model!r} with model_kwargs {config.model_kwargs}: {e}"
         ) from None
     spe, total = data.steps_per_epoch, data.steps_per_epoch * config.epochs
+    distill = _teacher(config, net, data) if config.distill_from is not None else None
     program = make_program(
         net,
         lambda labels: optim.make_optimizer(
@@ -112,9 +113,66 @@ def setup(config: Config) -> tuple[input_pipeline.InputPipeline, Program, dict[s
         ),
         mesh,
         init_params=init_params,
+        distill=distill,
     )
     scheduled = {k: v for k, v in hp.items() if isinstance(v, schedules.Schedule)}
     return data, program, scheduled | {"lr": lr}
+
+
+def _teacher(config: Config, net, data: input_pipeline.InputPipeline) -> Distillation:
+    """The frozen teacher of ``config.distill_from``: its run restored (`restore`, last
+    checkpoint), checked to be of the same model and dataset, and to give outputs that line up
+    with the student's (`binax.models.distillation_loss`).
+
+    Raises:
+      ConfigError: no such run, no checkpoint, another model or dataset, or outputs that do
+        not line up (the message names ``--distill-from``).
+    """
+    from flax import nnx
+
+    from binax.models import distillation_loss
+
+    where = f"--distill-from {config.distill_from}"
+    try:
+        teacher = restore(config.distill_from)
+    except (RunDirError, CheckpointError) as e:
+        raise ConfigError(f"{where}: cannot restore the teacher: {e}") from None
+    for field in ("model", "dataset"):
+        mine, theirs = getattr(config, field), getattr(teacher.config, field)
+        if mine != theirs:
+            raise ConfigError(
+                f"{where}: the teacher's {field} is {theirs!r}, this run's {mine!r}; distil "
+                f"from a run of the same {field}"
+            )
+    if teacher.history and teacher.history[-1]["epoch"] < teacher.config.epochs:
+        say(
+            f"note: the teacher {config.distill_from} stopped after "
+            f"{rundir.epochs(teacher.history[-1]['epoch'])} of {teacher.config.epochs}"
+        )
+    graphdef = teacher.program.eval_graphdef
+    student_graphdef, student_state = nnx.split(net)
+    batch = jax.ShapeDtypeStruct((2, *data.train_set.images.shape[1:]), data.train_set.images.dtype)
+    try:
+        jax.eval_shape(
+            lambda s, p, r, x: distillation_loss(
+                outputs(nnx.merge(student_graphdef, s), x), outputs(nnx.merge(graphdef, p, r), x)
+            ),
+            student_state,
+            teacher.state.params,
+            teacher.state.rest,
+            batch,
+        )
+    except ValueError as e:
+        raise ConfigError(f"{where}: the teacher does not fit this model: {e}") from None
+    return Distillation(
+        graphdef,
+        teacher.state.params,
+        teacher.state.rest,
+        temperature=config.distill_temperature,
+        logits_weight=config.distill_logits,
+        attention_weight=config.distill_attention,
+        hidden_weight=config.distill_hidden,
+    )
 
 
 def restore(run_dir: str, epoch: int | None = None) -> TrainResult:
@@ -294,6 +352,8 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
         },
         "time_s": time_s,
     }
+    if "distill" in m:  # the unweighted distillation terms, means over the epoch's examples
+        record["distill"] = {k: float(v) / int(m["count"]) for k, v in m["distill"].items()}
     return state, record, compile_s
 
 

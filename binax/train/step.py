@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -50,14 +51,50 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def zero_metrics(flip_names: tuple[str, ...]) -> dict[str, Any]:
-    """The per-epoch accumulators the train step adds to."""
-    return {
+class Distillation(NamedTuple):
+    """Knowledge distillation from a frozen teacher (`binax.models.distillation_loss`).
+
+    Attributes:
+      graphdef: the teacher's static structure (eval mode).
+      params, rest: its arrays; passed to the train step as arguments, never trained (no
+        gradient, no optimizer state, not in the checkpoint).
+      temperature, logits_weight, attention_weight, hidden_weight: as `distillation_loss` takes.
+    """
+
+    graphdef: Any
+    params: Any
+    rest: Any
+    temperature: float = 1.0
+    logits_weight: float = 1.0
+    attention_weight: float = 1.0
+    hidden_weight: float = 1.0
+
+
+DISTILL_TERMS = ("logits", "attention", "hidden")
+
+
+def outputs(model: nnx.Module, images: jax.Array) -> Any:
+    """``model``'s `binax.models.TransformerOutput` on ``images``: with the hidden states and
+    attention of a transformer (``return_intermediates``), the logits alone otherwise."""
+    from binax.models import TransformerOutput
+
+    if "return_intermediates" in inspect.signature(type(model).__call__).parameters:
+        return model(images, return_intermediates=True)
+    return TransformerOutput(model(images), (), ())
+
+
+def zero_metrics(flip_names: tuple[str, ...], distill: bool = False) -> dict[str, Any]:
+    """The per-epoch accumulators the train step adds to (with ``distill``, the unweighted
+    distillation terms too)."""
+    metrics = {
         "loss": jnp.zeros((), jnp.float32),
         "correct": jnp.zeros((), jnp.int32),
         "count": jnp.zeros((), jnp.int32),
         "flips": {name: jnp.zeros((), jnp.int32) for name in flip_names},
     }
+    if distill:
+        metrics["distill"] = {k: jnp.zeros((), jnp.float32) for k in DISTILL_TERMS}
+    return metrics
 
 
 def train_step(
@@ -65,24 +102,48 @@ def train_step(
     metrics: dict[str, Any],
     images: jax.Array,
     labels: jax.Array,
+    teacher: tuple[Any, Any] | None = None,
     *,
     graphdef: Any,
     tx: optax.GradientTransformation,
     binary_mask: Any,
+    distill: Distillation | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step on a (global) batch; adds loss, accuracy and flips to ``metrics``.
 
     The loss is the mean softmax cross-entropy over the batch (binax's thresholds assume a
-    mean-reduced loss). Flips are counted per binary leaf as changes of ``sign0``.
+    mean-reduced loss). Flips are counted per binary leaf as changes of ``sign0``. With
+    ``distill`` (its weights and the teacher's graphdef) and ``teacher`` (its ``(params,
+    rest)``), `binax.models.distillation_loss` against the teacher is added to the loss and its
+    unweighted terms to ``metrics["distill"]``; the metrics' ``loss`` stays the cross-entropy.
     """
+    from binax.models import distillation_loss
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state.rest)
-        logits = model(images)
+        if distill is None:
+            logits, parts = model(images), {}
+            loss = task = jnp.mean(_cross_entropy(logits, labels))
+        else:
+            out = outputs(model, images)
+            target = outputs(nnx.merge(distill.graphdef, *teacher), images)
+            logits = out.logits
+            task = jnp.mean(_cross_entropy(logits, labels))
+            extra, parts = distillation_loss(
+                out,
+                target,
+                temperature=distill.temperature,
+                logits_weight=distill.logits_weight,
+                attention_weight=distill.attention_weight,
+                hidden_weight=distill.hidden_weight,
+            )
+            loss = task + extra
         new_rest = nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
-        return jnp.mean(_cross_entropy(logits, labels)), (logits, new_rest)
+        return loss, (task, logits, parts, new_rest)
 
-    (loss, (logits, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (loss, logits, parts, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     flips = (
@@ -96,7 +157,7 @@ def train_step(
         "correct": metrics["correct"] + jnp.sum(jnp.argmax(logits, -1) == labels),
         "count": metrics["count"] + n,
         "flips": {k: v + flips[f"flips/{k}"] for k, v in metrics["flips"].items()},
-    }
+    } | ({"distill": {k: v + parts[k] * n for k, v in metrics["distill"].items()}} if parts else {})
     return TrainState(params, rest, opt_state, state.step + 1), metrics
 
 
@@ -118,7 +179,7 @@ def eval_step(
         "correct": metrics["correct"] + jnp.sum(correct).astype(jnp.int32),
         "count": metrics["count"] + jnp.sum(weights).astype(jnp.int32),
         "flips": metrics["flips"],
-    }
+    } | ({"distill": metrics["distill"]} if "distill" in metrics else {})
 
 
 @dataclasses.dataclass
@@ -152,10 +213,11 @@ class Program:
     train_step: Callable[..., Any]
     eval_step: Callable[..., Any]
     init_state: Callable[[], TrainState]
+    distill: bool = False
 
     def zero_metrics(self) -> dict[str, Any]:
         """Fresh accumulators, replicated over the mesh."""
-        return jax.device_put(zero_metrics(self.flip_names), self.metrics_sharding)
+        return jax.device_put(zero_metrics(self.flip_names, self.distill), self.metrics_sharding)
 
 
 def make_program(
@@ -164,6 +226,7 @@ def make_program(
     mesh: Mesh,
     *,
     init_params: Callable[[Any, Any], Any] | None = None,
+    distill: Distillation | None = None,
 ) -> Program:
     """Splits ``model``, builds the optimizer and the jitted steps over ``mesh``.
 
@@ -173,6 +236,8 @@ def make_program(
       mesh: from `make_mesh`.
       init_params: optional ``(params, binary_mask) -> params`` applied before the optimizer
         state is created (e.g. `binax.train.model.latent_init`).
+      distill: a frozen teacher to distil from (`Distillation`); its arrays are placed on
+        ``mesh`` once and passed to every train step.
     """
     labels = binax.nn.binary_labels(model)
     model.train()
@@ -206,7 +271,9 @@ def make_program(
         opt_state=state_shardings(abstract_opt, params, param_sh, mesh),
         step=replicated,
     )
-    metrics_sh = jax.tree.map(lambda _: replicated, zero_metrics(tuple(flip_names)))
+    metrics_sh = jax.tree.map(
+        lambda _: replicated, zero_metrics(tuple(flip_names), distill is not None)
+    )
     batch_sh = NamedSharding(mesh, P(DATA))
 
     def init_state() -> TrainState:
@@ -216,12 +283,30 @@ def make_program(
         opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(p)
         return TrainState(p, r, opt_state, global_array(np.zeros((), np.int32), replicated))
 
-    train = jax.jit(
-        functools.partial(train_step, graphdef=train_graphdef, tx=tx, binary_mask=mask),
-        in_shardings=(state_sh, metrics_sh, batch_sh, batch_sh),
-        out_shardings=(state_sh, metrics_sh),
-        donate_argnums=(0, 1),
-    )
+    step = functools.partial(train_step, graphdef=train_graphdef, tx=tx, binary_mask=mask)
+    if distill is None:
+        train = jax.jit(
+            step,
+            in_shardings=(state_sh, metrics_sh, batch_sh, batch_sh),
+            out_shardings=(state_sh, metrics_sh),
+            donate_argnums=(0, 1),
+        )
+    else:
+        teacher_sh = (
+            tree_shardings(distill.params, mesh),
+            jax.tree.map(lambda _: replicated, distill.rest),
+        )
+        teacher = jax.device_put((distill.params, distill.rest), teacher_sh)
+        distill_step = jax.jit(
+            functools.partial(step, distill=distill._replace(params=None, rest=None)),
+            in_shardings=(state_sh, metrics_sh, batch_sh, batch_sh, teacher_sh),
+            out_shardings=(state_sh, metrics_sh),
+            donate_argnums=(0, 1),
+        )
+
+        def train(state, metrics, images, labels):
+            return distill_step(state, metrics, images, labels, teacher)
+
     evaluate = jax.jit(
         functools.partial(eval_step, graphdef=eval_graphdef),
         in_shardings=(state_sh, metrics_sh, batch_sh, batch_sh, batch_sh),
@@ -242,4 +327,5 @@ def make_program(
         train_step=train,
         eval_step=evaluate,
         init_state=init_state,
+        distill=distill is not None,
     )
