@@ -74,6 +74,8 @@ class _BinaryMixin:
             input_quantizer=self.input_quantizer,
             scale=self.scale,
             pad_value=pad_value,
+            arithmetic=self.arithmetic,
+            backward_dtype=self.backward_dtype,
         )
 
     def _variables(self, kernel_shape, features):
@@ -104,7 +106,8 @@ class BinaryDense(_BinaryMixin, nn.Module):
     """Linen dense layer with quantized input and kernel (see `binax.nn.BinaryLinear`).
 
     ``y = scale * (input_quantizer(x) @ kernel_quantizer(kernel)) + bias``; the binary kernel is the
-    parameter ``"binary_kernel"``, initialised to random ``+1``/``-1``.
+    parameter ``"binary_kernel"``, initialised to random ``+1``/``-1``. Computed by
+    `binax.nn.functional.binary_dense` (``arithmetic``, ``backward_dtype``: see there).
     """
 
     features: int
@@ -116,6 +119,8 @@ class BinaryDense(_BinaryMixin, nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
+    arithmetic: str = "auto"
+    backward_dtype: Any = None
     kernel_init: Initializer | None = None
     bias_init: Initializer = nn.initializers.zeros
     scale_init: Initializer = nn.initializers.ones
@@ -133,6 +138,8 @@ class BinaryDense(_BinaryMixin, nn.Module):
             bias=bias,
             dtype=self.dtype,
             precision=self.precision,
+            arithmetic=self.arithmetic,
+            backward_dtype=self.backward_dtype,
         )
 
 
@@ -142,6 +149,8 @@ class BinaryConv(_BinaryMixin, nn.Module):
     See `binax.nn.BinaryConv`: the quantized input is padded with ``pad_value`` (``+1``/``-1``) so
     that ``'SAME'`` padding keeps it binary. The binary kernel is the parameter
     ``"binary_kernel"`` of shape ``(*kernel_size, in_features // feature_group_count, features)``.
+    Computed by `binax.nn.functional.binary_conv` (``arithmetic``, ``kernel_grad``,
+    ``backward_dtype``: see there).
     """
 
     features: int
@@ -159,6 +168,9 @@ class BinaryConv(_BinaryMixin, nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
+    arithmetic: str = "auto"
+    kernel_grad: str = "auto"
+    backward_dtype: Any = None
     kernel_init: Initializer | None = None
     bias_init: Initializer = nn.initializers.zeros
     scale_init: Initializer = nn.initializers.ones
@@ -166,6 +178,7 @@ class BinaryConv(_BinaryMixin, nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_q, k_q = self._check("BinaryConv", self.pad_value)
+        F.check_kernel_grad(self.kernel_grad, "BinaryConv: kernel_grad")
         ks = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
         in_features = jnp.shape(x)[-1]
         if in_features % self.feature_group_count:
@@ -189,4 +202,7 @@ class BinaryConv(_BinaryMixin, nn.Module):
             bias=bias,
             dtype=self.dtype,
             precision=self.precision,
+            arithmetic=self.arithmetic,
+            kernel_grad=self.kernel_grad,
+            backward_dtype=self.backward_dtype,
         )

@@ -81,6 +81,40 @@ def test_linen_matches_nnx(kernel_size, pad_value, strides, scale):
     np.testing.assert_array_equal(y, dense(x))
 
 
+@pytest.mark.parametrize(
+    "how",
+    [
+        dict(arithmetic="float", kernel_grad="xla"),
+        dict(arithmetic="integer", kernel_grad="patches", backward_dtype=jnp.bfloat16),
+    ],
+)
+def test_linen_passes_the_computation_options(how):
+    """The Linen twins forward arithmetic, kernel_grad and backward_dtype to the same functions:
+    values and gradients equal the NNX layer's with the same options."""
+    x = rand((2, 6, 6, 3))
+    layer = bnn.BinaryConv(3, 4, (3, 3), use_bias=False, rngs=nnx.Rngs(0), **how)
+    module = bl.BinaryConv(4, (3, 3), use_bias=False, **how)
+    k = layer.kernel[...]
+    y, vjp = jax.vjp(lambda x, k: module.apply({"params": {"binary_kernel": k}}, x), x, k)
+    y_ref, vjp_ref = jax.vjp(lambda x, k: bnn.functional.binary_conv(x, k, **how), x, k)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(y, layer(x))
+    g = rand(y.shape, 1)
+    for a, b in zip(vjp(g), vjp_ref(g), strict=True):
+        np.testing.assert_array_equal(a, b)
+    dense_how = {k: v for k, v in how.items() if k != "kernel_grad"}
+    d = bl.BinaryDense(2, use_bias=False, **dense_how)
+    variables = d.init(jax.random.key(0), x[:, 0, 0])
+    np.testing.assert_array_equal(
+        d.apply(variables, x[:, 0, 0]),
+        bnn.functional.binary_dense(x[:, 0, 0], variables["params"]["binary_kernel"], **dense_how),
+    )
+    with pytest.raises(ValueError, match="BinaryConv: kernel_grad"):
+        bl.BinaryConv(4, (3, 3), kernel_grad="fast").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="BinaryDense: arithmetic"):
+        bl.BinaryDense(2, arithmetic="int").init(jax.random.key(0), x)
+
+
 def test_fixed_scale_is_a_constant():
     module = bl.BinaryDense(3, scale="fixed", use_bias=False)
     variables = module.init(jax.random.key(0), jnp.ones((1, 4)))

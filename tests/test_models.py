@@ -293,3 +293,68 @@ def test_registry_and_errors():
         models.BinaryMLP((8, 8, 1), hidden_sizes=(0,), rngs=rngs())
     with pytest.raises(ValueError, match="pad_value"):
         models.BinaryNet((32, 32, 3), width_multiplier=1 / 32, pad_value=0.0, rngs=rngs())
+
+
+def test_integer_arithmetic_trains_flip_exactly_like_float():
+    """The default integer products change nothing: logits, loss, every gradient and the Bop
+    flips of a training step are bit-identical to the float products (same backward), and
+    the patch-product kernel gradients agree with XLA's within float rounding.
+
+    Run op by op (not jitted), so that the float operations around the products (BatchNorm,
+    the loss) are the same compiled computations in both runs: under one `jit` XLA may fuse
+    them differently around an int32 -> float32 conversion (it does at optimization level 0),
+    and a one-ulp change in a BatchNorm output that sits near zero flips a sign downstream."""
+    name, kwargs, shape, _ = CONFIGS["binarynet"]
+    nets = {
+        a: models.get(name, rngs=rngs(), arithmetic=a, kernel_grad="patches", **kwargs)
+        for a in ("integer", "float")
+    }
+    nets["xla"] = models.get(name, rngs=rngs(), arithmetic="float", kernel_grad="xla", **kwargs)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, size=shape[0]))
+    results = {}
+    for a, model in nets.items():
+        model.train()
+        labels = bnn.binary_labels(model)
+        tx = binax.partition(
+            binary=binax.bop(threshold=1e-6), real=optax.adam(1e-2), is_binary=labels
+        )
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+
+        def loss_fn(p, rest, graphdef=graphdef):
+            model = nnx.merge(graphdef, p, rest)
+            logits = model(x)
+            new_rest = nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (
+                logits,
+                new_rest,
+            )
+
+        def one_step(params, rest, tx=tx, loss_fn=loss_fn):
+            (loss, (logits, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+            u, _ = tx.update(g, tx.init(params), params)
+            return (logits, loss, g), optax.apply_updates(params, u)
+
+        results[a] = one_step(params, rest)
+        flips = sum(
+            int(np.sum(u != v))
+            for u, v, b in zip(
+                jax.tree.leaves(params),
+                jax.tree.leaves(results[a][1]),
+                jax.tree.leaves(labels),
+                strict=True,
+            )
+            if b
+        )
+        assert flips > 0, a  # Bop flipped weights: the comparison covers flips
+    leaves = {a: jax.tree.leaves(r) for a, r in results.items()}
+    for u, v in zip(leaves["integer"], leaves["float"], strict=True):
+        np.testing.assert_array_equal(u, v)
+    # XLA's kernel gradients: same logits and loss; gradients within rounding.
+    (lf, ls, gf), (lx, lsx, gx) = results["float"][0], results["xla"][0]
+    np.testing.assert_array_equal(lf, lx)
+    np.testing.assert_array_equal(ls, lsx)
+    for u, v in zip(jax.tree.leaves(gf), jax.tree.leaves(gx), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(v))))

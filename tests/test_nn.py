@@ -322,3 +322,210 @@ def test_layers_jit_and_bfloat16():
     assert y.dtype == jnp.bfloat16 and y.shape == (2, 5, 5, 4)
     ref = bnn.BinaryConv(3, 4, (3, 3), rngs=rngs())
     np.testing.assert_array_equal(np.asarray(y, np.float32), ref(x.astype(jnp.float32)))
+
+
+# --- how the products are computed: exactness of the fast paths -------------------------------
+
+F = bnn.functional
+
+
+def reference_conv(x, k, pads, pad_value, strides=1, dilation=1, groups=1, quantize=True):
+    """The plain formula: quantize, jnp.pad with pad_value, VALID convolution, autodiff."""
+    a = q.ste_sign(x) if quantize else x
+    w = q.ste_sign(k)
+    a = jnp.pad(a, [(0, 0), *pads, (0, 0)], constant_values=pad_value)
+    n = k.ndim - 2
+    return jax.lax.conv_general_dilated(
+        a,
+        w,
+        (strides,) * n,
+        "VALID",
+        rhs_dilation=(dilation,) * n,
+        dimension_numbers=F._dimension_numbers(a.ndim),
+        feature_group_count=groups,
+    )
+
+
+def kernel_grad_bound(g, k_shape, padded_shape, strides, dilation):
+    """Worst-case float32 rounding bound of each kernel-gradient entry, a sum of m = N*H*W
+    products of a +-1 input with g: m * eps * sum |g| over the entry's terms (Higham, "Accuracy
+    and Stability of Numerical Algorithms", 2002, eq. 3.5), for either summation order."""
+    n = len(k_shape) - 2
+    ones = jnp.ones(padded_shape)
+    _, vjp = jax.vjp(
+        lambda w: jax.lax.conv_general_dilated(
+            ones,
+            w,
+            (strides,) * n,
+            "VALID",
+            rhs_dilation=(dilation,) * n,
+            dimension_numbers=F._dimension_numbers(ones.ndim),
+        ),
+        jnp.zeros(k_shape),
+    )
+    m = np.prod(g.shape[:-1])
+    return m * np.finfo(np.float32).eps * np.asarray(vjp(jnp.abs(g))[0])
+
+
+@pytest.mark.parametrize(
+    "kernel_size,strides,dilation,groups",
+    [((3, 3), 1, 1, 1), ((3, 3), 2, 1, 1), ((3, 3), 1, 2, 1), ((3,), 1, 1, 1), ((3, 3), 1, 1, 2)],
+)
+@pytest.mark.parametrize("pad_value", [1.0, -1.0])
+def test_integer_forward_and_gradients_are_bit_identical(
+    kernel_size, strides, dilation, groups, pad_value
+):
+    """int8 products (int32 accumulation), the folded +-1 border and the custom JVP give exactly
+    the values and gradients of the plain float formula; the patch-product kernel gradient
+    differs from XLA's only by float summation order, within the worst-case rounding bound."""
+    n = len(kernel_size)
+    x = rand((6, *(9,) * n, 4))
+    k = rand((*kernel_size, 4 // groups, 6), 1)
+    pads = F.conv_padding("SAME", x.shape[1:-1], kernel_size, (strides,) * n, (dilation,) * n)
+    ref = functools.partial(
+        reference_conv,
+        pads=pads,
+        pad_value=pad_value,
+        strides=strides,
+        dilation=dilation,
+        groups=groups,
+    )
+    y_ref, vjp_ref = jax.vjp(ref, x, k)
+    g = rand(y_ref.shape, 2)
+    dx_ref, dk_ref = vjp_ref(g)
+    for arithmetic in ("integer", "float"):
+        for kernel_grad in ("xla", "patches"):
+            f = functools.partial(
+                F.binary_conv,
+                strides=strides,
+                kernel_dilation=dilation,
+                feature_group_count=groups,
+                pad_value=pad_value,
+                arithmetic=arithmetic,
+                kernel_grad=kernel_grad,
+            )
+            y, vjp = jax.jit(lambda x, k, f=f: jax.vjp(f, x, k))(x, k)
+            dx, dk = vjp(g)
+            np.testing.assert_array_equal(y, y_ref)
+            np.testing.assert_array_equal(dx, dx_ref)
+            if kernel_grad == "xla" or groups > 1:  # grouped convolutions always use XLA's
+                np.testing.assert_array_equal(dk, dk_ref)
+            else:
+                err = np.abs(np.asarray(dk) - np.asarray(dk_ref))
+                padded = (
+                    x.shape[0],
+                    *(s + lo + hi for s, (lo, hi) in zip(x.shape[1:-1], pads, strict=True)),
+                    4,
+                )
+                bound = kernel_grad_bound(g, k.shape, padded, strides, dilation)
+                assert np.all(err <= bound), (arithmetic, float(err.max()))
+                assert 0 < err.max() < 1e-3 * np.abs(np.asarray(dk_ref)).max()
+
+
+def test_integer_path_is_taken_and_exact_for_dense():
+    x, k = rand((5, 3, 40)), rand((40, 7), 1)
+    g = rand((5, 3, 7), 2)
+
+    def ref(x, k):
+        return q.ste_sign(x) @ q.ste_sign(k)
+
+    y_ref, vjp_ref = jax.vjp(ref, x, k)
+    f = functools.partial(F.binary_dense, arithmetic="integer")
+    y, vjp = jax.vjp(f, x, k)
+    np.testing.assert_array_equal(y, y_ref)
+    for a, b in zip(vjp(g), vjp_ref(g), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The integer path really multiplies int8 with int32 accumulation.
+    hlo = jax.jit(f).lower(x, k).as_text()
+    assert "xi8>" in hlo and "xi32>" in hlo
+    hlo_float = jax.jit(functools.partial(F.binary_dense, arithmetic="float")).lower(x, k)
+    assert "i8" not in hlo_float.as_text()
+    hlo_conv = jax.jit(functools.partial(F.binary_conv, arithmetic="integer")).lower(
+        rand((2, 5, 5, 3)), rand((3, 3, 3, 4))
+    )
+    assert "convolution" in hlo_conv.as_text() and "xi8>" in hlo_conv.as_text()
+
+
+def test_forward_mode_differentiation_of_the_fast_paths():
+    """jvp works through the custom JVP (no custom_vjp), and agrees with the plain formula."""
+    x, k = rand((3, 7, 7, 4)), rand((3, 3, 4, 5), 1)
+    tx, tk = rand(x.shape, 3), rand(k.shape, 4)
+    pads = [(1, 1), (1, 1)]
+    y_ref, t_ref = jax.jvp(
+        functools.partial(reference_conv, pads=pads, pad_value=1.0), (x, k), (tx, tk)
+    )
+    for kernel_grad in ("xla", "patches"):
+        f = functools.partial(F.binary_conv, arithmetic="integer", kernel_grad=kernel_grad)
+        y, t = jax.jvp(f, (x, k), (tx, tk))
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_allclose(t, t_ref, rtol=1e-5, atol=1e-4)
+    hess = jax.jacfwd(jax.grad(lambda k: jnp.sum(F.binary_dense(x[:, 0], k[0, 0]) ** 2)))(k)
+    assert hess.shape == k.shape * 2 and np.isfinite(hess).all()
+
+
+def test_bfloat16_backward_is_close_and_forward_unchanged():
+    x, k = rand((8, 9, 9, 16)), rand((3, 3, 16, 8), 1)
+    g = rand((8, 9, 9, 8), 2)
+    exact = jax.vjp(F.binary_conv, x, k)
+    bf16 = jax.vjp(functools.partial(F.binary_conv, backward_dtype=jnp.bfloat16), x, k)
+    np.testing.assert_array_equal(exact[0], bf16[0])
+    for a, b in zip(exact[1](g), bf16[1](g), strict=True):
+        assert a.dtype == b.dtype == jnp.float32
+        assert not np.array_equal(a, b)  # really rounded to bfloat16
+        np.testing.assert_allclose(b, a, rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(a))))
+    d = jax.vjp(functools.partial(F.binary_dense, backward_dtype=jnp.bfloat16), x[:, 0, 0], k[0, 0])
+    assert d[1](g[:, 0, 0])[1].dtype == jnp.float32
+
+
+def test_integer_valued_and_arithmetic_errors():
+    assert F.integer_valued("ste_sign") and F.integer_valued(q.approx_sign)
+    assert F.integer_valued(functools.partial(q.ste_sign, clip_value=2.0))
+    assert F.integer_valued("ste_heaviside")
+    assert not F.integer_valued("magnitude_aware_sign") and not F.integer_valued(None)
+    assert not F.integer_valued(jnp.tanh)
+    # auto: integer on the CPU only when both operands are integer-valued.
+    assert F.resolve_arithmetic("auto", "ste_sign", "ste_sign")
+    assert not F.resolve_arithmetic("auto", "ste_sign", "magnitude_aware_sign")
+    assert not F.resolve_arithmetic("float", "ste_sign", "ste_sign")
+    with pytest.raises(ValueError, match="arithmetic='integer' needs integer-valued"):
+        bnn.BinaryConv(
+            4, 4, (3, 3), kernel_quantizer="magnitude_aware_sign", arithmetic="integer", rngs=rngs()
+        )
+    with pytest.raises(ValueError, match="BinaryLinear: arithmetic must be one of"):
+        bnn.BinaryLinear(4, 4, arithmetic="int8", rngs=rngs())
+    with pytest.raises(ValueError, match="BinaryConv: kernel_grad must be one of"):
+        bnn.BinaryConv(4, 4, (3, 3), kernel_grad="im2col", rngs=rngs())
+    with pytest.raises(ValueError, match="backward_dtype"):
+        bnn.BinaryConv(4, 4, (3, 3), backward_dtype=jnp.int8, rngs=rngs())
+    with pytest.raises(ValueError, match="backward_dtype"):
+        F.binary_dense(rand((2, 3)), rand((3, 2)), backward_dtype="int32")
+    # magnitude_aware_sign kernels take the float path and still compute the formula.
+    layer = bnn.BinaryConv(
+        4, 4, (3, 3), kernel_quantizer="magnitude_aware_sign", use_bias=False, rngs=rngs()
+    )
+    layer.kernel[...] = rand((3, 3, 4, 4), 1)
+    x = rand((2, 5, 5, 4))
+    a = jnp.pad(
+        jnp.asarray(sign0(x), jnp.float32), [(0, 0), (1, 1), (1, 1), (0, 0)], constant_values=1.0
+    )
+    k = layer.kernel[...]
+    y_ref = np_conv(
+        np.asarray(a), np.asarray(sign0(k) * np.mean(np.abs(k), axis=(0, 1, 2))), (1, 1), (1, 1)
+    )
+    np.testing.assert_allclose(layer(x), y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_max_pool_matches_flax_values_and_gradients_with_ties():
+    x = jnp.round(rand((4, 9, 11, 3)) * 1.5)  # integer values: many ties in each window
+    g = rand((4, 4, 5, 3), 1)
+    ref = functools.partial(nnx.max_pool, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+    y_ref, vjp_ref = jax.vjp(ref, x)
+    y, vjp = jax.vjp(functools.partial(F.max_pool, window=2), x)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
+    t = rand(x.shape, 2)
+    np.testing.assert_array_equal(
+        jax.jvp(lambda x: F.max_pool(x, (2, 2)), (x,), (t,))[1], jax.jvp(ref, (x,), (t,))[1]
+    )
+    with pytest.raises(ValueError, match="window"):
+        F.max_pool(x, (2, 2, 2))

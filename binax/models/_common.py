@@ -31,3 +31,12 @@ def batch_norm(features: int, *, use_scale: bool, momentum: float, rngs: nnx.Rng
 
 def flat_size(shape: Sequence[int]) -> int:
     return math.prod(shape)
+
+
+def float_if_integer(arithmetic: str) -> str:
+    """The ``arithmetic`` of a layer with a real operand: ``'integer'`` becomes ``'float'``.
+
+    A model built with ``arithmetic='integer'`` multiplies in integers wherever both operands
+    are binary; its layers with a real input or a real kernel multiply in float.
+    """
+    return "float" if arithmetic == "integer" else arithmetic

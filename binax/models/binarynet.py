@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 from flax import nnx
@@ -10,6 +11,7 @@ from flax import nnx
 from binax import quantizers as q
 from binax.models import _common
 from binax.nn import BinaryConv, BinaryLinear
+from binax.nn import functional as F
 
 # Conv widths ('P' = 2x2 max pooling), then dense widths, before the output layer.
 CONV_PLAN = (128, 128, "P", 256, 256, "P", 512, 512, "P")
@@ -37,6 +39,10 @@ class BinaryNet(nnx.Module):
       pad_value: border value of the binarized inputs of convolutions 2-6 (+1 or -1); the first
         convolution's real input is padded with zeros.
       bn_momentum: BatchNorm momentum.
+      arithmetic, kernel_grad, backward_dtype: how the binary layers compute (see
+        `binax.nn.functional.binary_conv`): by default exact integer products on the CPU and the
+        patch-product kernel gradient; ``backward_dtype=jnp.bfloat16`` for bfloat16 backward
+        products.
       rngs: `nnx.Rngs`.
     """
 
@@ -51,6 +57,9 @@ class BinaryNet(nnx.Module):
         kernel_quantizer: q.QuantizerLike = "ste_sign",
         pad_value: float = 1.0,
         bn_momentum: float = 0.9,
+        arithmetic: str = "auto",
+        kernel_grad: str = "auto",
+        backward_dtype: Any = None,
         rngs: nnx.Rngs,
     ):
         height, width, channels = _common.image_shape(input_shape, "BinaryNet")
@@ -84,6 +93,9 @@ class BinaryNet(nnx.Module):
                     input_quantizer=None if i == 0 else input_quantizer,
                     kernel_quantizer=kernel_quantizer,
                     pad_value=None if i == 0 else pad_value,
+                    kernel_grad=kernel_grad,
+                    arithmetic=_common.float_if_integer(arithmetic) if i == 0 else arithmetic,
+                    backward_dtype=backward_dtype,
                     rngs=rngs,
                 )
             convs.append(conv)
@@ -104,6 +116,10 @@ class BinaryNet(nnx.Module):
                     input_quantizer=input_quantizer,
                     kernel_quantizer=None if (last and real_first_last) else kernel_quantizer,
                     binary_kernel=not (last and real_first_last),
+                    arithmetic=_common.float_if_integer(arithmetic)
+                    if last and real_first_last
+                    else arithmetic,
+                    backward_dtype=backward_dtype,
                     rngs=rngs,
                 )
             )
@@ -120,7 +136,7 @@ class BinaryNet(nnx.Module):
         for conv, norm, pool in zip(self.convs, self.conv_norms, self.pools, strict=True):
             x = conv(x)
             if pool:
-                x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+                x = F.max_pool(x, (2, 2))
             x = norm(x)
         x = x.reshape((x.shape[0], -1))
         for layer, norm in zip(self.dense, self.dense_norms, strict=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 from flax import nnx
@@ -30,6 +31,9 @@ class BinaryMLP(nnx.Module):
       input_quantizer: activation quantizer of every layer but the first.
       kernel_quantizer: quantizer of the binary kernels (`binax.nn.BinaryParam`).
       bn_momentum: BatchNorm momentum.
+      arithmetic, backward_dtype: how the binary layers compute (see
+        `binax.nn.functional.binary_dense`): by default exact integer products on the CPU;
+        ``backward_dtype=jnp.bfloat16`` for bfloat16 backward products.
       rngs: `nnx.Rngs` for the parameters.
     """
 
@@ -44,6 +48,8 @@ class BinaryMLP(nnx.Module):
         input_quantizer: q.QuantizerLike = "ste_sign",
         kernel_quantizer: q.QuantizerLike = "ste_sign",
         bn_momentum: float = 0.9,
+        arithmetic: str = "auto",
+        backward_dtype: Any = None,
         rngs: nnx.Rngs,
     ):
         in_features = (
@@ -52,6 +58,8 @@ class BinaryMLP(nnx.Module):
         hidden_sizes = tuple(hidden_sizes)
         if not all(isinstance(h, int) and h > 0 for h in hidden_sizes):
             raise ValueError(f"BinaryMLP: hidden_sizes must be positive ints, got {hidden_sizes}")
+        real = dict(arithmetic=_common.float_if_integer(arithmetic), backward_dtype=backward_dtype)
+        how = dict(arithmetic=arithmetic, backward_dtype=backward_dtype)
         sizes = (in_features, *hidden_sizes, num_classes)
         n = len(sizes) - 1
         layers, norms = [], []
@@ -67,6 +75,7 @@ class BinaryMLP(nnx.Module):
                     input_quantizer=input_quantizer,
                     kernel_quantizer=None,
                     binary_kernel=False,
+                    **real,
                     rngs=rngs,
                 )
             else:
@@ -76,6 +85,7 @@ class BinaryMLP(nnx.Module):
                     use_bias=False,
                     input_quantizer=None if first else input_quantizer,
                     kernel_quantizer=kernel_quantizer,
+                    **(real if first else how),
                     rngs=rngs,
                 )
             layers.append(layer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,9 @@ class BiRealBlock(nnx.Module):
         kernel_quantizer: q.QuantizerLike,
         pad_value: float,
         bn_momentum: float,
+        arithmetic: str = "auto",
+        kernel_grad: str = "auto",
+        backward_dtype: Any = None,
         rngs: nnx.Rngs,
     ):
         conv = dict(
@@ -41,6 +45,9 @@ class BiRealBlock(nnx.Module):
             input_quantizer=input_quantizer,
             kernel_quantizer=kernel_quantizer,
             pad_value=pad_value,
+            arithmetic=arithmetic,
+            kernel_grad=kernel_grad,
+            backward_dtype=backward_dtype,
             rngs=rngs,
         )
         bn = dict(use_scale=True, momentum=bn_momentum, rngs=rngs)
@@ -98,6 +105,10 @@ class BinaryResNet18(nnx.Module):
       kernel_quantizer: quantizer of the binary kernels.
       pad_value: +1 or -1, the border value of binarized activations.
       bn_momentum: BatchNorm momentum.
+      arithmetic, kernel_grad, backward_dtype: how the binary layers compute (see
+        `binax.nn.functional.binary_conv`): by default exact integer products on the CPU and the
+        patch-product kernel gradient; ``backward_dtype=jnp.bfloat16`` for bfloat16 backward
+        products.
       rngs: `nnx.Rngs`.
     """
 
@@ -112,6 +123,9 @@ class BinaryResNet18(nnx.Module):
         kernel_quantizer: q.QuantizerLike = "ste_sign",
         pad_value: float = 1.0,
         bn_momentum: float = 0.9,
+        arithmetic: str = "auto",
+        kernel_grad: str = "auto",
+        backward_dtype: Any = None,
         rngs: nnx.Rngs,
     ):
         height, w, channels = _common.image_shape(input_shape, "BinaryResNet18")
@@ -147,6 +161,9 @@ class BinaryResNet18(nnx.Module):
                         kernel_quantizer=kernel_quantizer,
                         pad_value=pad_value,
                         bn_momentum=bn_momentum,
+                        arithmetic=arithmetic,
+                        kernel_grad=kernel_grad,
+                        backward_dtype=backward_dtype,
                         rngs=rngs,
                     )
                 )

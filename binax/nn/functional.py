@@ -14,28 +14,40 @@ the *quantized* input with ``+1`` or ``-1`` so that padded borders stay binary (
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from binax import quantizers as q
 
 Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
 SCALE_MODES = (None, "learned", "fixed")
+ARITHMETICS = ("auto", "integer", "float")
+KERNEL_GRADS = ("auto", "patches", "xla")
 
 __all__ = [
+    "ARITHMETICS",
+    "KERNEL_GRADS",
     "SCALE_MODES",
     "binary_conv",
     "binary_dense",
     "binary_init",
+    "check_kernel_grad",
     "check_layer_config",
     "conv_padding",
+    "integer_valued",
+    "max_pool",
     "ntuple",
     "pad_quantized",
+    "resolve_arithmetic",
+    "resolve_kernel_grad",
 ]
 
 
@@ -52,6 +64,8 @@ def check_layer_config(
     input_quantizer: q.QuantizerLike,
     scale: str | None,
     pad_value: float | None = 1.0,
+    arithmetic: str = "auto",
+    backward_dtype: Any = None,
 ) -> tuple[q.Quantizer | None, q.Quantizer | None]:
     """Checks a binary layer's arguments; returns ``(input_quantizer, kernel_quantizer)`` resolved.
 
@@ -59,7 +73,9 @@ def check_layer_config(
       ValueError: naming the argument, for an unknown quantizer name, a kernel quantizer on a layer
         whose kernel is real (``binary_kernel=False``), an unknown ``scale`` mode, or a
         ``pad_value`` other than ``+1``/``-1`` (``None``, zero padding, is accepted only when the
-        input is not quantized, since zeros are not binary).
+        input is not quantized, since zeros are not binary), an unknown ``arithmetic`` (or
+        ``'integer'`` with quantizers that are not integer-valued), or a ``backward_dtype`` that
+        is not a floating dtype.
     """
     in_q = q.get(input_quantizer, argname=f"{layer}: input_quantizer")
     k_q = q.get(kernel_quantizer, argname=f"{layer}: kernel_quantizer")
@@ -91,6 +107,8 @@ def check_layer_config(
             f"{layer}: pad_value must be +1.0 or -1.0 (zero padding is not binary; None is "
             f"allowed only without an input_quantizer), got {pad_value!r}"
         )
+    resolve_arithmetic(arithmetic, in_q, k_q, f"{layer}: arithmetic")
+    _check_backward_dtype(backward_dtype, f"{layer}: backward_dtype")
     return in_q, k_q
 
 
@@ -172,6 +190,130 @@ def _scale_and_bias(y, scale, bias):
     return y
 
 
+# --- how the product is computed ----------------------------------------------------------------
+
+# Quantizers whose forward values are small integers (sign0: +1/-1; ste_heaviside: 0/1).
+_INTEGER_QUANTIZERS = frozenset({q.ste_sign, q.approx_sign, q.swish_sign, q.ste_heaviside})
+
+
+def integer_valued(quantizer: q.QuantizerLike) -> bool:
+    """Whether ``quantizer``'s outputs are always small integers (``+1``/``-1`` or ``0``/``1``).
+
+    True for `binax.quantizers`' ``ste_sign``, ``approx_sign``, ``swish_sign`` and
+    ``ste_heaviside`` (and `functools.partial` objects over them), and for a callable with the
+    attribute ``integer_valued = True``. False for ``None`` (no quantization) and for
+    ``magnitude_aware_sign`` (a real scale times a sign). The product of two integer-valued
+    operands is computed exactly in integer arithmetic (``arithmetic='auto'``).
+    """
+    f: Any = q.get(quantizer)
+    while isinstance(f, functools.partial):
+        f = f.func
+    if f is None:
+        return False
+    return f in _INTEGER_QUANTIZERS or getattr(f, "integer_valued", False) is True
+
+
+def _check_choice(value, choices, argname):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{argname} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _check_backward_dtype(backward_dtype, argname):
+    if backward_dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(backward_dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(
+            f"{argname} must be None (the computation dtype) or a floating dtype such as "
+            f"jnp.bfloat16, got {backward_dtype!r}"
+        )
+    return dt
+
+
+def resolve_arithmetic(
+    arithmetic: str,
+    input_quantizer: q.QuantizerLike,
+    kernel_quantizer: q.QuantizerLike,
+    argname: str = "arithmetic",
+) -> bool:
+    """Whether a layer multiplies in integers: ``True`` for the integer path, ``False`` for float.
+
+    ``'auto'`` takes the integer path when both quantizers are `integer_valued` and JAX's default
+    backend is the CPU (where XLA runs int8 products with int32 accumulation several times
+    faster than float32); ``'integer'`` requires it (ValueError if an operand is not known to be
+    integer-valued); ``'float'`` always multiplies in the computation dtype.
+    """
+    _check_choice(arithmetic, ARITHMETICS, argname)
+    exact = integer_valued(input_quantizer) and integer_valued(kernel_quantizer)
+    if arithmetic == "integer" and not exact:
+        raise ValueError(
+            f"{argname}='integer' needs integer-valued input and kernel quantizers (ste_sign, "
+            f"approx_sign, swish_sign, ste_heaviside), got input_quantizer={input_quantizer!r}, "
+            f"kernel_quantizer={kernel_quantizer!r}; use 'auto' or 'float'"
+        )
+    if arithmetic == "auto":
+        return exact and jax.default_backend() == "cpu"
+    return arithmetic == "integer"
+
+
+class _Spec(NamedTuple):
+    """Static description of one product (hashable: the non-differentiated argument)."""
+
+    integer: bool
+    backward_dtype: Any
+    precision: Any
+    strides: tuple[int, ...] = ()
+    pads: tuple[tuple[int, int], ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    pad_value: float = 0.0
+    kernel_grad: str = "xla"
+
+
+def _bwd(a: jax.Array, spec: _Spec) -> jax.Array:
+    return a if spec.backward_dtype is None else a.astype(spec.backward_dtype)
+
+
+def _is_zero(t) -> bool:
+    return isinstance(t, SymbolicZero)
+
+
+# --- dense ----------------------------------------------------------------------------------------
+
+
+def _dot(x, w, spec: _Spec, out_dtype=None):
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    precision = None if jnp.issubdtype(x.dtype, jnp.integer) else spec.precision
+    return lax.dot_general(x, w, dims, precision=precision, preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _dense(x, w, spec: _Spec):
+    if spec.integer:
+        y = _dot(x.astype(jnp.int8), w.astype(jnp.int8), spec, jnp.int32)
+        return y.astype(x.dtype)
+    return _dot(x, w, spec)
+
+
+def _dense_jvp(spec, primals, tangents):
+    x, w = primals
+    x_dot, w_dot = tangents
+    y = _dense(x, w, spec)
+    t = jnp.zeros_like(y)
+    if not _is_zero(x_dot):
+        t = t + _dot(_bwd(x_dot, spec), _bwd(w, spec), spec).astype(y.dtype)
+    if not _is_zero(w_dot):
+        t = t + _dot(_bwd(x, spec), _bwd(w_dot, spec), spec).astype(y.dtype)
+    return y, t
+
+
+_dense.defjvp(_dense_jvp, symbolic_zeros=True)
+
+
 def binary_dense(
     x: jax.Array,
     kernel: jax.Array,
@@ -182,8 +324,17 @@ def binary_dense(
     bias: jax.Array | None = None,
     dtype: Any = None,
     precision: Any = None,
+    arithmetic: str = "auto",
+    backward_dtype: Any = None,
 ) -> jax.Array:
     """``scale * (input_quantizer(x) @ kernel_quantizer(kernel)) + bias``.
+
+    With integer arithmetic (see `resolve_arithmetic`) the quantized operands are multiplied as
+    int8 with int32 accumulation, which gives exactly the float product (every partial sum is an
+    integer below ``2**24``); the gradients are those of the float product either way (the
+    straight-through estimators of the quantizers, then the transposed products in the
+    computation dtype, or in ``backward_dtype``). Forward- and reverse-mode differentiation
+    both work (the product is a `jax.custom_jvp` whose tangent is linear).
 
     Args:
       x: ``(..., in_features)``.
@@ -192,15 +343,22 @@ def binary_dense(
       scale: ``(out_features,)`` per-output-channel factor, or ``None``.
       bias: ``(out_features,)`` or ``None``.
       dtype: computation dtype; by default the promoted dtype of the inputs.
-      precision: passed to `jax.lax.dot_general`.
+      precision: passed to `jax.lax.dot_general` (float products).
+      arithmetic: ``'auto'`` (default), ``'integer'`` or ``'float'``; see `resolve_arithmetic`.
+      backward_dtype: ``None`` (the computation dtype) or e.g. ``jnp.bfloat16``: the dtype of
+        the operands of the backward products (faster on CPUs with bfloat16 units, inexact).
     """
+    integer = resolve_arithmetic(arithmetic, input_quantizer, kernel_quantizer)
+    spec = _Spec(integer, _check_backward_dtype(backward_dtype, "backward_dtype"), precision)
     if input_quantizer is not None:
         x = input_quantizer(x)
     if kernel_quantizer is not None:
         kernel = kernel_quantizer(kernel)
     x, kernel, scale, bias = _promote(dtype, x, kernel, scale, bias)
-    y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
-    return _scale_and_bias(y, scale, bias)
+    return _scale_and_bias(_dense(x, kernel, spec), scale, bias)
+
+
+# --- convolution --------------------------------------------------------------------------------
 
 
 def _dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
@@ -208,6 +366,128 @@ def _dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
     lhs = (0, ndim - 1, *range(1, ndim - 1))
     rhs = (ndim - 1, ndim - 2, *range(0, ndim - 2))
     return lax.ConvDimensionNumbers(lhs, rhs, lhs)
+
+
+def _conv_op(x, w, spec: _Spec, padding, out_dtype=None):
+    integer = jnp.issubdtype(x.dtype, jnp.integer)
+    return lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=spec.strides,
+        padding=padding,
+        rhs_dilation=spec.dilation,
+        dimension_numbers=_dimension_numbers(x.ndim),
+        feature_group_count=spec.groups,
+        precision=None if integer else spec.precision,
+        preferred_element_type=out_dtype,
+    )
+
+
+def _has_border(spec: _Spec) -> bool:
+    return spec.pad_value != 0 and any(lo or hi for lo, hi in spec.pads)
+
+
+def _border(x, spec: _Spec):
+    """``B``: ``pad_value`` on the padded border and ``0`` inside, for one example."""
+    inside = jnp.zeros((1, *x.shape[1:]), x.dtype)
+    return pad_quantized(inside, spec.pads, spec.pad_value)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _conv(x, w, spec: _Spec):
+    """``conv(pad(x, pad_value), w)``, as ``conv(pad(x, 0), w) + conv(B, w)``.
+
+    ``B`` (see `_border`) does not depend on the batch, so its convolution is computed for one
+    example and broadcast: a ``+1`` border costs nothing per example.
+    """
+    if spec.integer:
+        x8, w8 = x.astype(jnp.int8), w.astype(jnp.int8)
+        y = _conv_op(x8, w8, spec, spec.pads, jnp.int32)
+        if _has_border(spec):
+            y = y + _conv_op(_border(x8, spec), w8, spec, "VALID", jnp.int32)
+        return y.astype(x.dtype)
+    y = _conv_op(x, w, spec, spec.pads)
+    if _has_border(spec):
+        y = y + _conv_op(_border(x, spec), w, spec, "VALID")
+    return y
+
+
+def _patch_product(x, w_dot, spec: _Spec):
+    """``conv(pad(x, pad_value), w_dot)`` as one matrix product of the input's patches.
+
+    The patches are the shifted (strided, dilated) copies of the padded input, one per kernel
+    position, concatenated along channels: ``(batch * out_spatial, prod(kernel_size) * C)``. The
+    transpose of this product, the kernel gradient, is ``patches.T @ output_gradient``: one
+    large matrix product, which XLA:CPU runs several times faster than its own kernel-gradient
+    convolution. Only for ``feature_group_count == 1``.
+    """
+    kernel_size, c, o = w_dot.shape[:-2], w_dot.shape[-2], w_dot.shape[-1]
+    xp = pad_quantized(x, spec.pads, spec.pad_value)  # int8 on the integer path: cheap copies
+    out = [
+        (xp.shape[1 + i] - (k - 1) * d - 1) // s + 1
+        for i, (k, d, s) in enumerate(zip(kernel_size, spec.dilation, spec.strides, strict=True))
+    ]
+    pieces = []
+    for kidx in np.ndindex(*kernel_size):
+        start = (0, *(k * d for k, d in zip(kidx, spec.dilation, strict=True)), 0)
+        limit = (
+            xp.shape[0],
+            *(a + (n - 1) * s + 1 for a, n, s in zip(start[1:-1], out, spec.strides, strict=True)),
+            c,
+        )
+        pieces.append(lax.slice(xp, start, limit, (1, *spec.strides, 1)))
+    patches = jnp.concatenate(pieces, axis=-1).reshape(-1, len(pieces) * c).astype(w_dot.dtype)
+    y = lax.dot_general(
+        patches,
+        w_dot.reshape(-1, o),
+        (((1,), (0,)), ((), ())),
+        precision=spec.precision,
+    )
+    return y.reshape((xp.shape[0], *out, o))
+
+
+def _conv_jvp(spec, primals, tangents):
+    x, w = primals
+    x_dot, w_dot = tangents
+    y = _conv(x, w, spec)
+    t = jnp.zeros_like(y)
+    if not _is_zero(x_dot):
+        # pad(x_dot, 0): the border is a constant.
+        t = t + _conv_op(_bwd(x_dot, spec), _bwd(w, spec), spec, spec.pads).astype(y.dtype)
+    if not _is_zero(w_dot):
+        if spec.kernel_grad == "patches":
+            # Recomputed in the backward pass from x (saved as int8 on the integer path).
+            saved = x.astype(jnp.int8) if spec.integer else _bwd(x, spec)
+            kt = jax.checkpoint(_patch_product, static_argnums=(2,))(saved, _bwd(w_dot, spec), spec)
+        else:
+            xp = pad_quantized(_bwd(x, spec), spec.pads, spec.pad_value)
+            kt = _conv_op(xp, _bwd(w_dot, spec), spec, "VALID")
+        t = t + kt.astype(y.dtype)
+    return y, t
+
+
+_conv.defjvp(_conv_jvp, symbolic_zeros=True)
+
+
+def check_kernel_grad(kernel_grad: str, argname: str = "kernel_grad") -> str:
+    """``kernel_grad`` if it is one of `KERNEL_GRADS`; ValueError naming ``argname`` otherwise."""
+    return _check_choice(kernel_grad, KERNEL_GRADS, argname)
+
+
+def resolve_kernel_grad(kernel_grad: str, feature_group_count: int = 1) -> str:
+    """``'patches'`` or ``'xla'``: how a convolution's kernel gradient is computed.
+
+    ``'patches'``: one matrix product of the input's patches with the output gradient (see
+    `_patch_product`); ``'xla'``: XLA's own kernel-gradient convolution. ``'auto'`` takes
+    ``'patches'`` on the CPU backend for ungrouped convolutions and ``'xla'`` otherwise (GPU
+    and TPU have fast kernel-gradient convolutions of their own).
+    """
+    check_kernel_grad(kernel_grad)
+    if kernel_grad == "auto":
+        kernel_grad = "patches" if jax.default_backend() == "cpu" else "xla"
+    if feature_group_count != 1:
+        return "xla"
+    return kernel_grad
 
 
 def binary_conv(
@@ -225,13 +505,30 @@ def binary_conv(
     bias: jax.Array | None = None,
     dtype: Any = None,
     precision: Any = None,
+    arithmetic: str = "auto",
+    kernel_grad: str = "auto",
+    backward_dtype: Any = None,
 ) -> jax.Array:
     """N-d channels-last convolution of the quantized input with the quantized kernel.
 
-    The input is quantized first, then padded explicitly with ``pad_value`` (so a binary input
-    stays binary at the borders), then convolved without further padding::
+    The input is quantized, padded with ``pad_value`` (so a binary input stays binary at the
+    borders) and convolved::
 
         y = scale * conv(pad(input_quantizer(x), pad_value), kernel_quantizer(kernel)) + bias
+
+    How it is computed (the values are those of the formula; see the tests):
+
+    - the padding is not materialized: ``conv(pad(a, v), W) = conv(pad(a, 0), W) + conv(B, W)``
+      with ``B`` equal to ``v`` on the border and ``0`` inside, which does not depend on the
+      batch and is convolved for one example;
+    - with integer arithmetic (`resolve_arithmetic`; the default on CPU when both quantizers
+      are integer-valued) the product is int8 with int32 accumulation, exactly the float
+      product;
+    - gradients: the quantizers' straight-through estimators, then the transposed products in
+      the computation dtype (or ``backward_dtype``); the kernel gradient as one matrix product
+      of the input's patches with the output gradient (``kernel_grad='patches'``, the default
+      on CPU) or as XLA's kernel-gradient convolution (``'xla'``). The two differ only in the
+      order of the float summation. Forward-mode differentiation works too.
 
     Args:
       x: ``(batch, *spatial, in_features)``; extra leading batch axes are flattened and restored,
@@ -245,27 +542,33 @@ def binary_conv(
         see `check_layer_config`).
       scale, bias: ``(out_features,)`` or ``None``.
       dtype, precision: computation dtype and `jax.lax.conv_general_dilated` precision.
+      arithmetic: ``'auto'``, ``'integer'`` or ``'float'`` (`resolve_arithmetic`).
+      kernel_grad: ``'auto'``, ``'patches'`` or ``'xla'`` (`resolve_kernel_grad`).
+      backward_dtype: ``None`` or a float dtype such as ``jnp.bfloat16`` for the backward
+        products (inexact; see BENCHMARKS.md for its measured accuracy cost).
     """
     kernel_size = kernel.shape[:-2]
     n = len(kernel_size)
     strides = ntuple(strides, n, "strides")
     dilation = ntuple(kernel_dilation, n, "kernel_dilation")
+    kwargs = dict(
+        strides=strides,
+        padding=padding,
+        kernel_dilation=dilation,
+        feature_group_count=feature_group_count,
+        input_quantizer=input_quantizer,
+        kernel_quantizer=kernel_quantizer,
+        pad_value=pad_value,
+        scale=scale,
+        bias=bias,
+        dtype=dtype,
+        precision=precision,
+        arithmetic=arithmetic,
+        kernel_grad=kernel_grad,
+        backward_dtype=backward_dtype,
+    )
     if x.ndim == n + 1:
-        return binary_conv(
-            x[None],
-            kernel,
-            strides=strides,
-            padding=padding,
-            kernel_dilation=dilation,
-            feature_group_count=feature_group_count,
-            input_quantizer=input_quantizer,
-            kernel_quantizer=kernel_quantizer,
-            pad_value=pad_value,
-            scale=scale,
-            bias=bias,
-            dtype=dtype,
-            precision=precision,
-        )[0]
+        return binary_conv(x[None], kernel, **kwargs)[0]
     if x.ndim < n + 1:
         raise ValueError(
             f"a {n}-d convolution needs inputs of shape (batch, *{n} spatial, channels), "
@@ -274,22 +577,91 @@ def binary_conv(
     batch_shape = x.shape[: x.ndim - n - 1]
     x = x.reshape((math.prod(batch_shape), *x.shape[-n - 1 :]))
 
+    spec = _Spec(
+        integer=resolve_arithmetic(arithmetic, input_quantizer, kernel_quantizer),
+        backward_dtype=_check_backward_dtype(backward_dtype, "backward_dtype"),
+        precision=precision,
+        strides=strides,
+        pads=tuple(conv_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)),
+        dilation=dilation,
+        groups=feature_group_count,
+        pad_value=0.0 if pad_value is None else float(pad_value),
+        kernel_grad=resolve_kernel_grad(kernel_grad, feature_group_count),
+    )
     if input_quantizer is not None:
         x = input_quantizer(x)
     if kernel_quantizer is not None:
         kernel = kernel_quantizer(kernel)
-    pads = conv_padding(padding, x.shape[1:-1], kernel_size, strides, dilation)
-    x = pad_quantized(x, pads, pad_value)
     x, kernel, scale, bias = _promote(dtype, x, kernel, scale, bias)
-    y = lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=strides,
-        padding="VALID",
-        rhs_dilation=dilation,
-        dimension_numbers=_dimension_numbers(x.ndim),
-        feature_group_count=feature_group_count,
-        precision=precision,
-    )
-    y = _scale_and_bias(y, scale, bias)
+    y = _scale_and_bias(_conv(x, kernel, spec), scale, bias)
     return y.reshape((*batch_shape, *y.shape[1:]))
+
+
+# --- pooling --------------------------------------------------------------------------------------
+
+
+def _windows(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+    """``(N, *spatial, C)`` -> ``(N, s1 // w1, w1, s2 // w2, w2, ..., C)``, dropping remainders."""
+    spatial = x.shape[1:-1]
+    keep = tuple(slice(0, (s // w) * w) for s, w in zip(spatial, window, strict=True))
+    x = x[(slice(None), *keep, slice(None))]
+    shape = [x.shape[0]]
+    for s, w in zip(spatial, window, strict=True):
+        shape += [s // w, w]
+    return x.reshape(*shape, x.shape[-1])
+
+
+def _window_axes(n: int) -> tuple[int, ...]:
+    return tuple(2 + 2 * i for i in range(n))
+
+
+def _first_max(xw: jax.Array, n: int) -> jax.Array:
+    """Bools, ``True`` at the first maximum of each window (row-major order within the window)."""
+    axes = _window_axes(n)
+    hit = xw == jnp.max(xw, axis=axes, keepdims=True)
+    last = tuple(range(xw.ndim - n - 1, xw.ndim - 1))
+    hit = jnp.moveaxis(hit, axes, last)
+    shape = hit.shape
+    flat = hit.reshape(*shape[: -n - 1], -1, shape[-1])
+    seen = jnp.zeros_like(flat[..., 0, :])
+    first = []
+    for k in range(flat.shape[-2]):
+        first.append(flat[..., k, :] & ~seen)
+        seen = seen | flat[..., k, :]
+    return jnp.moveaxis(jnp.stack(first, -2).reshape(shape), last, axes)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _max_pool(x, window):
+    return jnp.max(_windows(x, window), axis=_window_axes(len(window)))
+
+
+def _max_pool_jvp(window, primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    xw, axes = _windows(x, window), _window_axes(len(window))
+    mask = _first_max(xw, len(window))
+    t = jnp.sum(jnp.where(mask, _windows(x_dot, window), 0), axis=axes)
+    return jnp.max(xw, axis=axes), t
+
+
+_max_pool.defjvp(_max_pool_jvp)
+
+
+def max_pool(x: jax.Array, window: int | Sequence[int]) -> jax.Array:
+    """Max pooling over non-overlapping windows (stride = window, ``'VALID'``), channels-last.
+
+    The same values and gradients as ``flax.nnx.max_pool(x, window, strides=window,
+    padding='VALID')`` (the gradient goes to the first maximum of each window in row-major
+    order, as XLA's ``select_and_scatter`` picks it; ties are common after integer
+    convolutions), computed with a mask instead of ``select_and_scatter``, which XLA:CPU
+    expands into a slow scatter. Forward- and reverse-mode differentiation both work.
+
+    Args:
+      x: ``(batch, *spatial, channels)``.
+      window: an int or one int per spatial axis; trailing rows that do not fill a window are
+        dropped.
+    """
+    window = ntuple(window, x.ndim - 2, "window")
+    if not all(w >= 1 for w in window):
+        raise ValueError(f"window must be positive, got {window!r}")
+    return _max_pool(x, window)

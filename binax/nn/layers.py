@@ -102,6 +102,8 @@ class _BinaryLayer(nnx.Module):
         dtype: Any,
         param_dtype: Any,
         precision: Any,
+        arithmetic: str,
+        backward_dtype: Any,
         kernel_init: Initializer | None,
         bias_init: Initializer,
         scale_init: Initializer,
@@ -114,6 +116,8 @@ class _BinaryLayer(nnx.Module):
             input_quantizer=input_quantizer,
             scale=scale,
             pad_value=pad_value,
+            arithmetic=arithmetic,
+            backward_dtype=backward_dtype,
         )
         self.input_quantizer = in_q
         self.kernel_quantizer = k_q
@@ -122,6 +126,8 @@ class _BinaryLayer(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.precision = precision
+        self.arithmetic = arithmetic
+        self.backward_dtype = backward_dtype
 
         if kernel_init is None:
             kernel_init = F.binary_init if binary_kernel else _DEFAULT_REAL_INIT
@@ -177,6 +183,11 @@ class BinaryLinear(_BinaryLayer):
       dtype: computation dtype (default: promoted from inputs and parameters).
       param_dtype: parameter dtype.
       precision: `jax.lax` precision of the matrix product.
+      arithmetic: ``'auto'`` (default: exact int8 products with int32 accumulation on the CPU
+        when both quantizers are integer-valued, float otherwise), ``'integer'`` or
+        ``'float'``; see `binax.nn.functional.resolve_arithmetic`. The values are the same.
+      backward_dtype: ``None`` (the computation dtype) or e.g. ``jnp.bfloat16`` for the
+        products of the backward pass (faster where bfloat16 is, not exact).
       kernel_init: default random signs (binary) or LeCun normal (real).
       bias_init, scale_init: initialisers (zeros, ones).
       rngs: `nnx.Rngs` with a ``params`` stream.
@@ -195,6 +206,8 @@ class BinaryLinear(_BinaryLayer):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         precision: Any = None,
+        arithmetic: str = "auto",
+        backward_dtype: Any = None,
         kernel_init: Initializer | None = None,
         bias_init: Initializer = nnx.initializers.zeros,
         scale_init: Initializer = nnx.initializers.ones,
@@ -215,6 +228,8 @@ class BinaryLinear(_BinaryLayer):
             dtype=dtype,
             param_dtype=param_dtype,
             precision=precision,
+            arithmetic=arithmetic,
+            backward_dtype=backward_dtype,
             kernel_init=kernel_init,
             bias_init=bias_init,
             scale_init=scale_init,
@@ -231,6 +246,8 @@ class BinaryLinear(_BinaryLayer):
             bias=self._value(self.bias),
             dtype=self.dtype,
             precision=self.precision,
+            arithmetic=self.arithmetic,
+            backward_dtype=self.backward_dtype,
         )
 
 
@@ -238,9 +255,10 @@ class BinaryConv(_BinaryLayer):
     """An N-d channels-last convolution with quantized input and kernel.
 
     ``y = s * conv(pad(q_in(x), pad_value), q_k(W)) + b``. The quantized input is padded with
-    ``pad_value`` (``+1`` or ``-1``) by an explicit `jax.numpy.pad`, so ``'SAME'`` padding keeps
-    the input binary (zero padding would make it ternary). ``kernel_size`` of length 1, 2 or 3
-    gives a 1-, 2- or 3-d convolution (an int means 1-d, as in `flax.nnx.Conv`).
+    ``pad_value`` (``+1`` or ``-1``), so ``'SAME'`` padding keeps the input binary (zero padding
+    would make it ternary); the border's contribution is computed once, not per example.
+    ``kernel_size`` of length 1, 2 or 3 gives a 1-, 2- or 3-d convolution (an int means 1-d, as
+    in `flax.nnx.Conv`).
 
     As in `BinaryLinear`, the input is binarized by default: for the first layer on raw images
     pass ``input_quantizer=None`` (and ``pad_value=None`` for zero padding of the real input),
@@ -259,6 +277,9 @@ class BinaryConv(_BinaryLayer):
       feature_group_count: grouped convolution; ``in_features`` must be divisible by it.
       pad_value: ``+1.0`` (default) or ``-1.0``; ``None`` pads with zeros and is allowed only
         with ``input_quantizer=None`` (a real input, e.g. the first layer of a network).
+      kernel_grad: ``'auto'`` (default: ``'patches'`` on the CPU, ``'xla'`` elsewhere),
+        ``'patches'`` (one matrix product of the input's patches) or ``'xla'`` (XLA's
+        kernel-gradient convolution); see `binax.nn.functional.binary_conv`.
       Other arguments: as `BinaryLinear`.
     """
 
@@ -281,6 +302,9 @@ class BinaryConv(_BinaryLayer):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         precision: Any = None,
+        arithmetic: str = "auto",
+        kernel_grad: str = "auto",
+        backward_dtype: Any = None,
         kernel_init: Initializer | None = None,
         bias_init: Initializer = nnx.initializers.zeros,
         scale_init: Initializer = nnx.initializers.ones,
@@ -317,6 +341,7 @@ class BinaryConv(_BinaryLayer):
         self.kernel_dilation = kernel_dilation
         self.feature_group_count = feature_group_count
         self.pad_value = None if pad_value is None else float(pad_value)
+        self.kernel_grad = F.check_kernel_grad(kernel_grad, "BinaryConv: kernel_grad")
         self._setup(
             layer="BinaryConv",
             kernel_shape=(*kernel_size, in_features // feature_group_count, out_features),
@@ -330,6 +355,8 @@ class BinaryConv(_BinaryLayer):
             dtype=dtype,
             param_dtype=param_dtype,
             precision=precision,
+            arithmetic=arithmetic,
+            backward_dtype=backward_dtype,
             kernel_init=kernel_init,
             bias_init=bias_init,
             scale_init=scale_init,
@@ -351,4 +378,7 @@ class BinaryConv(_BinaryLayer):
             bias=self._value(self.bias),
             dtype=self.dtype,
             precision=self.precision,
+            arithmetic=self.arithmetic,
+            kernel_grad=self.kernel_grad,
+            backward_dtype=self.backward_dtype,
         )
