@@ -8,9 +8,11 @@ architecture and batch:
 - every binary optimizer of `binax.train.optim` (bop, bop2nd_order, sgdat, diode, cema) and the
   latent-weight baseline (Adam on latent kernels + `binax.clip_latent`), each with the training
   command's default hyperparameters and Adam on the real-valued parameters;
-- ``real``: the same architecture with real-valued kernels and hard-tanh activations
-  (`binax.train.build_model(..., full_precision=True)`), every parameter trained by Adam, which
-  is what ``binax-train --optimizer real`` runs.
+- ``real``: an ordinary float network with the same layout (`FloatBinaryNet`,
+  `FloatResNet18`: `flax.nnx.Conv` with zero ``'SAME'`` padding, `flax.nnx.Linear`, BatchNorm,
+  ReLU activations where the binary networks binarize), every parameter trained by Adam, run by
+  the same training step. It uses none of binax's layers: it is the float network a binary one
+  is compared with.
 
 The inputs are a fixed random batch of 32x32x3 images (CIFAR-10's shape; the data pipeline is
 not timed). Models: BinaryNet (Bop paper widths 128-128-P-256-256-P-512-512-P-1024-1024 scaled by
@@ -41,18 +43,119 @@ import argparse
 import os
 import sys
 import time
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
+from binax.models import _common as layout  # noqa: E402
+from binax.models.binarynet import CONV_PLAN, DENSE_PLAN  # noqa: E402
+from binax.models.resnet import BLOCKS_PER_STAGE, STAGES  # noqa: E402
 from binax.train import build_model, make_mesh, make_program, optim  # noqa: E402
 
 CANDIDATES = ("bop", "bop2nd_order", "sgdat", "diode", "cema", "latent", "real")
 INPUT_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
+
+
+class FloatBinaryNet(nnx.Module):
+    """BinaryNet's layout as an ordinary float CNN: conv (zero padding) [-> pool] -> BN, ReLU."""
+
+    def __init__(self, input_shape, num_classes, *, width_multiplier, rngs):
+        height, width, features = input_shape
+        convs, norms, pools = [], [], []
+        for item in CONV_PLAN:
+            if item == "P":
+                pools[-1] = True
+                height, width = height // 2, width // 2
+                continue
+            out = layout.scaled(item, width_multiplier)
+            convs.append(nnx.Conv(features, out, (3, 3), padding="SAME", use_bias=False, rngs=rngs))
+            norms.append(nnx.BatchNorm(out, use_scale=False, rngs=rngs))
+            pools.append(False)
+            features = out
+        sizes = [layout.scaled(d, width_multiplier) for d in DENSE_PLAN] + [num_classes]
+        dense, dense_norms = [], []
+        features = height * width * features
+        for out in sizes:
+            dense.append(nnx.Linear(features, out, use_bias=False, rngs=rngs))
+            dense_norms.append(nnx.BatchNorm(out, use_scale=False, rngs=rngs))
+            features = out
+        self.convs, self.norms, self.pools = nnx.List(convs), nnx.List(norms), tuple(pools)
+        self.dense, self.dense_norms = nnx.List(dense), nnx.List(dense_norms)
+
+    def __call__(self, x):
+        for i, (conv, norm, pool) in enumerate(
+            zip(self.convs, self.norms, self.pools, strict=True)
+        ):
+            x = conv(x if i == 0 else nnx.relu(x))
+            if pool:
+                x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+            x = norm(x)
+        x = x.reshape((x.shape[0], -1))
+        for layer, norm in zip(self.dense, self.dense_norms, strict=True):
+            x = norm(layer(nnx.relu(x)))
+        return x
+
+
+class FloatResNet18(nnx.Module):
+    """The Bi-Real ResNet-18 layout (small stem) as an ordinary float network.
+
+    3x3 stem conv and BN; stages of ``width * (1, 2, 4, 8)`` channels, two blocks each, every
+    3x3 convolution (zero padding, ReLU input) with its own shortcut; 2x2 average pooling, 1x1
+    convolution and BN on the shortcuts that change shape; global average pooling and a dense
+    head.
+    """
+
+    def __init__(self, input_shape, num_classes, *, width, rngs):
+        bn = dict(rngs=rngs)
+        self.stem = nnx.Conv(input_shape[-1], width, (3, 3), use_bias=False, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(width, **bn)
+        convs, norms, shortcuts, strides = [], [], [], []
+        features = width
+        for i, mult in enumerate(STAGES):
+            out = width * mult
+            for j in range(BLOCKS_PER_STAGE):
+                stride = 2 if (i > 0 and j == 0) else 1
+                for c in range(2):
+                    s = stride if c == 0 else 1
+                    convs.append(
+                        nnx.Conv(features, out, (3, 3), strides=s, use_bias=False, rngs=rngs)
+                    )
+                    norms.append(nnx.BatchNorm(out, **bn))
+                    if features != out or s != 1:
+                        shortcuts.append(
+                            nnx.Sequential(
+                                nnx.Conv(features, out, (1, 1), use_bias=False, rngs=rngs),
+                                nnx.BatchNorm(out, **bn),
+                            )
+                        )
+                    else:
+                        shortcuts.append(None)
+                    strides.append(s)
+                    features = out
+        self.convs, self.norms = nnx.List(convs), nnx.List(norms)
+        self.shortcuts, self.strides = nnx.List(shortcuts), tuple(strides)
+        self.head = nnx.Linear(features, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.stem_bn(self.stem(x))
+        for conv, norm, shortcut, s in zip(
+            self.convs, self.norms, self.shortcuts, self.strides, strict=True
+        ):
+            skip = x
+            if shortcut is not None:
+                if s != 1:
+                    skip = nnx.avg_pool(skip, (s, s), strides=(s, s), padding="SAME")
+                skip = shortcut(skip)
+            x = norm(conv(nnx.relu(x))) + skip
+        return self.head(jnp.mean(x, axis=(1, 2)))
 
 
 def model_kwargs(model: str, args) -> dict:
@@ -63,15 +166,54 @@ def model_kwargs(model: str, args) -> dict:
     raise ValueError(f"unknown model {model!r}")
 
 
+class FloatProgram(NamedTuple):
+    """The float network's training step, shaped like `binax.train.Program`'s."""
+
+    train_step: Any
+    flip_sizes: tuple = ()
+
+
+def float_program(net, seed: int):
+    """(program, state, metrics): the float network trained by Adam(1e-2), one jitted step with
+    donated state (the step of `binax.train` without flip counting: there are no binary
+    weights), the mean softmax cross-entropy, BatchNorm statistics updated."""
+    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+    tx = optax.adam(1e-2)
+
+    def train_step(state, metrics, images, labels):
+        params, rest, opt_state = state
+
+        def loss_fn(p):
+            model = nnx.merge(graphdef, p, rest)
+            logits = model(images)
+            new_rest = nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, new_rest
+
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), rest, opt_state), metrics + loss
+
+    step_fn = jax.jit(train_step, donate_argnums=(0, 1))
+    return FloatProgram(step_fn), (params, rest, tx.init(params)), jnp.zeros((), jnp.float32)
+
+
 def build(model: str, kwargs: dict, optimizer: str, batch: int, seed: int = 0):
     """(program, state, metrics, images, labels) as `binax.train.train` would set them up."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(batch, *INPUT_SHAPE)).astype(np.float32)
+    labels = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
+    if optimizer == "real":
+        cls = FloatBinaryNet if model == "binarynet" else FloatResNet18
+        net = cls(INPUT_SHAPE, NUM_CLASSES, rngs=nnx.Rngs(seed), **kwargs)
+        program, state, metrics = float_program(net, seed)
+        return [program, state, metrics, jnp.asarray(images), jnp.asarray(labels)]
     mesh = make_mesh(1)
-    net = build_model(
-        model, kwargs, INPUT_SHAPE, NUM_CLASSES, seed, full_precision=optimizer == "real"
-    )
+    net = build_model(model, kwargs, INPUT_SHAPE, NUM_CLASSES, seed)
     hp = optim.hparams(optimizer)
     init_params = None
-    if optimizer in ("latent", "real"):
+    if optimizer == "latent":
         key = jax.random.key(seed + 1)
         init_params = lambda params, mask: optim.latent_init(params, mask, key)
     program = make_program(
@@ -89,13 +231,8 @@ def build(model: str, kwargs: dict, optimizer: str, batch: int, seed: int = 0):
         mesh,
         init_params=init_params,
     )
-    rng = np.random.default_rng(seed)
-    images = jax.device_put(
-        rng.normal(size=(batch, *INPUT_SHAPE)).astype(np.float32), program.batch_sharding
-    )
-    labels = jax.device_put(
-        rng.integers(0, NUM_CLASSES, batch).astype(np.int32), program.batch_sharding
-    )
+    images = jax.device_put(images, program.batch_sharding)
+    labels = jax.device_put(labels, program.batch_sharding)
     return [program, program.init_state(), program.zero_metrics(), images, labels]
 
 
@@ -114,7 +251,10 @@ def bench_model(
         runs[name] = build(model, kwargs, name, batch)
         step(runs[name])  # compiles
         compile_s[name] = time.perf_counter() - t0
-        n_params[name] = sum(runs[name][0].flip_sizes)
+        program, state = runs[name][0], runs[name][1]
+        n_params[name] = sum(program.flip_sizes) or sum(  # the float network: all its kernels
+            int(np.size(x)) for x in jax.tree.leaves(state[0]) if np.ndim(x) >= 2
+        )
         log(f"  {model} {name}: built and compiled in {compile_s[name]:.1f}s")
     for _ in range(warmup):
         for name in candidates:
@@ -245,9 +385,9 @@ def main(argv=None):
         "own step (`binax.train.make_program(...).train_step`: forward, backward, optimizer "
         "update, flip and metric accumulation), state donated; compiled, "
         f"{args.warmup} warm-up step(s), then {args.rounds} timed rounds with every candidate "
-        "stepping once per round, interleaved. `real`: the same architecture with real-valued "
-        "kernels and hard-tanh activations, every parameter trained by Adam "
-        "(`binax-train --optimizer real`). Binary optimizers use `binax.train`'s defaults and "
+        "stepping once per round, interleaved. `real`: an ordinary float network of the same "
+        "layout (flax.nnx.Conv with zero padding, ReLU, BatchNorm; none of binax's layers), "
+        "every parameter trained by Adam. Binary optimizers use `binax.train`'s defaults and "
         "Adam(1e-2) on the real-valued parameters. `x real` = images/s of the row / images/s "
         "of `real` for the same model, from the medians of the same run.\n"
     )

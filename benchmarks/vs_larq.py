@@ -63,6 +63,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -380,7 +381,7 @@ def main(argv=None):
         "results",
         "vs_larq_quick" if args.quick else "vs_larq",
     )
-    larq = LarqWorker(args.larq_python, out + ".larq.log")
+    larq = LarqWorker(args.larq_python, os.path.join(tempfile.gettempdir(), "vs_larq_worker.log"))
     header = (
         "# Training speed, binax vs Larq (images/s of one training step, interleaved)\n\n"
         f"Command: `{_common.command()}`\n\n"

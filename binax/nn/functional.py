@@ -418,8 +418,10 @@ def _patch_product(x, w_dot, spec: _Spec):
     The patches are the shifted (strided, dilated) copies of the padded input, one per kernel
     position, concatenated along channels: ``(batch * out_spatial, prod(kernel_size) * C)``. The
     transpose of this product, the kernel gradient, is ``patches.T @ output_gradient``: one
-    large matrix product, which XLA:CPU runs several times faster than its own kernel-gradient
-    convolution. Only for ``feature_group_count == 1``.
+    large matrix product, which XLA:CPU runs faster than its own kernel-gradient convolution
+    (BinaryNet's whole training step: 0.78x the CPU time, BENCHMARKS.md). Under
+    `jax.checkpoint`, so the patches are built in the backward pass from the saved input (int8
+    on the integer path), not kept from the forward pass. Only for ``feature_group_count == 1``.
     """
     kernel_size, c, o = w_dot.shape[:-2], w_dot.shape[-2], w_dot.shape[-1]
     xp = pad_quantized(x, spec.pads, spec.pad_value)  # int8 on the integer path: cheap copies

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Throughput and step-cost benchmarks on an accelerator (GPU or TPU), in one short run.
+#
+#   bash benchmarks/gpu.sh             # on a machine whose JAX default backend is a GPU or TPU
+#   BINAX_GPU_SH_ON_CPU=1 bash benchmarks/gpu.sh   # dry run of the same code on the CPU
+#
+# Writes benchmarks/results/<platform>/: the integer-path check (integer_paths.txt), the
+# optimizer step cost (optimizer_step.{txt,json}) and the training throughput, half widths and
+# published widths (throughput*.{md,json}). Put the figures in BENCHMARKS.md ("Accelerators").
+#
+# The integer-path check compiles and runs one training step of BinaryNet with every
+# combination of arithmetic ('integer': int8 operands, int32 accumulation, which cuDNN runs on
+# int8 tensor cores where it can; 'float') and kernel gradient ('patches', 'xla'), checks that
+# the integer and float logits are identical, and times each: on a GPU or TPU binax's 'auto'
+# takes the float path, and these figures say whether it should take the integer one there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="${PYTHONPATH:-$PWD}"
+
+platform=$(python -c "import jax; print(jax.default_backend())")
+if [[ "$platform" == "cpu" && -z "${BINAX_GPU_SH_ON_CPU:-}" ]]; then
+  echo "gpu.sh: JAX's default backend is the CPU; run on a GPU/TPU machine" \
+       "(or set BINAX_GPU_SH_ON_CPU=1 for a dry run)" >&2
+  exit 2
+fi
+out="benchmarks/results/$platform"
+mkdir -p "$out"
+quick=()
+[[ "$platform" == "cpu" ]] && quick=(--quick)   # the dry run: small sizes only
+python -c "import jax; print(jax.devices())" | tee "$out/devices.txt"
+
+python - "$platform" <<'PY' | tee "$out/integer_paths.txt"
+import sys, time
+import jax, jax.numpy as jnp, numpy as np, optax
+from flax import nnx
+from binax import models
+from binax.train import make_mesh, make_program, optim
+
+batch = 256 if sys.argv[1] != "cpu" else 16
+x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 32, 32, 3)), jnp.float32)
+y = jnp.asarray(np.random.default_rng(1).integers(0, 10, batch), jnp.int32)
+logits = {}
+for arithmetic in ("integer", "float"):
+    for kernel_grad in ("patches", "xla"):
+        net = models.BinaryNet((32, 32, 3), 10, width_multiplier=0.5, arithmetic=arithmetic,
+                               kernel_grad=kernel_grad, rngs=nnx.Rngs(0))
+        net.eval()
+        logits[arithmetic, kernel_grad] = np.asarray(jax.jit(lambda m, x: m(x))(net, x))
+        net.train()
+        hp = optim.hparams("bop")
+        prog = make_program(net, lambda labels: optim.make_optimizer(
+            "bop", hp, "adam", 1e-2, labels, seed=0, steps_per_epoch=1000, total_steps=10**5),
+            make_mesh(1))
+        state, metrics = prog.init_state(), prog.zero_metrics()
+        t0 = time.perf_counter()
+        state, metrics = prog.train_step(state, metrics, x, y)
+        jax.block_until_ready(state)
+        compile_s = time.perf_counter() - t0
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            state, metrics = prog.train_step(state, metrics, x, y)
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - t0)
+        print(f"BinaryNet x0.5 32x32x3 batch {batch}: arithmetic={arithmetic} "
+              f"kernel_grad={kernel_grad}: compiled in {compile_s:.1f}s, median step "
+              f"{np.median(times) * 1e3:.2f} ms ({batch / np.median(times):.0f} images/s)")
+same = all(np.array_equal(logits["integer", k], logits["float", k]) for k in ("patches", "xla"))
+print("integer logits == float logits:", same)
+assert same
+PY
+
+python benchmarks/optimizer_step.py "${quick[@]}" --json "$out/optimizer_step.json" \
+  | tee "$out/optimizer_step.txt"
+python benchmarks/throughput.py "${quick[@]}" --out "$out/throughput"
+if [[ "$platform" != "cpu" ]]; then
+  python benchmarks/throughput.py --published --out "$out/throughput_published"
+fi
+echo "gpu.sh: results in $out"
