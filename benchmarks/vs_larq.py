@@ -52,6 +52,10 @@ Usage::
     # the issue's target only: BinaryNet 28x28x1, widths 0.25 and 0.5
     python benchmarks/vs_larq.py --larq-python /work/venvs/larq/bin/python \\
         --models binarynet --inputs 28x28x1 --widths 0.25 0.5
+    # the default path against its ablations, on the target model
+    python benchmarks/vs_larq.py --larq-python /work/venvs/larq/bin/python \\
+        --models binarynet --inputs 28x28x1 --widths 0.25 --variants xla-kernel-grad \\
+        float-forward float-forward-xla-kernel-grad bf16-backward
     # smoke test: BinaryNet 28x28x1 width 0.25, batch 64, 3 rounds
     python benchmarks/vs_larq.py --larq-python /work/venvs/larq/bin/python --quick
 """
@@ -70,6 +74,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (standard library only at import time)
 
 NUM_CLASSES = 10
+#: ``--variants``: binax layer settings other than the default (see `binax.nn.BinaryConv`).
+VARIANTS = {
+    "xla-kernel-grad": {"kernel_grad": "xla"},
+    "float-forward": {"arithmetic": "float"},
+    "float-forward-xla-kernel-grad": {"arithmetic": "float", "kernel_grad": "xla"},
+    "bf16-backward": {"backward_dtype": "bfloat16"},
+}
 REPLY = "@@vs_larq "  # prefix of the worker's replies (TensorFlow may print on stdout too)
 
 
@@ -353,9 +364,11 @@ def main(argv=None):
         "spin for a while after their work and would slow the other side down)",
     )
     p.add_argument(
-        "--bf16-backward",
-        action="store_true",
-        help="also time binax with backward_dtype=bfloat16 (inexact; see BENCHMARKS.md)",
+        "--variants",
+        nargs="+",
+        default=[],
+        choices=list(VARIANTS),
+        help="also time binax with these layer settings (ablations of the default path)",
     )
     p.add_argument("--quick", action="store_true", help="BinaryNet 28x28x1 x0.25, batch 64")
     p.add_argument("--out", default=None, help="write <out>.md and <out>.json")
@@ -373,8 +386,6 @@ def main(argv=None):
     if args.quick:
         args.models, args.inputs, args.widths = ["binarynet"], ["28x28x1"], [0.25]
         args.batch_size, args.warmup, args.rounds = 64, 1, 3
-
-    import jax.numpy as jnp
 
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)),
@@ -396,8 +407,8 @@ def main(argv=None):
     )
     print(header, flush=True)
     binax_variants = {"binax": {}}
-    if args.bf16_backward:
-        binax_variants["binax bf16 backward"] = {"backward_dtype": jnp.bfloat16}
+    for v in args.variants:
+        binax_variants[f"binax {v}"] = VARIANTS[v]
     rows = []
     try:
         for spec in model_specs(args):

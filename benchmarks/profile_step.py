@@ -1,0 +1,112 @@
+"""Where a training step's time goes: `jax.profiler` over binax's jitted step, summed by op kind.
+
+Builds BinaryNet (``--width``, 28x28x1 or ``--input``), Bop + Adam, binax's training step
+(`binax.train.make_program`), runs ``--warmup`` steps, then traces ``--steps`` steps with
+`jax.profiler` (a Perfetto trace) and prints the time of every XLA operation the CPU runtime
+executed, summed per kind (the HLO name without its number: ``ynn_fusion`` are the
+convolutions and matrix products XLA hands to YNNPACK, ``convert_bitcast_fusion`` /
+``pad_slice_fusion`` / ``concatenate`` the patches of the kernel gradient, ...). With
+``--dump DIR`` XLA also writes the optimized HLO there (``XLA_FLAGS=--xla_dump_to``), to look
+up what a name computes. Times are wall time of each operation, so a loaded machine inflates
+them all; compare shares, not totals.
+
+Usage::
+
+    python benchmarks/profile_step.py                                # default layers
+    python benchmarks/profile_step.py --kernel-grad xla --arithmetic float
+    python benchmarks/profile_step.py --dump /tmp/hlo --top 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--input", default="28x28x1")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--arithmetic", default="auto")
+    p.add_argument("--kernel-grad", default="auto")
+    p.add_argument("--backward-dtype", default=None)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--dump", default=None, help="directory for XLA's HLO dumps")
+    args = p.parse_args(argv)
+    if args.dump:
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump} --xla_dump_hlo_as_text"
+        )
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _common
+
+    from binax import models
+    from binax.train import make_mesh, make_program, optim
+
+    shape = tuple(int(s) for s in args.input.split("x"))
+    net = models.BinaryNet(
+        shape,
+        10,
+        width_multiplier=args.width,
+        arithmetic=args.arithmetic,
+        kernel_grad=args.kernel_grad,
+        backward_dtype=args.backward_dtype,
+        rngs=nnx.Rngs(0),
+    )
+    hp = optim.hparams("bop")
+    program = make_program(
+        net,
+        lambda labels: optim.make_optimizer(
+            "bop", hp, "adam", 1e-2, labels, seed=0, steps_per_epoch=1000, total_steps=10**5
+        ),
+        make_mesh(1),
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.batch_size, *shape)).astype(np.float32)
+    y = rng.integers(0, 10, args.batch_size).astype(np.int32)
+    state, metrics = program.init_state(), program.zero_metrics()
+    for _ in range(1 + args.warmup):
+        state, metrics = program.train_step(state, metrics, x, y)
+    jax.block_until_ready(state)
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+        for _ in range(args.steps):
+            state, metrics = program.train_step(state, metrics, x, y)
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(os.path.join(tmp, "**", "*.json.gz"), recursive=True)
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    by_kind = collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") != "X" or name.startswith(("$", "Thunk", "Pjit", "Common", "Parse")):
+            continue
+        by_kind[re.sub(r"\.\d+$", "", name)] += e["dur"] / 1e3 / args.steps
+    total = sum(by_kind.values())
+    print(f"Command: `{_common.command()}`\n{_common.machine()}\n")
+    print(
+        f"BinaryNet x{args.width:g} {args.input}, batch {args.batch_size}, arithmetic="
+        f"{args.arithmetic}, kernel_grad={args.kernel_grad}, backward_dtype={args.backward_dtype}"
+        f": {total:.0f} ms of XLA operations per step\n"
+    )
+    rows = [(k, f"{v:.1f}", f"{100 * v / total:.1f}") for k, v in by_kind.most_common(args.top)]
+    print(_common.md_table(("operation kind", "ms per step", "%"), rows))
+
+
+if __name__ == "__main__":
+    main()
