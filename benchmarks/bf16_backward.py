@@ -12,6 +12,7 @@ Usage::
 
     python benchmarks/bf16_backward.py                  # BinaryNet x1/8, 3 epochs, 4 seeds
     python benchmarks/bf16_backward.py --model mlp --epochs 10 --seeds 5
+    python benchmarks/bf16_backward.py --width 0.0625 --epochs 2 --steps-per-epoch 100 --seeds 3
     python benchmarks/bf16_backward.py --quick          # 2 seeds, 1 epoch of 40 steps
 """
 
@@ -37,8 +38,15 @@ MODELS = {
 }
 
 
+def model_kwargs(args) -> dict:
+    kwargs = dict(MODELS[args.model])
+    if args.model == "binarynet" and args.width is not None:
+        kwargs["width_multiplier"] = args.width
+    return kwargs
+
+
 def final_accuracy(model, backward_dtype, seed, args) -> float:
-    kwargs = dict(MODELS[model], backward_dtype=backward_dtype)
+    kwargs = dict(model_kwargs(args), backward_dtype=backward_dtype)
     config = Config(
         model=model,
         model_kwargs=kwargs,
@@ -63,6 +71,7 @@ def final_accuracy(model, backward_dtype, seed, args) -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=list(MODELS), default="binarynet")
+    p.add_argument("--width", type=float, default=None, help="BinaryNet width (default 1/8)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=256)
@@ -74,7 +83,8 @@ def main(argv=None):
         args.seeds, args.epochs, args.steps_per_epoch = 2, 1, 40
     print(f"Command: `{_common.command()}`\n\nStarted {_common.now()} on: {_common.machine()}\n")
     print(
-        f"Fashion-MNIST, {args.model} {MODELS[args.model]}, Bop + Adam (binax-train defaults), "
+        f"Fashion-MNIST, {args.model} {model_kwargs(args)}, Bop + Adam "
+        "(binax-train defaults), "
         f"batch {args.batch_size}, {args.epochs} epochs, seeds 0-{args.seeds - 1}; final test "
         "accuracy (%)\n",
         flush=True,

@@ -43,8 +43,10 @@ environment with::
 
 (larq-zoo 2.3.1 declares ``larq<0.13``; it builds its models with Larq 0.14 unchanged. The
 worker runs with ``TF_USE_LEGACY_KERAS=1``, so ``tf.keras`` is tf-keras 2.21 as Larq's
-optimizers need, and points the name ``keras`` at ``tf_keras`` and gives
-``tf_keras.applications.imagenet_utils`` the ``obtain_input_shape`` larq-zoo imports from it.)
+optimizers need, points the name ``keras`` at ``tf_keras`` and ``keras.applications.
+imagenet_utils`` at the tf-keras module that has the ``obtain_input_shape`` larq-zoo imports,
+and sets ``PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python`` for the old tensorflow-datasets that
+larq-zoo's zookeeper imports.)
 
 Usage::
 
@@ -140,7 +142,7 @@ def worker() -> None:
     sys.modules.setdefault("keras", tf_keras)  # larq-zoo imports Keras 2 as `keras`
     from tf_keras.src.applications import imagenet_utils
 
-    tf_keras.applications.imagenet_utils.obtain_input_shape = imagenet_utils.obtain_input_shape
+    sys.modules["keras.applications.imagenet_utils"] = imagenet_utils  # has obtain_input_shape
     import larq as lq
 
     models = {}
@@ -207,6 +209,9 @@ class LarqWorker:
 
     def __init__(self, python: str, log_path: str):
         env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
+        # zookeeper (larq-zoo) imports an old tensorflow-datasets whose protobuf modules need
+        # the pure-Python protobuf implementation (only imports get slower).
+        env["PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"] = "python"
         env.pop("PYTHONPATH", None)
         self.log = open(log_path, "w")  # noqa: SIM115 (lives as long as the worker)
         self.proc = subprocess.Popen(
