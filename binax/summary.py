@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from binax import quantizers as q
+from binax._ops import path_str
 from binax.nn import BinaryParam, FixedScale
 
 __all__ = ["ModelSummary", "summary"]
@@ -68,10 +69,6 @@ def _input_precision(module: nnx.Module, has_kernel: bool) -> int | None:
     return 32 if has_kernel else None
 
 
-def _path_str(path: Sequence[Any]) -> str:
-    return "/".join(str(p) for p in path) or "<root>"
-
-
 def _output_shapes(model: nnx.Module, input_shape, dtype) -> dict[str, tuple[int, list]]:
     """Output shapes of every module call, by module path, from a shape-only trace.
 
@@ -88,7 +85,7 @@ def _output_shapes(model: nnx.Module, input_shape, dtype) -> dict[str, tuple[int
             if path and path[-1] == "__call__":
                 calls = value.get_value() if isinstance(value, nnx.Variable) else value
                 firsts = [jax.tree.leaves(c)[0] for c in calls if jax.tree.leaves(c)]
-                outputs[_path_str(path[:-1])] = firsts
+                outputs[path_str(path[:-1])] = firsts
         return outputs
 
     spec = jax.ShapeDtypeStruct(tuple(input_shape), dtype)
@@ -153,7 +150,7 @@ def summary(
         else:
             real_values = p32 + non_trainable
         row: dict[str, Any] = {
-            "path": _path_str(path),
+            "path": path_str(path),
             "type": type(module).__name__,
             "input_precision": in_prec,
             "output_shape": None,
