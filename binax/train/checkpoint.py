@@ -18,10 +18,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from binax._hashing import mix32
+from binax.train.sharding import to_host
 
 
 class CheckpointError(RuntimeError):
@@ -88,7 +88,7 @@ class Checkpoints:
 
     def save(self, epoch: int, state: Any, meta: dict[str, Any]) -> None:
         """Saves ``state`` (arrays) and ``meta`` (JSON) as the checkpoint of ``epoch``."""
-        meta = dict(meta, epoch=int(epoch), fingerprint=int(_host(fingerprint(state))))
+        meta = dict(meta, epoch=int(epoch), fingerprint=int(to_host(fingerprint(state))))
         self.manager.save(
             int(epoch),
             args=ocp.args.Composite(
@@ -144,7 +144,7 @@ class Checkpoints:
                 f"optimizer?). {advice}."
             )
         expected = meta.get("fingerprint")
-        actual = int(_host(fingerprint(state)))
+        actual = int(to_host(fingerprint(state)))
         if expected != actual:
             raise CheckpointError(
                 f"the checkpoint {where} is corrupt: its arrays do not match the fingerprint "
@@ -154,12 +154,6 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def _host(x: jax.Array) -> np.ndarray:
-    if not x.is_fully_addressable:
-        x = x.addressable_data(0)
-    return np.asarray(x)
 
 
 def _first_line(e: Exception) -> str:

@@ -15,14 +15,16 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the field and what it expects."""
 
 
-def _field(default: Any, help: str, group: str, *, runtime: bool = False, **flag: Any) -> Any:
+def _field(default: Any, help: str, group: str, *, runtime=False, positive=True, **flag) -> Any:
     """A Config field with its ``--flag`` (the field's name, ``_`` as ``-``; ``flag["flag"]`` if
     given): ``help`` (the default is appended unless it names it), ``group`` in ``--help``,
     ``runtime`` (it may change when a run is resumed) and `argparse` arguments in ``flag``
-    (``type="schedule"``: a number or schedule string)."""
+    (``type="schedule"``: a number or schedule string). `Config.validate` checks a field with
+    ``choices`` against them, and an ``int`` or ``float`` field to be ``positive`` (else
+    non-negative)."""
     if "default" not in help and default is not None and "action" not in flag:
         help = f"{help} (default {default})"
-    meta = {"help": help, "group": group, "runtime": runtime, "flag": flag}
+    meta = {"help": help, "group": group, "runtime": runtime, "positive": positive, "flag": flag}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -32,7 +34,7 @@ _BOOL, OPTIMIZERS = argparse.BooleanOptionalAction, optim.OPTIMIZERS
 # Runtime fields (they may change on --resume) of each kind.
 _N, _RUN_DIR = dict(runtime=True, type=int), dict(runtime=True, metavar="DIR")
 _ON, _OFF = dict(runtime=True, action="store_true"), dict(runtime=True, action="store_false")
-_DISTILL = "distillation"
+_DISTILL, _WEIGHT = "distillation", dict(type=float, positive=False)
 
 
 def _model_names() -> tuple[str, ...]:
@@ -80,7 +82,9 @@ class Config:
     steps_per_epoch: int | None = _field(
         None, "at most N steps per epoch (default: the whole training set)", _TRAIN, type=int
     )
-    seed: int = _field(0, "seed of the model, data order and augmentation", _TRAIN, type=int)
+    seed: int = _field(
+        0, "seed of the model, data order and augmentation", _TRAIN, type=int, positive=False
+    )
     distill_from: str | None = _field(
         None,
         "distil from the finished run in RUN_DIR (same model and dataset; frozen)",
@@ -90,11 +94,11 @@ class Config:
     distill_temperature: float = _field(
         1.0, "temperature of the logits' distillation loss", _DISTILL, type=float
     )
-    distill_logits: float = _field(1.0, "weight of the logits' term", _DISTILL, type=float)
+    distill_logits: float = _field(1.0, "weight of the logits' term", _DISTILL, **_WEIGHT)
     distill_attention: float = _field(
-        1.0, "weight of the attention scores' term", _DISTILL, type=float
+        1.0, "weight of the attention scores' term", _DISTILL, **_WEIGHT
     )
-    distill_hidden: float = _field(1.0, "weight of the hidden states' term", _DISTILL, type=float)
+    distill_hidden: float = _field(1.0, "weight of the hidden states' term", _DISTILL, **_WEIGHT)
     run_dir: str | None = _field(
         None, "run directory (default runs/<name>-<time>)", _OUT, **_RUN_DIR
     )
@@ -113,42 +117,31 @@ class Config:
 
     def validate(self) -> Config:
         """Checks every field; raises `ConfigError` naming the field and what it expects."""
-        if self.model not in _model_names():
-            raise ConfigError(
-                f"model: unknown model {self.model!r}; valid choices: {', '.join(_model_names())}"
-            )
-        if self.dataset not in DATASET_NAMES:
-            raise ConfigError(
-                f"dataset: unknown dataset {self.dataset!r}; valid choices: "
-                f"{', '.join(DATASET_NAMES)}"
-            )
+        for f in dataclasses.fields(self):
+            value, flag = getattr(self, f.name), f.metadata.get("flag", {})
+            choices = flag.get("choices")
+            choices = choices() if callable(choices) else choices
+            if choices is not None and value not in choices:
+                raise ConfigError(
+                    f"{f.name}: unknown {f.name.replace('_', ' ')} {value!r}; valid choices: "
+                    f"{', '.join(choices)}"
+                )
+            kind = flag.get("type")
+            if kind in (int, float) and value is not None:
+                positive = f.metadata["positive"]
+                number = isinstance(value, (int, kind)) and not isinstance(value, bool)
+                if not number or value < 0 or (positive and value == 0):
+                    sign = "positive" if positive else "non-negative"
+                    what = "integer" if kind is int else "number"
+                    raise ConfigError(f"{f.name} must be a {sign} {what}, got {value!r}")
         try:
-            optim.hparams(self.optimizer, self.hparams)
+            optim.recipe(self.optimizer).resolve(self.hparams)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.real_optimizer not in optim.REAL_OPTIMIZERS:
-            raise ConfigError(
-                f"real_optimizer: unknown optimizer {self.real_optimizer!r}; valid choices: "
-                f"{', '.join(optim.REAL_OPTIMIZERS)}"
-            )
         try:
             schedules.parse(self.lr)
         except ValueError as e:
             raise ConfigError(f"lr: {e}") from None
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.metadata.get("flag", {}).get("type") is int and value is not None:
-                low = 0 if f.name == "seed" else 1
-                if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                    kind = "non-negative" if low == 0 else "positive"
-                    raise ConfigError(f"{f.name} must be a {kind} integer, got {value!r}")
-        distill = ("distill_temperature", "distill_logits", "distill_attention", "distill_hidden")
-        for name in distill:
-            value, positive = getattr(self, name), name == "distill_temperature"
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or not (value > 0 if positive else value >= 0):
-                kind = "positive" if positive else "non-negative"
-                raise ConfigError(f"{name} must be a {kind} number, got {value!r}")
         if self.distill_from is not None and not isinstance(self.distill_from, str):
             raise ConfigError(f"distill_from must be a run directory, got {self.distill_from!r}")
         if not isinstance(self.model_kwargs, dict):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -82,39 +83,23 @@ def setup(config: Config) -> tuple[input_pipeline.InputPipeline, Program, dict[s
         raise ConfigError(str(e)) from None
     data = input_pipeline.create(config, NamedSharding(mesh, P(DATA)))
     recipe = optim.recipe(config.optimizer)
-    hp = recipe.resolve(config.hparams)
-    lr = schedules.parse(config.lr)
+    hp, lr = recipe.resolve(config.hparams), schedules.parse(config.lr)
+    shape, classes = data.train_set.images.shape[1:], data.train_set.num_classes
     try:
-        net, init_params = model.for_recipe(
-            recipe,
-            config.model,
-            config.model_kwargs,
-            data.train_set.images.shape[1:],
-            data.train_set.num_classes,
-            config.seed,
+        net, init = model.for_recipe(
+            recipe, config.model, config.model_kwargs, shape, classes, config.seed
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(
             f"cannot build model {config.model!r} with model_kwargs {config.model_kwargs}: {e}"
         ) from None
-    spe, total = data.steps_per_epoch, data.steps_per_epoch * config.epochs
+    spe = data.steps_per_epoch
+    make_tx = functools.partial(
+        optim.make_optimizer, config.optimizer, hp, config.real_optimizer, lr, seed=config.seed,
+        steps_per_epoch=spe, total_steps=spe * config.epochs,
+    )  # fmt: skip
     distill = _teacher(config, net, data) if config.distill_from is not None else None
-    program = make_program(
-        net,
-        lambda labels: optim.make_optimizer(
-            config.optimizer,
-            hp,
-            config.real_optimizer,
-            lr,
-            labels,
-            seed=config.seed,
-            steps_per_epoch=spe,
-            total_steps=total,
-        ),
-        mesh,
-        init_params=init_params,
-        distill=distill,
-    )
+    program = make_program(net, make_tx, mesh, init_params=init, distill=distill)
     scheduled = {k: v for k, v in hp.items() if isinstance(v, schedules.Schedule)}
     return data, program, scheduled | {"lr": lr}
 
@@ -149,30 +134,26 @@ def _teacher(config: Config, net, data: input_pipeline.InputPipeline) -> Distill
             f"note: the teacher {config.distill_from} stopped after "
             f"{rundir.epochs(teacher.history[-1]['epoch'])} of {teacher.config.epochs}"
         )
-    graphdef = teacher.program.eval_graphdef
+    graphdef, params, rest = teacher.program.eval_graphdef, *teacher.state[:2]
     student_graphdef, student_state = nnx.split(net)
     batch = jax.ShapeDtypeStruct((2, *data.train_set.images.shape[1:]), data.train_set.images.dtype)
-    try:
-        jax.eval_shape(
-            lambda s, p, r, x: distillation_loss(
-                outputs(nnx.merge(student_graphdef, s), x), outputs(nnx.merge(graphdef, p, r), x)
-            ),
-            student_state,
-            teacher.state.params,
-            teacher.state.rest,
-            batch,
+
+    def loss(s, p, r, x):
+        return distillation_loss(
+            outputs(nnx.merge(student_graphdef, s), x), outputs(nnx.merge(graphdef, p, r), x)
         )
+
+    try:
+        jax.eval_shape(loss, student_state, params, rest, batch)
     except ValueError as e:
         raise ConfigError(f"{where}: the teacher does not fit this model: {e}") from None
-    return Distillation(
-        graphdef,
-        teacher.state.params,
-        teacher.state.rest,
+    options = dict(
         temperature=config.distill_temperature,
         logits_weight=config.distill_logits,
         attention_weight=config.distill_attention,
         hidden_weight=config.distill_hidden,
     )
+    return Distillation(graphdef, params, rest, options)
 
 
 def restore(run_dir: str, epoch: int | None = None) -> TrainResult:
@@ -254,18 +235,15 @@ def train(config: Config, *, on_step: Callable[[int, int], None] | None = None) 
                 )
         except KeyboardInterrupt:
             last = run.last_checkpoint()
-            if last is not None:
-                say(
-                    f"\ninterrupted; the last complete checkpoint is epoch {last} in "
-                    f"{run.checkpoints.directory}. Continue with:\n"
-                    f"  binax-train --resume --run-dir {run.path}"
-                )
-            else:
-                say(
-                    "\ninterrupted before the first checkpoint was written. Start again with:\n"
-                    f"  binax-train --resume --run-dir {run.path}   (from the beginning)\n"
-                    f"or delete {run.path}."
-                )
+            say(
+                f"\ninterrupted; the last complete checkpoint is epoch {last} in "
+                f"{run.checkpoints.directory}. Continue with:\n"
+                f"  binax-train --resume --run-dir {run.path}"
+                if last is not None
+                else "\ninterrupted before the first checkpoint was written. Start again with:\n"
+                f"  binax-train --resume --run-dir {run.path}   (from the beginning)\n"
+                f"or delete {run.path}."
+            )
             raise
         finally:
             run.close()

@@ -27,22 +27,8 @@ def build_model(
     *,
     full_precision: bool = False,
 ) -> nnx.Module:
-    """Builds a `binax.models` architecture.
-
-    With ``full_precision=True`` it is built as `full_precision_kwargs` says.
-    """
-    from binax import models
-
-    kwargs = dict(model_kwargs)
-    if full_precision:
-        kwargs.update(full_precision_kwargs(name))
-    return models.get(
-        name, input_shape=tuple(input_shape), num_classes=num_classes, rngs=nnx.Rngs(seed), **kwargs
-    )
-
-
-def full_precision_kwargs(name: str) -> dict[str, Any]:
-    """The arguments that make model ``name`` the full-precision baseline.
+    """Builds a `binax.models` architecture, or with ``full_precision=True`` its full-precision
+    baseline.
 
     A model with a full-precision twin (a ``binary`` argument: the transformers,
     `binax.models.BinaryViT`) is built as that twin, ``binary=False``: real kernels and
@@ -52,10 +38,15 @@ def full_precision_kwargs(name: str) -> dict[str, Any]:
     """
     from binax import models
 
+    kwargs = dict(model_kwargs)
     cls = models._REGISTRY.get(name)  # an unknown name: models.get says so
-    if cls is not None and "binary" in inspect.signature(cls).parameters:
-        return {"binary": False}
-    return {"kernel_quantizer": None, "input_quantizer": hard_tanh}
+    if full_precision and cls is not None and "binary" in inspect.signature(cls).parameters:
+        kwargs["binary"] = False
+    elif full_precision:
+        kwargs.update(kernel_quantizer=None, input_quantizer=hard_tanh)
+    return models.get(
+        name, input_shape=tuple(input_shape), num_classes=num_classes, rngs=nnx.Rngs(seed), **kwargs
+    )
 
 
 def for_recipe(
@@ -69,16 +60,12 @@ def for_recipe(
     """The model ``recipe`` trains and its initialiser of the parameters (or ``None``).
 
     Returns ``(model, init_params)``: the full-precision baseline is built as
-    `full_precision_kwargs` says; both baselines get `latent_init` magnitudes (``init_params``, as
+    `build_model` says; both baselines get `latent_init` magnitudes (``init_params``, as
     `binax.train.make_program` takes it), flip rules the model's exactly binary kernels.
     """
+    full_precision = recipe.baseline == optim.FULL_PRECISION
     model = build_model(
-        name,
-        model_kwargs,
-        input_shape,
-        num_classes,
-        seed,
-        full_precision=recipe.baseline == optim.FULL_PRECISION,
+        name, model_kwargs, input_shape, num_classes, seed, full_precision=full_precision
     )
     if recipe.baseline is None:
         return model, None

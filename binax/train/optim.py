@@ -47,6 +47,23 @@ class Hyperparameter:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    def parse(self, value: Any) -> Any:
+        """``value`` as the factory takes it: a `Schedule`, a word's value or a float."""
+        if self.schedulable:
+            try:
+                return schedules.parse(value)
+            except ValueError as e:
+                raise ValueError(f"{self.flag}: {e}") from None
+        if self.choices is not None:
+            if value not in self.choices:
+                raise ValueError(
+                    f"{self.flag} must be one of {', '.join(self.choices)}, got {value!r}"
+                )
+            return self.choices[value]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{self.flag} must be a number, got {value!r}")
+        return float(value)
+
 
 #: Every hyperparameter a recipe may take, by name.
 HYPERPARAMETERS = {
@@ -111,35 +128,17 @@ class Recipe:
           ValueError: a hyperparameter the optimizer does not take, or a bad value (the
             message names the flag).
         """
-        known = {h.name: h for h in self.hyperparameters}
         for key in overrides or {}:
-            if key not in known:
-                takes = ", ".join(known) or "none (it uses --lr for every parameter)"
+            if key not in self.defaults:
+                takes = ", ".join(self.defaults) or "none (it uses --lr for every parameter)"
                 raise ValueError(
                     f"hyperparameter {key!r} does not apply to optimizer {self.name!r}; "
                     f"it takes: {takes}"
                 )
         values = {**self.defaults, **(overrides or {})}
-        out = {}
-        for h in self.hyperparameters:
-            v = values[h.name]
-            if h.schedulable:
-                try:
-                    out[h.name] = schedules.parse(v)
-                except ValueError as e:
-                    raise ValueError(f"{h.flag}: {e}") from None
-            elif h.choices is not None:
-                if v not in h.choices:
-                    raise ValueError(f"{h.flag} must be one of {', '.join(h.choices)}, got {v!r}")
-                out[h.name] = h.choices[v]
-            elif isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"{h.flag} must be a number, got {v!r}")
-            else:
-                out[h.name] = float(v)
-        first = {  # a schedule is checked at its first value
-            k: schedules.Schedule("constant", v.values[:1]) if h.schedulable else v
-            for (k, v), h in zip(out.items(), self.hyperparameters, strict=True)
-        }
+        out = {h.name: h.parse(values[h.name]) for h in self.hyperparameters}
+        # Checked at the first value of each schedule.
+        first = {k: v.values[0] if isinstance(v, schedules.Schedule) else v for k, v in out.items()}
         try:
             self.build(first, seed=0, steps_per_epoch=1, total_steps=1)
         except (ValueError, TypeError) as e:
@@ -153,9 +152,9 @@ class Recipe:
         if self.factory is None:
             return None
         kwargs = {
-            h.arg or h.name: (
-                hp[h.name].build(steps_per_epoch, total_steps) if h.schedulable else hp[h.name]
-            )
+            h.arg or h.name: schedules.build(hp[h.name], steps_per_epoch, total_steps)
+            if h.schedulable
+            else hp[h.name]
             for h in self.hyperparameters
         }
         if self.seeded:

@@ -12,6 +12,7 @@ The fields of a ``log.jsonl`` record are listed in ``docs/training.md`` ("The ru
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,7 +23,7 @@ import numpy as np
 
 import binax
 from binax.train import plots
-from binax.train.checkpoint import CheckpointError, Checkpoints
+from binax.train.checkpoint import Checkpoints
 from binax.train.config import Config, ConfigError
 from binax.train.sharding import broadcast, is_main, say
 
@@ -167,26 +168,17 @@ def open_run(config: Config, state: Any) -> tuple[RunDir, Any]:
     path = config.run_dir
     directory = os.path.join(path, CHECKPOINT_DIR)
     history: list[dict[str, Any]] = []
-    ckpts = None
     if config.resume and os.path.isdir(directory):
-        ckpts = Checkpoints(directory, config.keep_checkpoints, create=False)
-        if ckpts.epochs():
-            try:
-                state, meta = ckpts.restore(state)
-            except CheckpointError:
-                ckpts.close()
-                raise
-            history = list(meta["history"])
-            say(f"resumed {path} after epoch {meta['epoch']} (step {meta['step']})")
+        with contextlib.closing(Checkpoints(directory, create=False)) as saved:
+            if saved.epochs():
+                state, meta = saved.restore(state)
+                history = list(meta["history"])
+                say(f"resumed {path} after epoch {meta['epoch']} (step {meta['step']})")
     if config.resume and not history:
         say(f"{path} has no complete checkpoint: starting the run from the beginning")
     if is_main():
         os.makedirs(path, exist_ok=True)
-    if ckpts is None and config.checkpoint:
-        ckpts = Checkpoints(directory, config.keep_checkpoints)
-    if ckpts is not None and not config.checkpoint:
-        ckpts.close()
-        ckpts = None
+    ckpts = Checkpoints(directory, config.keep_checkpoints) if config.checkpoint else None
     run = RunDir(path, config, history, ckpts)
     if is_main():
         with open(os.path.join(path, CONFIG_FILE), "w") as f:

@@ -17,10 +17,9 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-
-from binax._ops import path_tuple
 
 DATA, MODEL = "data", "model"
 
@@ -67,34 +66,31 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), mesh)), tree)
 
 
-def state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
-    """The sharding of each optimizer-state leaf: that of the parameter it belongs to.
+def state_shardings(
+    tx: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh
+) -> Any:
+    """The sharding of each leaf of ``tx``'s state: that of the parameter it belongs to.
 
-    A state leaf belongs to a parameter when the parameter's key path ends its own key path
-    and the shapes agree (Optax states nest copies of the parameter tree, e.g.
-    ``inner_states/binary/inner_state/0/ema/layers/0/kernel``). Other leaves (step counts,
-    scalars) are replicated.
+    `optax.tree.map_params` finds the copies of the parameter tree in the state (e.g. Bop's
+    EMA inside `binax.partition`); a leaf there whose shape is its parameter's gets the
+    parameter's sharding. Other leaves (step counts, scalars) are replicated.
     """
-    by_path = {
-        path_tuple(p): (np.shape(x), s)
-        for (p, x), s in zip(
-            jax.tree_util.tree_leaves_with_path(params),
-            jax.tree.leaves(param_shardings),
-            strict=True,
-        )
-    }
-    lengths = sorted({len(k) for k in by_path}, reverse=True)
     replicated = NamedSharding(mesh, P())
 
-    def pick(path, leaf):
-        keys = path_tuple(path)
-        for n in lengths:
-            hit = by_path.get(keys[-n:]) if len(keys) >= n else None
-            if hit is not None and hit[0] == np.shape(leaf):
-                return hit[1]
-        return replicated
+    def pick(leaf, sharding, param):
+        if isinstance(leaf, optax.MaskedNode):
+            return leaf
+        return sharding if np.shape(leaf) == np.shape(param) else replicated
 
-    return jax.tree_util.tree_map_with_path(pick, opt_state)
+    return optax.tree.map_params(
+        tx,
+        pick,
+        jax.eval_shape(tx.init, params),
+        param_shardings,
+        params,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
 
 
 def global_array(value: Any, sharding: NamedSharding) -> jax.Array:
@@ -175,21 +171,10 @@ def broadcast(value: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.broadcast_one_to_all(value))
 
 
-#: Environment variables read when the arguments are not given (JAX itself reads
-#: ``JAX_COORDINATOR_ADDRESS``; the other two are binax's, for symmetry).
-ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = (
-    "JAX_COORDINATOR_ADDRESS",
-    "JAX_NUM_PROCESSES",
-    "JAX_PROCESS_ID",
-)
-
-
 def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return None
+    value = os.environ.get(name) or None
     try:
-        return int(value)
+        return value if value is None else int(value)
     except ValueError:
         raise ValueError(f"${name} must be an integer, got {value!r}") from None
 
@@ -219,18 +204,14 @@ def initialize_distributed(
       process_id: this process's index in ``[0, num_processes)``.
       timeout_s: seconds to wait for all processes to connect.
     """
-    coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
     if num_processes is None:
-        num_processes = _env_int(ENV_NUM_PROCESSES)
+        num_processes = _env_int("JAX_NUM_PROCESSES")
     if process_id is None:
-        process_id = _env_int(ENV_PROCESS_ID)
+        process_id = _env_int("JAX_PROCESS_ID")
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
-    if (
-        process_id is not None
-        and num_processes is not None
-        and not (0 <= process_id < num_processes)
-    ):
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
     if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -58,16 +58,13 @@ class Distillation(NamedTuple):
       graphdef: the teacher's static structure (eval mode).
       params, rest: its arrays; passed to the train step as arguments, never trained (no
         gradient, no optimizer state, not in the checkpoint).
-      temperature, logits_weight, attention_weight, hidden_weight: as `distillation_loss` takes.
+      options: `distillation_loss`'s keyword arguments (temperature and weights).
     """
 
     graphdef: Any
     params: Any
     rest: Any
-    temperature: float = 1.0
-    logits_weight: float = 1.0
-    attention_weight: float = 1.0
-    hidden_weight: float = 1.0
+    options: dict[str, float]
 
 
 DISTILL_TERMS = ("logits", "attention", "hidden")
@@ -129,14 +126,7 @@ def train_step(
             target = outputs(nnx.merge(distill.graphdef, *teacher), images)
             logits = out.logits
             task = jnp.mean(_cross_entropy(logits, labels))
-            extra, parts = distillation_loss(
-                out,
-                target,
-                temperature=distill.temperature,
-                logits_weight=distill.logits_weight,
-                attention_weight=distill.attention_weight,
-                hidden_weight=distill.hidden_weight,
-            )
+            extra, parts = distillation_loss(out, target, **distill.options)
             loss = task + extra
         new_rest = nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
         return loss, (task, logits, parts, new_rest)
@@ -152,12 +142,10 @@ def train_step(
         else {}  # a full-precision twin
     )
     n = labels.shape[0]
-    metrics = {
-        "loss": metrics["loss"] + loss * n,
-        "correct": metrics["correct"] + jnp.sum(jnp.argmax(logits, -1) == labels),
-        "count": metrics["count"] + n,
-        "flips": {k: v + flips[f"flips/{k}"] for k, v in metrics["flips"].items()},
-    } | ({"distill": {k: v + parts[k] * n for k, v in metrics["distill"].items()}} if parts else {})
+    metrics = _add(metrics, loss * n, jnp.argmax(logits, -1) == labels, n)
+    metrics["flips"] = {k: v + flips[f"flips/{k}"] for k, v in metrics["flips"].items()}
+    if parts:
+        metrics["distill"] = {k: v + parts[k] * n for k, v in metrics["distill"].items()}
     return TrainState(params, rest, opt_state, state.step + 1), metrics
 
 
@@ -171,15 +159,19 @@ def eval_step(
     graphdef: Any,
 ) -> dict[str, Any]:
     """Adds the weighted loss and accuracy of a batch to ``metrics`` (weight 0: padding)."""
-    model = nnx.merge(graphdef, state.params, state.rest)
-    logits = model(images)
-    correct = (jnp.argmax(logits, -1) == labels) * weights
-    return {
-        "loss": metrics["loss"] + jnp.sum(_cross_entropy(logits, labels) * weights),
+    logits = nnx.merge(graphdef, state.params, state.rest)(images)
+    losses = _cross_entropy(logits, labels) * weights
+    return _add(metrics, jnp.sum(losses), (jnp.argmax(logits, -1) == labels) * weights, weights)
+
+
+def _add(metrics: dict[str, Any], loss: jax.Array, correct: jax.Array, count: Any) -> dict:
+    """``metrics`` with a batch's summed loss, its correct predictions and its example count
+    added (the other accumulators as they are)."""
+    return metrics | {
+        "loss": metrics["loss"] + loss,
         "correct": metrics["correct"] + jnp.sum(correct).astype(jnp.int32),
-        "count": metrics["count"] + jnp.sum(weights).astype(jnp.int32),
-        "flips": metrics["flips"],
-    } | ({"distill": metrics["distill"]} if "distill" in metrics else {})
+        "count": metrics["count"] + jnp.sum(count).astype(jnp.int32),
+    }
 
 
 @dataclasses.dataclass
@@ -213,11 +205,11 @@ class Program:
     train_step: Callable[..., Any]
     eval_step: Callable[..., Any]
     init_state: Callable[[], TrainState]
-    distill: bool = False
 
     def zero_metrics(self) -> dict[str, Any]:
         """Fresh accumulators, replicated over the mesh."""
-        return jax.device_put(zero_metrics(self.flip_names, self.distill), self.metrics_sharding)
+        distill = "distill" in self.metrics_sharding
+        return jax.device_put(zero_metrics(self.flip_names, distill), self.metrics_sharding)
 
 
 def make_program(
@@ -253,27 +245,24 @@ def make_program(
     if init_params is not None:
         params = init_params(params, mask)
     tx = make_tx(labels)
-
-    flip_names, flip_sizes = [], []  # named as binax.flip_metrics names them
-    for (path, x), m in zip(
-        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(mask), strict=True
-    ):
-        if m:
-            flip_names.append(path_str(path))
-            flip_sizes.append(int(np.size(x)))
+    binary = [
+        (path_str(path), int(np.size(x)))  # named as binax.flip_metrics names them
+        for (path, x), m in zip(
+            jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(mask), strict=True
+        )
+        if m
+    ]
+    flip_names = tuple(name for name, _ in binary)
 
     replicated = NamedSharding(mesh, P())
     param_sh = tree_shardings(params, mesh)
-    abstract_opt = jax.eval_shape(tx.init, params)
     state_sh = TrainState(
         params=param_sh,
         rest=jax.tree.map(lambda _: replicated, rest),
-        opt_state=state_shardings(abstract_opt, params, param_sh, mesh),
+        opt_state=state_shardings(tx, params, param_sh, mesh),
         step=replicated,
     )
-    metrics_sh = jax.tree.map(
-        lambda _: replicated, zero_metrics(tuple(flip_names), distill is not None)
-    )
+    metrics_sh = jax.tree.map(lambda _: replicated, zero_metrics(flip_names, distill is not None))
     batch_sh = NamedSharding(mesh, P(DATA))
 
     def init_state() -> TrainState:
@@ -284,29 +273,17 @@ def make_program(
         return TrainState(p, r, opt_state, global_array(np.zeros((), np.int32), replicated))
 
     step = functools.partial(train_step, graphdef=train_graphdef, tx=tx, binary_mask=mask)
-    if distill is None:
-        train = jax.jit(
-            step,
-            in_shardings=(state_sh, metrics_sh, batch_sh, batch_sh),
-            out_shardings=(state_sh, metrics_sh),
-            donate_argnums=(0, 1),
-        )
-    else:
-        teacher_sh = (
-            tree_shardings(distill.params, mesh),
-            jax.tree.map(lambda _: replicated, distill.rest),
-        )
+    in_sh = (state_sh, metrics_sh, batch_sh, batch_sh)
+    if distill is not None:  # the teacher's arrays: placed once, an argument of every step
+        teacher_sh = (tree_shardings(distill.params, mesh), replicated)
         teacher = jax.device_put((distill.params, distill.rest), teacher_sh)
-        distill_step = jax.jit(
-            functools.partial(step, distill=distill._replace(params=None, rest=None)),
-            in_shardings=(state_sh, metrics_sh, batch_sh, batch_sh, teacher_sh),
-            out_shardings=(state_sh, metrics_sh),
-            donate_argnums=(0, 1),
-        )
-
-        def train(state, metrics, images, labels):
-            return distill_step(state, metrics, images, labels, teacher)
-
+        step = functools.partial(step, distill=distill._replace(params=None, rest=None))
+        in_sh += (teacher_sh,)
+    train = jax.jit(
+        step, in_shardings=in_sh, out_shardings=(state_sh, metrics_sh), donate_argnums=(0, 1)
+    )
+    if distill is not None:
+        train = functools.partial(_with_teacher, train, teacher)
     evaluate = jax.jit(
         functools.partial(eval_step, graphdef=eval_graphdef),
         in_shardings=(state_sh, metrics_sh, batch_sh, batch_sh, batch_sh),
@@ -319,13 +296,16 @@ def make_program(
         eval_graphdef=eval_graphdef,
         tx=tx,
         binary_mask=mask,
-        flip_names=tuple(flip_names),
-        flip_sizes=tuple(flip_sizes),
+        flip_names=flip_names,
+        flip_sizes=tuple(size for _, size in binary),
         state_sharding=state_sh,
         metrics_sharding=metrics_sh,
         batch_sharding=batch_sh,
         train_step=train,
         eval_step=evaluate,
         init_state=init_state,
-        distill=distill is not None,
     )
+
+
+def _with_teacher(step: Callable[..., Any], teacher: Any, *batch: Any) -> Any:
+    return step(*batch, teacher)
