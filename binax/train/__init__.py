@@ -14,7 +14,6 @@ Needs the ``train`` extra: ``python -m pip install 'binax[train]'``.
 """
 
 import importlib.util
-import sys
 
 #: Module -> PyPI package of the ``train`` extra.
 _EXTRA = {
@@ -26,8 +25,6 @@ _EXTRA = {
 
 
 def _missing(module: str) -> bool:
-    if module in sys.modules:
-        return sys.modules[module] is None
     try:
         return importlib.util.find_spec(module) is None
     except (ImportError, ValueError):

@@ -56,11 +56,6 @@ def fingerprint(tree: Any) -> jax.Array:
     return total
 
 
-def abstract_like(tree: Any) -> Any:
-    """`jax.ShapeDtypeStruct`\\ s (with shardings) of a tree of arrays: a restore target."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
 class Checkpoints:
     """The checkpoints of a run directory, one per epoch, the last ``keep`` kept.
 
@@ -128,15 +123,16 @@ class Checkpoints:
             restored = self.manager.restore(
                 epoch,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_like(target)),
+                    state=ocp.args.StandardRestore(target),
                     meta=ocp.args.JsonRestore(),
                 ),
             )
             state, meta = restored.state, dict(restored.meta)
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            first_line = (str(e).strip().splitlines() or [""])[0][:300]
             raise CheckpointError(
                 f"the checkpoint {where} cannot be read; it is truncated, corrupt, or from a "
-                f"different model or optimizer ({type(e).__name__}: {_first_line(e)}). {advice}."
+                f"different model or optimizer ({type(e).__name__}: {first_line}). {advice}."
             ) from e
         if jax.tree.structure(state) != jax.tree.structure(target):
             raise CheckpointError(
@@ -154,8 +150,3 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else ""

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # model_kwargs, hparams: the flags below
         if f.metadata["group"] not in groups:
             groups[f.metadata["group"]] = p.add_argument_group(f.metadata["group"])
-        kw = dict(f.metadata["flag"])
+        group, kw = groups[f.metadata["group"]], dict(f.metadata["flag"])
         flag = kw.pop("flag", "--" + f.name.replace("_", "-"))
         if kw.get("type") is int:
             kw.setdefault("metavar", "N")
@@ -141,16 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
             kw.update(type=_schedule, metavar="SCHEDULE")
         if callable(kw.get("choices")):
             kw["choices"] = kw["choices"]()
-        groups[f.metadata["group"]].add_argument(flag, dest=f.name, help=f.metadata["help"], **kw)
+        group.add_argument(flag, dest=f.name, help=f.metadata["help"], **kw)
         if f.name == "model":
             for name, (owner, kind, metavar, text) in _MODEL_FLAGS.items():
-                groups[f.metadata["group"]].add_argument(
-                    "--" + name.replace("_", "-"),
-                    type=kind,
-                    metavar=metavar,
-                    help=f"{owner}: {text}",
-                )
-            groups[f.metadata["group"]].add_argument(
+                flag = "--" + name.replace("_", "-")
+                group.add_argument(flag, type=kind, metavar=metavar, help=f"{owner}: {text}")
+            group.add_argument(
                 "--model-arg",
                 type=_key_value,
                 action="append",
@@ -159,26 +155,25 @@ def build_parser() -> argparse.ArgumentParser:
                 "--model-arg real_first_last=True; repeatable",
             )
         if f.name == "optimizer":
-            _add_hyperparameter_flags(groups[f.metadata["group"]])
-    g = groups["devices and hosts"]
-    g.add_argument(
-        "--coordinator-address",
-        metavar="HOST:PORT",
-        help="multi-host: address of process 0 ($JAX_COORDINATOR_ADDRESS)",
-    )
-    g.add_argument(
-        "--num-processes", type=int, help="multi-host: number of processes ($JAX_NUM_PROCESSES)"
-    )
-    g.add_argument(
-        "--process-id", type=int, help="multi-host: this process's index ($JAX_PROCESS_ID)"
-    )
-    g.add_argument(
-        "--distributed",
+            _add_hyperparameter_flags(group)
+    for flag, kw in _HOST_FLAGS.items():
+        groups["devices and hosts"].add_argument(flag, **kw)
+    return p
+
+
+#: The multi-host flags (`binax.train.initialize_distributed`'s arguments).
+_HOST_FLAGS = {
+    "--coordinator-address": dict(
+        metavar="HOST:PORT", help="multi-host: address of process 0 ($JAX_COORDINATOR_ADDRESS)"
+    ),
+    "--num-processes": dict(type=int, help="multi-host: number of processes ($JAX_NUM_PROCESSES)"),
+    "--process-id": dict(type=int, help="multi-host: this process's index ($JAX_PROCESS_ID)"),
+    "--distributed": dict(
         action="store_true",
         help="call jax.distributed.initialize() even without the three flags above "
         "(cluster auto-detection: Cloud TPU pod slices, SLURM, Open MPI)",
-    )
-    return p
+    ),
+}
 
 
 def config_from_args(args: dict[str, Any], base: Config | None = None) -> Config:
@@ -246,7 +241,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"binax-train: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     return EXIT_OK
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -165,7 +165,8 @@ class Config:
 
     def differences(self, other: Config) -> list[str]:
         """The fields (other than runtime ones) whose values differ, as ``name: a != b``."""
-        a, b = _normal(self.to_dict()), _normal(other.to_dict())
+        # A JSON round trip, so that tuples and lists compare equal.
+        a, b = (json.loads(json.dumps(c.to_dict())) for c in (self, other))
         return [
             f"{k}: {a[k]!r} != {b[k]!r}"
             for k in sorted(a)
@@ -182,8 +183,3 @@ Config.__doc__ += "\n    Attributes:\n" + "".join(
     for f in dataclasses.fields(Config)
     if f.metadata
 )
-
-
-def _normal(d: dict[str, Any]) -> dict[str, Any]:
-    """JSON round trip, so that tuples and lists compare equal."""
-    return json.loads(json.dumps(d))

@@ -84,22 +84,12 @@ class InputPipeline:
         return global_batch(self.sharding, local, rows)
 
 
-def load_datasets(config: Config) -> tuple[bdata.Dataset, bdata.Dataset, bool]:
-    """``(train_set, test_set, augment)``: the two splits as the run uses them.
+def create(config: Config, sharding: NamedSharding) -> InputPipeline:
+    """The input pipeline of ``config`` over the batch ``sharding`` (split along ``"data"``).
 
     The train split is raw when augmenting (augmentation works on pixels, then normalises);
     ``digits`` and ``mnist_subset``, which have no official split, always use the test split of
     ``binax.data.load(..., seed=0)``, so runs with different seeds are evaluated alike.
-    """
-    augment = config.augment if config.augment is not None else config.dataset.startswith("cifar")
-    kw = dict(data_dir=config.data_dir, download=config.download, seed=0)
-    train_set = bdata.load(config.dataset, "train", normalized=not augment, **kw)
-    test_set = bdata.load(config.dataset, "test", normalized=True, **kw)
-    return train_set, test_set, augment
-
-
-def create(config: Config, sharding: NamedSharding) -> InputPipeline:
-    """The input pipeline of ``config`` over the batch ``sharding`` (split along ``"data"``).
 
     Raises:
       ConfigError: a batch size the data-parallel devices do not divide, or larger than the
@@ -112,7 +102,10 @@ def create(config: Config, sharding: NamedSharding) -> InputPipeline:
             f"batch_size={config.batch_size} must be divisible by the number of data-parallel "
             f"devices ({data_size})"
         )
-    train_set, test_set, augment = load_datasets(config)
+    augment = config.augment if config.augment is not None else config.dataset.startswith("cifar")
+    kw = dict(data_dir=config.data_dir, download=config.download, seed=0)
+    train_set = bdata.load(config.dataset, "train", normalized=not augment, **kw)
+    test_set = bdata.load(config.dataset, "test", normalized=True, **kw)
     spe = bdata.num_batches(len(train_set), config.batch_size)
     if spe < 1:
         raise ConfigError(

@@ -168,11 +168,8 @@ def restore(run_dir: str, epoch: int | None = None) -> TrainResult:
     """
     config = dataclasses.replace(rundir.read_config(run_dir), run_dir=run_dir, resume=False)
     data, program, _ = setup(config)
-    ckpts = Checkpoints(os.path.join(run_dir, CHECKPOINT_DIR), create=False)
-    try:
-        state, meta = ckpts.restore(program.init_state(), epoch)
-    finally:
-        ckpts.close()
+    with contextlib.closing(Checkpoints(os.path.join(run_dir, CHECKPOINT_DIR), create=False)) as c:
+        state, meta = c.restore(program.init_state(), epoch)
     return TrainResult(config, run_dir, list(meta["history"]), state, program)
 
 
@@ -283,9 +280,12 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
     In the ``first`` epoch of a process the first step, which compiles the step, is announced
     and timed apart (``compile_s``, not counted in the record's ``time_s``).
     """
-    spe = data.steps_per_epoch
-    metrics = program.zero_metrics()
-    bar = _progress(config, epoch, spe)
+    spe, metrics, bar = data.steps_per_epoch, program.zero_metrics(), None
+    if config.progress and is_main() and sys.stderr.isatty():  # no redraws in a log file
+        from tqdm import tqdm
+
+        desc = f"epoch {epoch + 1}/{config.epochs}"
+        bar = tqdm(total=spe, desc=desc, leave=False, dynamic_ncols=True)
     compile_s, t0 = 0.0, time.perf_counter()
     for i, (images, labels) in enumerate(data.train_batches(epoch)):
         stop_if_interrupted()
@@ -310,7 +310,10 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
     time_s = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    test_loss, test_acc = _evaluate(program, state, data)
+    test = program.zero_metrics()
+    for images, labels, weights in data.eval_batches():
+        test = program.eval_step(state, test, images, labels, weights)
+    test = to_host(test)
     step = int(to_host(state.step))
     flips = {k: int(v) for k, v in m["flips"].items()}
     sizes = dict(zip(program.flip_names, program.flip_sizes, strict=True))
@@ -319,8 +322,8 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
         "step": step,
         "train_loss": float(m["loss"]) / int(m["count"]),
         "train_accuracy": int(m["correct"]) / int(m["count"]),
-        "test_loss": test_loss,
-        "test_accuracy": test_acc,
+        "test_loss": float(test["loss"]) / len(data.test_set),
+        "test_accuracy": float(test["correct"]) / len(data.test_set),
         "flips": flips,
         "flip_ratio": {k: flips[k] / (sizes[k] * spe) for k in program.flip_names},
         # 0 for a full-precision twin, which has no binary leaf
@@ -333,15 +336,6 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
     if "distill" in m:  # the unweighted distillation terms, means over the epoch's examples
         record["distill"] = {k: float(v) / int(m["count"]) for k, v in m["distill"].items()}
     return state, record, compile_s
-
-
-def _evaluate(program: Program, state: TrainState, data) -> tuple[float, float]:
-    metrics = program.zero_metrics()
-    for images, labels, weights in data.eval_batches():
-        metrics = program.eval_step(state, metrics, images, labels, weights)
-    m = to_host(metrics)
-    n = len(data.test_set)
-    return float(m["loss"]) / n, float(m["correct"]) / n
 
 
 def _check_finite(record: dict[str, Any], run: rundir.RunDir) -> None:
@@ -387,18 +381,3 @@ def _deferred_interrupts() -> Iterator[Callable[[], None]]:
         yield stop_if_interrupted
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
-
-
-def _progress(config: Config, epoch: int, total: int):
-    """A tqdm bar on a terminal; none in a log file (its redraws would fill it)."""
-    if not (config.progress and is_main() and sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        desc=f"epoch {epoch + 1}/{config.epochs}",
-        leave=False,
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )

@@ -88,9 +88,7 @@ def check(config: Config) -> Config:
                 "cannot resume: the config differs from the run's (" + "; ".join(diff) + "); "
                 "resume with the same settings, or start a new run"
             )
-    elif os.path.exists(os.path.join(run_dir, CHECKPOINT_DIR)) or os.path.exists(
-        os.path.join(run_dir, CONFIG_FILE)
-    ):
+    elif any(os.path.exists(os.path.join(run_dir, f)) for f in (CHECKPOINT_DIR, CONFIG_FILE)):
         raise RunDirError(
             f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
             "--run-dir"

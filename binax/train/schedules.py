@@ -25,12 +25,12 @@ from typing import NamedTuple
 
 import optax
 
-#: The kinds of schedule and their forms.
+#: The kinds of schedule: their forms and how many numbers each takes.
 FORMS = {
-    "constant": "constant:VALUE",
-    "linear": "linear:START,END",
-    "cosine": "cosine:START[,END]",
-    "step": "step:START,FACTOR,EVERY_EPOCHS",
+    "constant": ("constant:VALUE", (1,)),
+    "linear": ("linear:START,END", (2,)),
+    "cosine": ("cosine:START[,END]", (1, 2)),
+    "step": ("step:START,FACTOR,EVERY_EPOCHS", (3,)),
 }
 
 
@@ -102,9 +102,9 @@ def parse(spec: float | int | str | Schedule) -> Schedule:
         raise ValueError(
             f"schedule {spec!r}: unknown kind {kind!r}; valid kinds: {', '.join(FORMS)}"
         )
-    counts = {"constant": (1,), "linear": (2,), "cosine": (1, 2), "step": (3,)}[kind]
+    form, counts = FORMS[kind]
     if len(values) not in counts:
-        raise ValueError(f"schedule {spec!r}: expected {FORMS[kind]}")
+        raise ValueError(f"schedule {spec!r}: expected {form}")
     if kind == "cosine" and len(values) == 1:
         values = (values[0], 0.0)
     if kind == "cosine" and values[0] <= 0:

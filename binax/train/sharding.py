@@ -53,17 +53,17 @@ def make_mesh(num_devices: int | None = None, model_parallel: int = 1) -> Mesh:
     )
 
 
-def param_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
-    """The partition spec of a parameter: split its last axis over ``"model"`` when it can."""
-    m = mesh.shape[MODEL]
-    if m > 1 and len(shape) >= 2 and shape[-1] % m == 0:
-        return P(*([None] * (len(shape) - 1)), MODEL)
-    return P()
-
-
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:
-    """`NamedSharding` of every parameter leaf (see `param_spec`)."""
-    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), mesh)), tree)
+    """The `NamedSharding` of each parameter: its last axis split over ``"model"`` when it has
+    two or more axes and ``"model"``'s size divides it, else replicated."""
+    m = mesh.shape[MODEL]
+
+    def one(x):
+        shape = np.shape(x)
+        split = m > 1 and len(shape) >= 2 and shape[-1] % m == 0
+        return NamedSharding(mesh, P(*[None] * (len(shape) - 1), MODEL) if split else P())
+
+    return jax.tree.map(one, tree)
 
 
 def state_shardings(
@@ -193,10 +193,8 @@ def initialize_distributed(
     them. Arguments left ``None`` are read from ``$JAX_COORDINATOR_ADDRESS``,
     ``$JAX_NUM_PROCESSES`` and ``$JAX_PROCESS_ID``; when all three are still missing JAX
     detects the cluster itself (Cloud TPU VMs and pod slices, SLURM, Open MPI, Kubernetes).
-
-    On CPU the collectives go through Gloo (``jax_cpu_collectives_implementation``, already
-    the default in JAX 0.10), so several CPU processes on one machine can train together, as
-    the tests do.
+    On CPU the collectives go through Gloo (JAX's default), so several CPU processes on one
+    machine can train together, as the tests do.
 
     Args:
       coordinator_address: ``host:port`` of process 0, reachable from every process.
@@ -204,7 +202,6 @@ def initialize_distributed(
       process_id: this process's index in ``[0, num_processes)``.
       timeout_s: seconds to wait for all processes to connect.
     """
-    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
     if num_processes is None:
         num_processes = _env_int("JAX_NUM_PROCESSES")
     if process_id is None:
@@ -213,10 +210,8 @@ def initialize_distributed(
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
-    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        coordinator_address=coordinator_address,
+        coordinator_address=coordinator_address,  # JAX reads $JAX_COORDINATOR_ADDRESS itself
         num_processes=num_processes,
         process_id=process_id,
         initialization_timeout=timeout_s,
