@@ -93,12 +93,6 @@ def state_shardings(
     )
 
 
-def global_array(value: Any, sharding: NamedSharding) -> jax.Array:
-    """A global array from a value every process holds in full."""
-    host = np.asarray(value)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
 def to_host(x: Any) -> Any:
     """A replicated array (or tree of them) as NumPy, also when other processes share it."""
 
@@ -120,14 +114,10 @@ def process_rows(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
     with a ``"model"`` axis across hosts, get the same block).
     """
     index_map = sharding.addressable_devices_indices_map((global_rows,))
-    spans = {
-        (s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
-        for s in index_map.values()
-    }
+    spans = {(s[0].start or 0, s[0].stop or global_rows) for s in index_map.values()}
     lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
     rows = hi - lo
-    covered = sum(b - a for a, b in spans)
-    if covered != rows or global_rows % rows:
+    if sum(b - a for a, b in spans) != rows or global_rows % rows:
         raise ValueError(
             "this process's devices do not hold one contiguous block of the batch; use a "
             "mesh from binax.train.make_mesh"

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 import binax
 from binax._ops import path_str
-from binax.train.sharding import DATA, global_array, state_shardings, tree_shardings
+from binax.train.sharding import DATA, state_shardings, tree_shardings
 
 
 class TrainState(NamedTuple):
@@ -78,20 +78,6 @@ def outputs(model: nnx.Module, images: jax.Array) -> Any:
     if "return_intermediates" in inspect.signature(type(model).__call__).parameters:
         return model(images, return_intermediates=True)
     return TransformerOutput(model(images), (), ())
-
-
-def zero_metrics(flip_names: tuple[str, ...], distill: bool = False) -> dict[str, Any]:
-    """The per-epoch accumulators the train step adds to (with ``distill``, the unweighted
-    distillation terms too)."""
-    metrics = {
-        "loss": jnp.zeros((), jnp.float32),
-        "correct": jnp.zeros((), jnp.int32),
-        "count": jnp.zeros((), jnp.int32),
-        "flips": {name: jnp.zeros((), jnp.int32) for name in flip_names},
-    }
-    if distill:
-        metrics["distill"] = {k: jnp.zeros((), jnp.float32) for k in DISTILL_TERMS}
-    return metrics
 
 
 def train_step(
@@ -180,36 +166,43 @@ class Program:
 
     Attributes:
       mesh: the device mesh.
-      train_graphdef, eval_graphdef: the model's static structure in train and eval mode.
+      eval_graphdef: the model's static structure in eval mode.
       tx: the optimizer.
       binary_mask: bools, ``True`` at the binary leaves of ``params``.
       flip_names: names (key paths) of the binary leaves, e.g. ``"layers/0/kernel"``.
       flip_sizes: their numbers of elements.
-      state_sharding: a `TrainState` of shardings.
       batch_sharding: the sharding of a batch (split along ``"data"``).
       train_step: ``(state, metrics, images, labels) -> (state, metrics)``, jitted; donates
         ``state`` and ``metrics``.
       eval_step: ``(state, metrics, images, labels, weights) -> metrics``, jitted.
+      init_state: builds the initial `TrainState`, placed on the mesh.
+      distill: the train step distils from a teacher (`Distillation`).
     """
 
     mesh: Mesh
-    train_graphdef: Any
     eval_graphdef: Any
     tx: optax.GradientTransformation
     binary_mask: Any
     flip_names: tuple[str, ...]
     flip_sizes: tuple[int, ...]
-    state_sharding: TrainState
-    metrics_sharding: Any
     batch_sharding: NamedSharding
     train_step: Callable[..., Any]
     eval_step: Callable[..., Any]
     init_state: Callable[[], TrainState]
+    distill: bool = False
 
     def zero_metrics(self) -> dict[str, Any]:
-        """Fresh accumulators, replicated over the mesh."""
-        distill = "distill" in self.metrics_sharding
-        return jax.device_put(zero_metrics(self.flip_names, distill), self.metrics_sharding)
+        """The per-epoch accumulators the train step adds to (with `distill`, the unweighted
+        distillation terms too), zeros replicated over the mesh."""
+        metrics = {
+            "loss": np.float32(0),
+            "correct": np.int32(0),
+            "count": np.int32(0),
+            "flips": {name: np.int32(0) for name in self.flip_names},
+        }
+        if self.distill:
+            metrics["distill"] = {k: np.float32(0) for k in DISTILL_TERMS}
+        return jax.device_put(metrics, NamedSharding(self.mesh, P()))
 
 
 def make_program(
@@ -254,56 +247,47 @@ def make_program(
     ]
     flip_names = tuple(name for name, _ in binary)
 
-    replicated = NamedSharding(mesh, P())
+    replicated, batch_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA))
     param_sh = tree_shardings(params, mesh)
-    state_sh = TrainState(
-        params=param_sh,
-        rest=jax.tree.map(lambda _: replicated, rest),
-        opt_state=state_shardings(tx, params, param_sh, mesh),
-        step=replicated,
-    )
-    metrics_sh = jax.tree.map(lambda _: replicated, zero_metrics(flip_names, distill is not None))
-    batch_sh = NamedSharding(mesh, P(DATA))
+    opt_sh = state_shardings(tx, params, param_sh, mesh)
+    state_sh = TrainState(param_sh, replicated, opt_sh, replicated)  # replicated: a tree prefix
 
     def init_state() -> TrainState:
         # Every process builds the same initial values (same seed); each places its part.
-        p = jax.tree.map(global_array, params, param_sh)
-        r = jax.tree.map(global_array, rest, state_sh.rest)
-        opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(p)
-        return TrainState(p, r, opt_state, global_array(np.zeros((), np.int32), replicated))
+        p, r = jax.device_put((params, rest), (param_sh, replicated))
+        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(p)
+        return TrainState(p, r, opt_state, jax.device_put(np.zeros((), np.int32), replicated))
 
     step = functools.partial(train_step, graphdef=train_graphdef, tx=tx, binary_mask=mask)
-    in_sh = (state_sh, metrics_sh, batch_sh, batch_sh)
+    in_sh = (state_sh, replicated, batch_sh, batch_sh)
     if distill is not None:  # the teacher's arrays: placed once, an argument of every step
         teacher_sh = (tree_shardings(distill.params, mesh), replicated)
         teacher = jax.device_put((distill.params, distill.rest), teacher_sh)
         step = functools.partial(step, distill=distill._replace(params=None, rest=None))
         in_sh += (teacher_sh,)
     train = jax.jit(
-        step, in_shardings=in_sh, out_shardings=(state_sh, metrics_sh), donate_argnums=(0, 1)
+        step, in_shardings=in_sh, out_shardings=(state_sh, replicated), donate_argnums=(0, 1)
     )
     if distill is not None:
         train = functools.partial(_with_teacher, train, teacher)
     evaluate = jax.jit(
         functools.partial(eval_step, graphdef=eval_graphdef),
-        in_shardings=(state_sh, metrics_sh, batch_sh, batch_sh, batch_sh),
-        out_shardings=metrics_sh,
+        in_shardings=(state_sh, replicated, batch_sh, batch_sh, batch_sh),
+        out_shardings=replicated,
         donate_argnums=(1,),
     )
     return Program(
         mesh=mesh,
-        train_graphdef=train_graphdef,
         eval_graphdef=eval_graphdef,
         tx=tx,
         binary_mask=mask,
         flip_names=flip_names,
         flip_sizes=tuple(size for _, size in binary),
-        state_sharding=state_sh,
-        metrics_sharding=metrics_sh,
         batch_sharding=batch_sh,
         train_step=train,
         eval_step=evaluate,
         init_state=init_state,
+        distill=distill is not None,
     )
 
 
