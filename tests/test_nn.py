@@ -373,11 +373,12 @@ def kernel_grad_bound(g, k_shape, padded_shape, strides, dilation):
 )
 @pytest.mark.parametrize("pad_value", [1.0, -1.0])
 def test_integer_forward_and_gradients_are_bit_identical(
-    kernel_size, strides, dilation, groups, pad_value
+    kernel_size, strides, dilation, groups, pad_value, monkeypatch
 ):
     """int8 products (int32 accumulation), the folded +-1 border and the custom JVP give exactly
     the values and gradients of the plain float formula; the patch-product kernel gradient
-    differs from XLA's only by float summation order, within the worst-case rounding bound."""
+    differs from XLA's only by float summation order, within the worst-case rounding bound,
+    whether the batch is one chunk of patches or cut into one chunk per example."""
     n = len(kernel_size)
     x = rand((6, *(9,) * n, 4))
     k = rand((*kernel_size, 4 // groups, 6), 1)
@@ -393,8 +394,11 @@ def test_integer_forward_and_gradients_are_bit_identical(
     y_ref, vjp_ref = jax.vjp(ref, x, k)
     g = rand(y_ref.shape, 2)
     dx_ref, dk_ref = vjp_ref(g)
+    default_budget = F.PATCH_CHUNK_BYTES
     for arithmetic in ("integer", "float"):
-        for kernel_grad in ("xla", "patches"):
+        # A budget of 1 byte cuts the batch into one chunk of patches per example (6 chunks).
+        for kernel_grad, budget in [("xla", None), ("patches", None), ("patches", 1)]:
+            monkeypatch.setattr(F, "PATCH_CHUNK_BYTES", budget or default_budget)
             f = functools.partial(
                 F.binary_conv,
                 strides=strides,
@@ -406,6 +410,8 @@ def test_integer_forward_and_gradients_are_bit_identical(
             )
             y, vjp = jax.jit(lambda x, k, f=f: jax.vjp(f, x, k))(x, k)
             dx, dk = vjp(g)
+            chunked = "while" in jax.jit(vjp).lower(g).as_text()
+            assert chunked == (budget == 1 and groups == 1), (kernel_grad, budget)
             np.testing.assert_array_equal(y, y_ref)
             np.testing.assert_array_equal(dx, dx_ref)
             if kernel_grad == "xla" or groups > 1:  # grouped convolutions always use XLA's
@@ -420,6 +426,14 @@ def test_integer_forward_and_gradients_are_bit_identical(
                 bound = kernel_grad_bound(g, k.shape, padded, strides, dilation)
                 assert np.all(err <= bound), (arithmetic, float(err.max()))
                 assert 0 < err.max() < 1e-3 * np.abs(np.asarray(dk_ref)).max()
+
+
+def test_patch_chunk_size_is_the_largest_divisor_within_the_budget():
+    assert F.patch_chunk_size(256, 10, budget=45) == 4
+    assert F.patch_chunk_size(256, 10, budget=10_000) == 256
+    assert F.patch_chunk_size(6, 10, budget=45) == 3
+    assert F.patch_chunk_size(7, 10, budget=45) == 1  # a prime batch: one example at a time
+    assert F.patch_chunk_size(8, 100, budget=1) == 1
 
 
 def test_integer_path_is_taken_and_exact_for_dense():

@@ -412,16 +412,15 @@ def _conv(x, w, spec: _Spec):
     return y
 
 
-def _patch_product(x, w_dot, spec: _Spec):
+# Bytes of patches built at once by the patch-product kernel gradient (see `_patch_product`).
+PATCH_CHUNK_BYTES = 2 * 2**20
+
+
+def _patches_dot(x, w_dot, spec: _Spec):
     """``conv(pad(x, pad_value), w_dot)`` as one matrix product of the input's patches.
 
     The patches are the shifted (strided, dilated) copies of the padded input, one per kernel
-    position, concatenated along channels: ``(batch * out_spatial, prod(kernel_size) * C)``. The
-    transpose of this product, the kernel gradient, is ``patches.T @ output_gradient``: one
-    large matrix product, which XLA:CPU runs faster than its own kernel-gradient convolution
-    (BinaryNet's whole training step: 0.78x the CPU time, BENCHMARKS.md). Under
-    `jax.checkpoint`, so the patches are built in the backward pass from the saved input (int8
-    on the integer path), not kept from the forward pass. Only for ``feature_group_count == 1``.
+    position, concatenated along channels: ``(batch * out_spatial, prod(kernel_size) * C)``.
     """
     kernel_size, c, o = w_dot.shape[:-2], w_dot.shape[-2], w_dot.shape[-1]
     xp = pad_quantized(x, spec.pads, spec.pad_value)  # int8 on the integer path: cheap copies
@@ -448,6 +447,38 @@ def _patch_product(x, w_dot, spec: _Spec):
     return y.reshape((xp.shape[0], *out, o))
 
 
+def patch_chunk_size(batch: int, bytes_per_example: int, budget: int | None = None) -> int:
+    """How many examples the patch-product kernel gradient takes at once.
+
+    The largest divisor of ``batch`` whose patches fit in ``budget`` bytes (default
+    `PATCH_CHUNK_BYTES`), at least 1.
+    """
+    budget = PATCH_CHUNK_BYTES if budget is None else budget
+    most = max(1, budget // max(1, bytes_per_example))
+    return max(d for d in range(1, min(batch, most) + 1) if batch % d == 0)
+
+
+def _patch_product(x, w_dot, spec: _Spec):
+    """``conv(pad(x, pad_value), w_dot)`` by matrix products of the input's patches, by chunks.
+
+    Its transpose, the kernel gradient, is ``sum over chunks of patches.T @ output_gradient``.
+    The batch is cut into chunks of `patch_chunk_size` examples (a `lax.map`, whose transpose
+    accumulates the kernel gradient chunk by chunk), each chunk's patches built under
+    `jax.checkpoint` from the saved input (int8 on the integer path): the patches of a chunk
+    stay in the CPU's cache instead of being written out for the whole batch, which made
+    building them about half of BinaryNet's training step (BENCHMARKS.md section 7). Only for
+    ``feature_group_count == 1``.
+    """
+    per_example = math.prod(w_dot.shape[:-1]) * math.prod(x.shape[1:-1]) * w_dot.dtype.itemsize
+    size = patch_chunk_size(x.shape[0], per_example)
+    product = jax.checkpoint(_patches_dot, static_argnums=(2,))
+    if size == x.shape[0]:
+        return product(x, w_dot, spec)
+    chunks = x.reshape(x.shape[0] // size, size, *x.shape[1:])
+    y = lax.map(lambda xc: product(xc, w_dot, spec), chunks)
+    return y.reshape(x.shape[0], *y.shape[2:])
+
+
 def _conv_jvp(spec, primals, tangents):
     x, w = primals
     x_dot, w_dot = tangents
@@ -460,7 +491,7 @@ def _conv_jvp(spec, primals, tangents):
         if spec.kernel_grad == "patches":
             # Recomputed in the backward pass from x (saved as int8 on the integer path).
             saved = x.astype(jnp.int8) if spec.integer else _bwd(x, spec)
-            kt = jax.checkpoint(_patch_product, static_argnums=(2,))(saved, _bwd(w_dot, spec), spec)
+            kt = _patch_product(saved, _bwd(w_dot, spec), spec)
         else:
             xp = pad_quantized(_bwd(x, spec), spec.pads, spec.pad_value)
             kt = _conv_op(xp, _bwd(w_dot, spec), spec, "VALID")
