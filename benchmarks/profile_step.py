@@ -88,7 +88,7 @@ def main(argv=None):
             state, metrics = program.train_step(state, metrics, x, y)
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
-        (path,) = glob.glob(os.path.join(tmp, "**", "*.json.gz"), recursive=True)
+        (path,) = glob.glob(os.path.join(tmp, "**", "*.trace.json.gz"), recursive=True)
         with gzip.open(path) as f:
             events = json.load(f)["traceEvents"]
     by_kind = collections.Counter()

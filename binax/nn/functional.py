@@ -412,39 +412,45 @@ def _conv(x, w, spec: _Spec):
     return y
 
 
-# Bytes of patches built at once by the patch-product kernel gradient (see `_patch_product`).
+#: Bytes of float patches the patch-product kernel gradient builds at once (`_patch_product`):
+#: 1-8 MiB measured alike per layer of BinaryNet on the development CPU (BENCHMARKS.md).
 PATCH_CHUNK_BYTES = 2 * 2**20
 
 
-def _patches_dot(x, w_dot, spec: _Spec):
+def _patches_dot(xt, w_dot, spec: _Spec):
     """``conv(pad(x, pad_value), w_dot)`` as one matrix product of the input's patches.
 
-    The patches are the shifted (strided, dilated) copies of the padded input, one per kernel
-    position, concatenated along channels: ``(batch * out_spatial, prod(kernel_size) * C)``.
+    ``xt`` is the input channels first, ``(C, batch, *spatial)``. The patches are the shifted
+    (strided, dilated) copies of the padded input, one per kernel position, stacked along the
+    first axis: ``(prod(kernel_size) * C, batch * out_spatial)``, so that the transposed
+    product, the kernel gradient ``patches @ output_gradient``, is a plain row-major matrix
+    product (which XLA:CPU hands to YNNPACK; with the patches as ``(rows, features)`` it
+    would contract their first axis and fall back to a slower generic kernel).
     """
     kernel_size, c, o = w_dot.shape[:-2], w_dot.shape[-2], w_dot.shape[-1]
-    xp = pad_quantized(x, spec.pads, spec.pad_value)  # int8 on the integer path: cheap copies
+    value = jnp.asarray(spec.pad_value, xt.dtype)  # int8 on the integer path: cheap copies
+    xp = lax.pad(xt, value, [(0, 0, 0), (0, 0, 0), *((lo, hi, 0) for lo, hi in spec.pads)])
     out = [
-        (xp.shape[1 + i] - (k - 1) * d - 1) // s + 1
+        (xp.shape[2 + i] - (k - 1) * d - 1) // s + 1
         for i, (k, d, s) in enumerate(zip(kernel_size, spec.dilation, spec.strides, strict=True))
     ]
     pieces = []
     for kidx in np.ndindex(*kernel_size):
-        start = (0, *(k * d for k, d in zip(kidx, spec.dilation, strict=True)), 0)
+        start = (0, 0, *(k * d for k, d in zip(kidx, spec.dilation, strict=True)))
         limit = (
-            xp.shape[0],
-            *(a + (n - 1) * s + 1 for a, n, s in zip(start[1:-1], out, spec.strides, strict=True)),
             c,
+            xp.shape[1],
+            *(a + (n - 1) * s + 1 for a, n, s in zip(start[2:], out, spec.strides, strict=True)),
         )
-        pieces.append(lax.slice(xp, start, limit, (1, *spec.strides, 1)))
-    patches = jnp.concatenate(pieces, axis=-1).reshape(-1, len(pieces) * c).astype(w_dot.dtype)
+        pieces.append(lax.slice(xp, start, limit, (1, 1, *spec.strides)))
+    patches = jnp.concatenate(pieces, axis=0).reshape(len(pieces) * c, -1).astype(w_dot.dtype)
     y = lax.dot_general(
         patches,
         w_dot.reshape(-1, o),
-        (((1,), (0,)), ((), ())),
+        (((0,), (0,)), ((), ())),
         precision=spec.precision,
     )
-    return y.reshape((xp.shape[0], *out, o))
+    return y.reshape((xp.shape[1], *out, o))
 
 
 def patch_chunk_size(batch: int, bytes_per_example: int, budget: int | None = None) -> int:
@@ -461,20 +467,22 @@ def patch_chunk_size(batch: int, bytes_per_example: int, budget: int | None = No
 def _patch_product(x, w_dot, spec: _Spec):
     """``conv(pad(x, pad_value), w_dot)`` by matrix products of the input's patches, by chunks.
 
-    Its transpose, the kernel gradient, is ``sum over chunks of patches.T @ output_gradient``.
-    The batch is cut into chunks of `patch_chunk_size` examples (a `lax.map`, whose transpose
-    accumulates the kernel gradient chunk by chunk), each chunk's patches built under
-    `jax.checkpoint` from the saved input (int8 on the integer path): the patches of a chunk
-    stay in the CPU's cache instead of being written out for the whole batch, which made
-    building them about half of BinaryNet's training step (BENCHMARKS.md section 7). Only for
-    ``feature_group_count == 1``.
+    Its transpose, the kernel gradient, is the sum over chunks of ``patches @
+    output_gradient``. The batch is cut into chunks of `patch_chunk_size` examples (a
+    `lax.map`, whose transpose accumulates the kernel gradient chunk by chunk), each chunk's
+    patches built under `jax.checkpoint` from the saved input (int8 on the integer path,
+    transposed channels-first once): the patches of a chunk stay in the CPU's cache instead of
+    being written out for the whole batch, which made building them about half of BinaryNet's
+    training step (BENCHMARKS.md section 7). Only for ``feature_group_count == 1``.
     """
     per_example = math.prod(w_dot.shape[:-1]) * math.prod(x.shape[1:-1]) * w_dot.dtype.itemsize
     size = patch_chunk_size(x.shape[0], per_example)
     product = jax.checkpoint(_patches_dot, static_argnums=(2,))
-    if size == x.shape[0]:
-        return product(x, w_dot, spec)
+    # (chunks, C, size, *spatial): one transposition of the (int8) input, not of the patches.
     chunks = x.reshape(x.shape[0] // size, size, *x.shape[1:])
+    chunks = jnp.moveaxis(chunks, -1, 1)
+    if size == x.shape[0]:
+        return product(chunks[0], w_dot, spec)
     y = lax.map(lambda xc: product(xc, w_dot, spec), chunks)
     return y.reshape(x.shape[0], *y.shape[2:])
 
@@ -510,10 +518,10 @@ def check_kernel_grad(kernel_grad: str, argname: str = "kernel_grad") -> str:
 def resolve_kernel_grad(kernel_grad: str, feature_group_count: int = 1) -> str:
     """``'patches'`` or ``'xla'``: how a convolution's kernel gradient is computed.
 
-    ``'patches'``: one matrix product of the input's patches with the output gradient (see
-    `_patch_product`); ``'xla'``: XLA's own kernel-gradient convolution. ``'auto'`` takes
-    ``'patches'`` on the CPU backend for ungrouped convolutions and ``'xla'`` otherwise (GPU
-    and TPU have fast kernel-gradient convolutions of their own).
+    ``'patches'``: matrix products of the input's patches with the output gradient, chunk by
+    chunk of the batch (see `_patch_product`); ``'xla'``: XLA's own kernel-gradient
+    convolution. ``'auto'`` takes ``'patches'`` on the CPU backend for ungrouped convolutions
+    and ``'xla'`` otherwise (GPU and TPU have fast kernel-gradient convolutions of their own).
     """
     check_kernel_grad(kernel_grad)
     if kernel_grad == "auto":
@@ -558,10 +566,11 @@ def binary_conv(
       are integer-valued) the product is int8 with int32 accumulation, exactly the float
       product;
     - gradients: the quantizers' straight-through estimators, then the transposed products in
-      the computation dtype (or ``backward_dtype``); the kernel gradient as one matrix product
-      of the input's patches with the output gradient (``kernel_grad='patches'``, the default
-      on CPU) or as XLA's kernel-gradient convolution (``'xla'``). The two differ only in the
-      order of the float summation. Forward-mode differentiation works too.
+      the computation dtype (or ``backward_dtype``); the kernel gradient as matrix products
+      of the input's patches with the output gradient, chunk by chunk of the batch
+      (``kernel_grad='patches'``, the default on CPU) or as XLA's kernel-gradient convolution
+      (``'xla'``). The two differ only in the order of the float summation. Forward-mode
+      differentiation works too.
 
     Args:
       x: ``(batch, *spatial, in_features)``; extra leading batch axes are flattened and restored,

@@ -278,7 +278,7 @@ class BinaryConv(_BinaryLayer):
       pad_value: ``+1.0`` (default) or ``-1.0``; ``None`` pads with zeros and is allowed only
         with ``input_quantizer=None`` (a real input, e.g. the first layer of a network).
       kernel_grad: ``'auto'`` (default: ``'patches'`` on the CPU, ``'xla'`` elsewhere),
-        ``'patches'`` (one matrix product of the input's patches) or ``'xla'`` (XLA's
+        ``'patches'`` (matrix products of the input's patches) or ``'xla'`` (XLA's
         kernel-gradient convolution); see `binax.nn.functional.binary_conv`.
       Other arguments: as `BinaryLinear`.
     """
