@@ -83,22 +83,17 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
+        values = []
+    if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(
-            f"expected integers separated by commas, got {text!r}"
-        ) from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+            f"expected positive integers separated by commas, got {text!r}"
+        )
     return values
 
 
 #: Model arguments with a flag of their own: name -> (model, type, metavar, help).
 _MODEL_FLAGS = {
-    "hidden_sizes": (
-        "mlp",
-        _int_list,
-        "N,N,...",
-        "hidden layer widths (default 512,512)",
-    ),
+    "hidden_sizes": ("mlp", _int_list, "N,N,...", "hidden layer widths (default 512,512)"),
     "width_multiplier": ("binarynet", float, "F", "scales every width (default 1.0)"),
     "width": ("resnet18", int, "N", "width of the first stage (default 64)"),
 }
