@@ -57,7 +57,8 @@ import _common  # noqa: E402
 from binax.models import _common as layout  # noqa: E402
 from binax.models.binarynet import CONV_PLAN, DENSE_PLAN  # noqa: E402
 from binax.models.resnet import BLOCKS_PER_STAGE, STAGES  # noqa: E402
-from binax.train import build_model, make_mesh, make_program, optim  # noqa: E402
+from binax.train import make_mesh, make_program, optim  # noqa: E402
+from binax.train import model as train_model  # noqa: E402
 
 CANDIDATES = ("bop", "bop2nd_order", "sgdat", "diode", "cema", "latent", "real")
 INPUT_SHAPE = (32, 32, 3)
@@ -210,12 +211,9 @@ def build(model: str, kwargs: dict, optimizer: str, batch: int, seed: int = 0):
         program, state, metrics = float_program(net, seed)
         return [program, state, metrics, jnp.asarray(images), jnp.asarray(labels)]
     mesh = make_mesh(1)
-    net = build_model(model, kwargs, INPUT_SHAPE, NUM_CLASSES, seed)
-    hp = optim.hparams(optimizer)
-    init_params = None
-    if optimizer == "latent":
-        key = jax.random.key(seed + 1)
-        init_params = lambda params, mask: optim.latent_init(params, mask, key)
+    recipe = optim.recipe(optimizer)
+    net, init_params = train_model.for_recipe(recipe, model, kwargs, INPUT_SHAPE, NUM_CLASSES, seed)
+    hp = recipe.resolve()
     program = make_program(
         net,
         lambda labels: optim.make_optimizer(
