@@ -276,7 +276,7 @@ def test_nnx_optimizer_end_to_end_with_partition(built):
 
 
 def test_registry_and_errors():
-    assert set(models.names()) == {"mlp", "binarynet", "resnet18", "vit"}
+    assert set(models.names()) == {"mlp", "binarynet", "resnet18", "vit", "encoder"}
     with pytest.raises(ValueError, match="name.*'vgg'.*'mlp', 'binarynet', 'resnet18'"):
         models.get("vgg", rngs=rngs())
     with pytest.raises(ValueError, match="input_shape"):

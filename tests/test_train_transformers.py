@@ -153,3 +153,77 @@ def test_distilling_a_model_that_is_not_a_transformer_uses_the_logits(tmp_path):
 def test_bad_distillation_settings_are_clear_errors(kw, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         train(tiny_vit(tmp_path / "run", **kw))
+
+
+# --- GLUE: the encoder on token ids -------------------------------------------------------
+
+ENCODER = {"features": 8, "depth": 1, "num_heads": 2, "vocab_size": 64, "max_length": 16}
+WORDS = "the a cat dog sat ran on under mat rug big small red blue".split()
+
+
+def write_mrpc(glue_data):
+    """A tiny MRPC in GLUE's layout: 24 training pairs, 8 dev pairs (label: same first word)."""
+    rng = np.random.default_rng(0)
+    (glue_data / "MRPC").mkdir(parents=True)
+    head = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    for split, n in (("train", 24), ("dev", 8)):
+        rows = []
+        for i in range(n):
+            a, b = (" ".join(rng.choice(WORDS, 5)) for _ in range(2))
+            rows.append(f"{int(a.split()[0] == b.split()[0])}\t{i}\t{i + n}\t{a}\t{b}\n")
+        (glue_data / "MRPC" / f"{split}.tsv").write_text(head + "".join(rows))
+    return glue_data
+
+
+def encoder_argv(glue_data, run_dir, *extra):
+    argv = ["--model", "encoder", "--dataset", "glue/mrpc", "--data-dir", str(glue_data)]
+    argv += ["--optimizer", "bop", "--batch-size", "8", "--num-devices", "1", "--no-plots"]
+    argv += ["--no-progress", "--run-dir", str(run_dir), *extra]
+    for k, v in ENCODER.items():
+        argv += ["--model-arg", f"{k}={v}"]
+    return argv
+
+
+def test_encoder_trains_on_a_glue_task_and_resumes_with_its_tokenizer(tmp_path, capsys):
+    glue_data, run_dir = write_mrpc(tmp_path / "glue_data"), tmp_path / "run"
+    assert cli.main(encoder_argv(glue_data, run_dir, "--epochs", "1")) == 0
+    tokenizer = (run_dir / "tokenizer.json").read_text()
+    # Resumed, the run reads its own tokenizer even when the training file has changed.
+    (glue_data / "MRPC" / "train.tsv").write_text(
+        (glue_data / "MRPC" / "train.tsv").read_text().replace("cat", "zebra")
+    )
+    assert cli.main(encoder_argv(glue_data, run_dir, "--epochs", "2", "--resume")) == 0
+    assert (run_dir / "tokenizer.json").read_text() == tokenizer
+    records = [json.loads(line) for line in (run_dir / LOG_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[1]["step"] == 6 and records[1]["flip_ratio_total"] > 0  # 3 steps of 8
+    assert all(np.isfinite(r["train_loss"]) for r in records)
+    # The dev split is the test set: 8 pairs, accuracy in eighths.
+    assert all(round(8 * r["test_accuracy"], 6) % 1 == 0 for r in records)
+    model = restore(str(run_dir)).model()
+    ids = np.zeros((2, 3, ENCODER["max_length"]), np.int32)
+    assert model(ids).shape == (2, 2)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(data_dir="missing"), "no file at"),
+        (dict(data_dir=None), "data_dir: glue/mrpc needs --data-dir"),
+        (dict(dataset="glue/stsb"), "regression task"),
+        (dict(dataset="digits"), "does not go with model 'encoder'"),
+        (dict(model_kwargs={**ENCODER, "vocab_size": 6}), "smaller than the tokenizer"),
+    ],
+)
+def test_glue_errors_are_clear(change, message, tmp_path):
+    glue_data = write_mrpc(tmp_path / "glue_data")
+    config = tiny_vit(
+        tmp_path / "run", model="encoder", model_kwargs=ENCODER, dataset="glue/mrpc",
+        data_dir=str(glue_data), batch_size=8,
+    )  # fmt: skip
+    for k, v in change.items():
+        setattr(config, k, str(tmp_path / v) if k == "data_dir" and v else v)
+    from binax.data import DatasetNotFoundError
+
+    with pytest.raises((ConfigError, DatasetNotFoundError), match=message):
+        train(config)

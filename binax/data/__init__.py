@@ -27,6 +27,7 @@ from binax.data.fetch import (
     resolve_data_dir,
 )
 from binax.data.glue import (
+    GLUE_DATASETS,
     GLUE_TASKS,
     GlueExamples,
     GlueTask,
@@ -51,6 +52,7 @@ __all__ = [
     "DATASET_NAMES",
     "DOWNLOADABLE",
     "FASHION_MNIST_SYSTEM_DIR",
+    "GLUE_DATASETS",
     "GLUE_TASKS",
     "GlueExamples",
     "GlueTask",

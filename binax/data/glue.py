@@ -43,6 +43,7 @@ import numpy as np
 from binax.data.errors import DataFormatError, DatasetNotFoundError
 
 __all__ = [
+    "GLUE_DATASETS",
     "GLUE_TASKS",
     "GlueExamples",
     "GlueTask",
@@ -98,6 +99,9 @@ GLUE_TASKS: dict[str, GlueTask] = {
     "rte": GlueTask("RTE", ("sentence1", "sentence2"), "label", _NLI2),
     "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), "label", _BINARY),
 }
+
+#: The tasks as ``binax-train --dataset`` names them (``glue/sst2``, ...).
+GLUE_DATASETS = tuple(f"glue/{task}" for task in GLUE_TASKS)
 
 # CoLA's train and dev files: source, label, original mark, sentence (no header).
 _COLA_COLUMNS = ("source", "label", "mark", "sentence")

@@ -21,9 +21,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 __all__ = [
+    "DEFAULT_MAX_LENGTH",
+    "DEFAULT_VOCAB_SIZE",
     "SPECIAL_TOKENS",
     "Encoded",
     "encode",
+    "glue_dataset",
     "load_tokenizer",
     "train_wordpiece",
     "wordpiece_from_vocab",
@@ -31,6 +34,8 @@ __all__ = [
 
 #: BERT's special tokens; ``[PAD]`` gets id 0 (`binax.models.BinaryEncoder`'s ``pad_id``).
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+#: The defaults of ``binax-train --model encoder``: vocabulary size and sequence length.
+DEFAULT_VOCAB_SIZE, DEFAULT_MAX_LENGTH = 8192, 128
 
 
 def _tokenizers():
@@ -68,7 +73,7 @@ def _add_template(tokenizer: Any) -> Any:
 
 def train_wordpiece(
     texts: Iterable[str],
-    vocab_size: int = 8192,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
     *,
     min_frequency: int = 2,
     lowercase: bool = True,
@@ -164,3 +169,47 @@ def encode(
         len(batch), max_length
     )
     return Encoded(as_array("ids"), as_array("type_ids"), as_array("attention_mask"))
+
+
+def glue_dataset(
+    task: str, split: str, data_dir: str | os.PathLike, tokenizer: Any, max_length: int
+) -> Any:
+    """One GLUE split, tokenized, as a `binax.data.Dataset` for the training input pipeline.
+
+    Its ``images`` are int32 ``(n, 3, max_length)``: each example's token ids, token types and
+    attention mask (`encode`) stacked, which `binax.models.BinaryEncoder` takes as one array.
+
+    Args:
+      task, split, data_dir: as `binax.data.read_glue`.
+      tokenizer: from `train_wordpiece` (on the train split) or `load_tokenizer`.
+      max_length: tokens per example, special tokens included.
+
+    Raises:
+      ValueError: a regression task (STS-B: its labels are scores, not classes), or a split
+        without labels (the test files).
+      DatasetNotFoundError, DataFormatError: from `binax.data.read_glue`.
+    """
+    from binax.data.datasets import Dataset
+    from binax.data.glue import glue_task, read_glue
+
+    spec = glue_task(task)
+    if spec.labels is None:
+        raise ValueError(
+            f"task: {spec.name} is a regression task (similarity scores), not classification"
+        )
+    examples = read_glue(task, split, data_dir)
+    if examples.labels is None:
+        raise ValueError(f"split: {spec.name} {split} has no labels (a test file)")
+    tokens = encode(tokenizer, examples.text_a, examples.text_b, max_length=max_length)
+    return Dataset(
+        name=f"glue/{task}",
+        split=split,
+        images=np.stack(tokens, axis=1),
+        labels=examples.labels.astype(np.int32),
+        num_classes=spec.num_classes,
+        mean=(0.0,),
+        std=(1.0,),
+        max_value=1,
+        normalized=True,
+        source=(os.fspath(data_dir),),
+    )

@@ -1,8 +1,8 @@
 """Reference binary architectures (Flax NNX), by class or by name with `get`.
 
-The image models (those `get` knows) take ``input_shape=(height, width, channels)``,
-``num_classes`` and ``rngs=nnx.Rngs(...)``, are called as ``model(x)`` on NHWC float images and
-return logits. `BinaryEncoder` takes ``vocab_size`` instead and classifies token-id sequences.
+The image models take ``input_shape=(height, width, channels)``, ``num_classes`` and
+``rngs=nnx.Rngs(...)``, are called as ``model(x)`` on NHWC float images and return logits.
+`BinaryEncoder` (``"encoder"``) takes ``vocab_size`` instead and classifies token-id sequences.
 BatchNorm follows Flax NNX: ``model.train()`` / ``model.eval()`` switch between batch and running
 statistics.
 """
@@ -45,7 +45,8 @@ _REGISTRY: dict[str, type[nnx.Module]] = {
     "binarynet": BinaryNet,
     "resnet18": BinaryResNet18,
     "vit": BinaryViT,
-}  # BinaryEncoder (token ids, not images) is built by class: the registry names image models
+    "encoder": BinaryEncoder,
+}
 
 
 def names() -> tuple[str, ...]:

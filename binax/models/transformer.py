@@ -280,16 +280,21 @@ class BinaryEncoder(nnx.Module):
 
         Args:
           input_ids: ``(batch, length)`` integer ids, ``length <= max_length``; the first token
-            (e.g. ``[CLS]``) is pooled.
+            (e.g. ``[CLS]``) is pooled. Or ``(batch, 3, length)``: ids, token types and
+            attention mask stacked (`binax.data.text.glue_dataset`'s rows, what ``binax-train``
+            feeds), with ``token_type_ids`` and ``attention_mask`` None.
           token_type_ids: ``(batch, length)`` segment ids, or None (all 0).
           attention_mask: ``(batch, length)``, nonzero at real tokens; default
             ``input_ids != pad_id``.
           return_intermediates: return a `TransformerOutput` instead of the logits.
         """
+        stacked = input_ids.ndim == 3 and input_ids.shape[1] == 3
+        if stacked and token_type_ids is None and attention_mask is None:
+            input_ids, token_type_ids, attention_mask = (input_ids[:, i] for i in range(3))
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(
-                "BinaryEncoder: input_ids must be (batch, length) integers, got "
-                f"{input_ids.dtype} of shape {input_ids.shape}"
+                "BinaryEncoder: input_ids must be (batch, length) or (batch, 3, length) "
+                f"integers, got {input_ids.dtype} of shape {input_ids.shape}"
             )
         length = input_ids.shape[1]
         if length > self.max_length:

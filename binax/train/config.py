@@ -7,7 +7,7 @@ import dataclasses
 import json
 from typing import Any
 
-from binax.data import DATASET_NAMES
+from binax.data import DATASET_NAMES, GLUE_DATASETS
 from binax.train import optim, schedules
 
 
@@ -55,7 +55,12 @@ class Config:
 
     model: str = _field("mlp", "architecture", _MODEL, choices=_model_names)
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    dataset: str = _field("digits", "dataset (digits: no download)", _MODEL, choices=DATASET_NAMES)
+    dataset: str = _field(
+        "digits",
+        "dataset (digits: no download; glue/<task>: GLUE's files in --data-dir, --model encoder)",
+        _MODEL,
+        choices=DATASET_NAMES + GLUE_DATASETS,
+    )
     data_dir: str | None = _field(
         None,
         "where the dataset files are, and only there "
@@ -134,6 +139,7 @@ class Config:
                     sign = "positive" if positive else "non-negative"
                     what = "integer" if kind is int else "number"
                     raise ConfigError(f"{f.name} must be a {sign} {what}, got {value!r}")
+        _check_text(self)
         try:
             optim.recipe(self.optimizer).resolve(self.hparams)
         except ValueError as e:
@@ -183,3 +189,23 @@ Config.__doc__ += "\n    Attributes:\n" + "".join(
     for f in dataclasses.fields(Config)
     if f.metadata
 )
+
+
+def _check_text(config: Config) -> None:
+    """GLUE tasks go with the encoder (and it with them), from files in ``data_dir``."""
+    text = config.dataset in GLUE_DATASETS
+    if text != (config.model == "encoder"):
+        raise ConfigError(
+            f"dataset: {config.dataset!r} does not go with model {config.model!r}: the text "
+            f"datasets ({', '.join(GLUE_DATASETS)}) are for --model encoder, and it is for them"
+        )
+    if text and config.data_dir is None:
+        raise ConfigError(
+            f"data_dir: {config.dataset} needs --data-dir DIR, the glue_data folder of GLUE's "
+            "download script (binax does not download GLUE)"
+        )
+    if config.dataset == "glue/stsb":
+        raise ConfigError(
+            "dataset: glue/stsb is a regression task (similarity scores) and binax-train trains "
+            "classifiers; build binax.models.BinaryEncoder(num_classes=1) with your own loss"
+        )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterator
 
 import jax
@@ -20,7 +21,10 @@ from jax.sharding import NamedSharding
 
 from binax import data as bdata
 from binax.train.config import Config, ConfigError
-from binax.train.sharding import global_batch, process_rows
+from binax.train.sharding import global_batch, is_main, process_rows
+
+#: The tokenizer of a text run, in its run directory (`binax.data.text`).
+TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclasses.dataclass
@@ -84,12 +88,59 @@ class InputPipeline:
         return global_batch(self.sharding, local, rows)
 
 
+def glue_datasets(config: Config) -> tuple[bdata.Dataset, bdata.Dataset]:
+    """The train and dev splits of a GLUE task as token ids (`binax.data.text.glue_dataset`).
+
+    The tokenizer is the run's own: the one saved in its run directory when the run exists
+    (resumed or restored), else the teacher's (``distill_from``, so that token ids agree), else
+    a WordPiece vocabulary of the ``vocab_size`` model argument trained on the train split; it
+    is saved in the run directory as `TOKENIZER_FILE`. Sequences have ``max_length`` tokens
+    (model argument; defaults `binax.data.text.DEFAULT_VOCAB_SIZE`, ``DEFAULT_MAX_LENGTH``).
+    """
+    from binax.data import text
+
+    task = config.dataset.split("/", 1)[1]
+    vocab_size = config.model_kwargs.get("vocab_size", text.DEFAULT_VOCAB_SIZE)
+    max_length = config.model_kwargs.get("max_length", text.DEFAULT_MAX_LENGTH)
+    path = os.path.join(config.run_dir, TOKENIZER_FILE)
+    source = None
+    if os.path.exists(os.path.join(config.run_dir, "config.json")):
+        source = path
+    elif config.distill_from is not None:
+        source = os.path.join(config.distill_from, TOKENIZER_FILE)
+    if source is None:
+        train = bdata.read_glue(task, "train", config.data_dir)
+        tokenizer = text.train_wordpiece(train.text_a + (train.text_b or []), vocab_size)
+    elif not os.path.isfile(source):
+        raise ConfigError(f"dataset: {source} is missing: the tokenizer of the run it belongs to")
+    else:
+        tokenizer = text.load_tokenizer(source)
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise ConfigError(
+            f"model_kwargs: vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer.get_vocab_size()}, {source})"
+        )
+    if source != path and is_main():
+        os.makedirs(config.run_dir, exist_ok=True)
+        tokenizer.save(path)
+    try:
+        return tuple(
+            text.glue_dataset(task, split, config.data_dir, tokenizer, max_length)
+            for split in ("train", bdata.glue_task(task).splits[1])  # dev (MNLI: dev_matched)
+        )
+    except bdata.DataFormatError:
+        raise
+    except ValueError as e:  # e.g. max_length
+        raise ConfigError(f"model_kwargs: {e}") from None
+
+
 def create(config: Config, sharding: NamedSharding) -> InputPipeline:
     """The input pipeline of ``config`` over the batch ``sharding`` (split along ``"data"``).
 
     The train split is raw when augmenting (augmentation works on pixels, then normalises);
     ``digits`` and ``mnist_subset``, which have no official split, always use the test split of
-    ``binax.data.load(..., seed=0)``, so runs with different seeds are evaluated alike.
+    ``binax.data.load(..., seed=0)``, so runs with different seeds are evaluated alike. A GLUE
+    task (``glue/<task>``) is its train split and its dev split (`glue_datasets`).
 
     Raises:
       ConfigError: a batch size the data-parallel devices do not divide, or larger than the
@@ -103,9 +154,12 @@ def create(config: Config, sharding: NamedSharding) -> InputPipeline:
             f"devices ({data_size})"
         )
     augment = config.augment if config.augment is not None else config.dataset.startswith("cifar")
-    kw = dict(data_dir=config.data_dir, download=config.download, seed=0)
-    train_set = bdata.load(config.dataset, "train", normalized=not augment, **kw)
-    test_set = bdata.load(config.dataset, "test", normalized=True, **kw)
+    if config.dataset.startswith("glue/"):
+        (train_set, test_set), augment = glue_datasets(config), False
+    else:
+        kw = dict(data_dir=config.data_dir, download=config.download, seed=0)
+        train_set = bdata.load(config.dataset, "train", normalized=not augment, **kw)
+        test_set = bdata.load(config.dataset, "test", normalized=True, **kw)
     spe = bdata.num_batches(len(train_set), config.batch_size)
     if spe < 1:
         raise ConfigError(

@@ -21,7 +21,7 @@ def hard_tanh(x: jax.Array) -> jax.Array:
 def build_model(
     name: str,
     model_kwargs: dict[str, Any],
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
     seed: int,
     *,
@@ -29,6 +29,10 @@ def build_model(
 ) -> nnx.Module:
     """Builds a `binax.models` architecture, or with ``full_precision=True`` its full-precision
     baseline.
+
+    ``input_shape`` is an example's: an image's ``(height, width, channels)``, or ``(3,
+    max_length)`` for the encoder (its ``vocab_size`` defaults to
+    `binax.data.text.DEFAULT_VOCAB_SIZE`).
 
     A model with a full-precision twin (a ``binary`` argument: the transformers,
     `binax.models.BinaryViT`) is built as that twin, ``binary=False``: real kernels and
@@ -44,9 +48,13 @@ def build_model(
         kwargs["binary"] = False
     elif full_precision:
         kwargs.update(kernel_quantizer=None, input_quantizer=hard_tanh)
-    return models.get(
-        name, input_shape=tuple(input_shape), num_classes=num_classes, rngs=nnx.Rngs(seed), **kwargs
-    )
+    if name == "encoder":  # rows of (ids, types, mask), binax.data.text.glue_dataset's
+        from binax.data import text
+
+        kwargs = {"vocab_size": text.DEFAULT_VOCAB_SIZE, **kwargs, "max_length": input_shape[-1]}
+    else:
+        kwargs["input_shape"] = tuple(input_shape)
+    return models.get(name, num_classes=num_classes, rngs=nnx.Rngs(seed), **kwargs)
 
 
 def for_recipe(
