@@ -3,6 +3,7 @@
 A run directory holds::
 
     config.json        the Config (JSON)
+    tokenizer.json     a text run's tokenizer (`binax.train.input_pipeline.glue_datasets`)
     log.jsonl          one JSON record per epoch (losses, accuracies, flips per binary layer)
     loss.png, accuracy.png, flip_ratio.png
     checkpoints/<N>/   the Orbax checkpoint after epoch N (the last ``keep_checkpoints``)
@@ -64,7 +65,8 @@ def default_run_dir(config: Config) -> str:
     """``runs/<model>-<dataset>-<optimizer>-<date>-<time>`` (process 0's time on every host)."""
     stamp = broadcast(np.array([int(c) for c in time.strftime("%Y%m%d%H%M%S")], np.int32))
     text = "".join(str(int(d)) for d in stamp)
-    name = f"{config.model}-{config.dataset}-{config.optimizer}-{text[:8]}-{text[8:]}"
+    dataset = config.dataset.replace("/", "-")  # glue/sst2
+    name = f"{config.model}-{dataset}-{config.optimizer}-{text[:8]}-{text[8:]}"
     return os.path.join("runs", name)
 
 
