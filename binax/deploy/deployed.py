@@ -41,21 +41,30 @@ class Deployed:
 
     Build with `binax.deploy.compile`, read with `binax.deploy.load`.
 
+    A large batch runs in chunks of `batch_chunk` images, one after the other, so that each
+    layer's operands stay in the CPU caches (`binax.deploy.program.CHUNK_NBYTES`).
+
     Attributes:
       program: the list of nodes (JSON values).
       arrays: their arrays (NumPy), one dict per node.
       meta: free JSON metadata stored in the file (e.g. the training config).
+      batch_chunk: images per chunk; None (the default) chooses the largest power of two whose
+        largest activation fits in ``CHUNK_NBYTES``. Set it before the first call of a shape.
     """
 
     def __init__(self, program: list, arrays: list, meta: dict[str, Any] | None = None):
         self.program = program
         self.arrays = arrays
         self.meta = dict(meta or {})
+        self.batch_chunk: int | None = None
         self._device_arrays = jax.tree.map(jnp.asarray, arrays)
         self._borders: dict[tuple, dict] = {}
         self._compiled: dict[tuple, Any] = {}
         prog = program
-        self._forward = jax.jit(lambda a, b, x: P.run(prog, a, x, dict(b)))
+        self._forward = jax.jit(
+            lambda a, b, x, chunk: P.run_chunked(prog, a, x, dict(b), chunk),
+            static_argnums=3,
+        )
         self._collect = jax.jit(lambda a, x: _collect_borders(prog, a, x))
 
     @property
@@ -75,6 +84,18 @@ class Deployed:
             self._borders[image_shape] = self._collect(self._device_arrays, x)
         return self._borders[image_shape]
 
+    def chunk(self, image_shape: tuple[int, ...]) -> int:
+        """Images per chunk for images of ``image_shape`` (`batch_chunk`, or chosen)."""
+        if self.batch_chunk is not None:
+            if not (isinstance(self.batch_chunk, int) and self.batch_chunk >= 1):
+                raise ValueError(f"batch_chunk must be a positive int, got {self.batch_chunk!r}")
+            return self.batch_chunk
+        x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+        per_image = P.activation_nbytes(
+            self.program, self._device_arrays, x, self.borders(image_shape)
+        )
+        return 1 << max(0, (P.CHUNK_NBYTES // per_image).bit_length() - 1)
+
     def __call__(self, x: Any) -> jax.Array:
         """Logits for a batch ``x`` (the float model's input layout, e.g. NHWC float images)."""
         if not (isinstance(x, jax.Array) and x.dtype == jnp.float32):
@@ -84,7 +105,8 @@ class Deployed:
             if x.ndim < 2:
                 raise ValueError(f"x must be a batch (batch, ...), got shape {x.shape}")
             borders = self.borders(x.shape[1:])
-            compiled = self._forward.lower(self._device_arrays, borders, x).compile()
+            chunk = self.chunk(x.shape[1:])
+            compiled = self._forward.lower(self._device_arrays, borders, x, chunk).compile()
             run = self._compiled[x.shape] = lambda x: compiled(self._device_arrays, borders, x)
         return run(x)
 
