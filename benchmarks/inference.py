@@ -247,17 +247,19 @@ def _timer(fn, x):
 
 def binary_ops(deployed) -> int:
     """Operations (2 per multiply-add) of the integer products for one 28x28 image."""
+    import jax
+
     from binax.deploy import program as P
 
-    total = 0
-    # Output positions of each convolution: the shape of its border term.
+    outputs: list = []  # each node's output (BinaryNet has no residual nodes)
+    x = jax.ShapeDtypeStruct((1, *INPUT_SHAPE), np.float32)
     borders = deployed.borders(INPUT_SHAPE)
-    for i, node in enumerate(deployed.program):
-        if node["op"] == "int_conv":
-            positions = int(np.prod(borders[str(i)].shape[:-1]))
+    jax.eval_shape(lambda x: P.run(deployed.program, deployed.arrays, x, borders, seen=outputs), x)
+    total = 0
+    for node, out in zip(deployed.program, outputs, strict=True):
+        if node["op"] in P.INT_PRODUCTS:
+            positions = int(np.prod(out.shape[1:-1]))
             total += 2 * positions * P.fan_in(node) * node["kernel_shape"][-1]
-        elif node["op"] == "int_dense":
-            total += 2 * node["kernel_shape"][0] * node["kernel_shape"][1]
     return total
 
 

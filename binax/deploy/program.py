@@ -34,6 +34,7 @@ jitted function (`unpack_kernel`).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -96,28 +97,25 @@ def _float(x: jax.Array) -> jax.Array:
     return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
 
 
-def _conv(x, kernel, node, pads, out_type=None):
-    n = x.ndim - 2
-    return lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=tuple(node["strides"]),
-        padding=pads,
-        rhs_dilation=tuple(node["dilation"]),
-        dimension_numbers=F._dimension_numbers(n + 2),
-        feature_group_count=node["groups"],
-        preferred_element_type=out_type,
-    )
-
-
-def _pads(node: dict, x: jax.Array) -> list[tuple[int, int]]:
-    shape = node["kernel_shape"]
-    return F.conv_padding(
+def _spec(node: dict, x: jax.Array, integer: bool) -> F._Spec:
+    """The `binax.nn.functional` description of a conv node's product on inputs like ``x``."""
+    strides, dilation = tuple(node["strides"]), tuple(node["dilation"])
+    pads = F.conv_padding(
         _padding_spec(node["padding"]),
         x.shape[1:-1],
-        shape[:-2],
-        node["strides"],
-        node["dilation"],
+        node["kernel_shape"][:-2],
+        strides,
+        dilation,
+    )
+    return F._Spec(
+        integer=integer,
+        backward_dtype=None,
+        precision=None,
+        strides=strides,
+        pads=tuple(pads),
+        dilation=dilation,
+        groups=node["groups"],
+        pad_value=float(node["pad_value"] or 0),
     )
 
 
@@ -127,25 +125,24 @@ def _padding_spec(padding):
     return padding
 
 
-def _border(node: dict, kernel: jax.Array, x: jax.Array) -> jax.Array:
-    """``conv(pad(0, pad_value), W)`` for one image shaped like ``x``: the padding's share."""
-    pads = _pads(node, x)
-    zeros = jnp.zeros((1, *x.shape[1:]), jnp.int8)
-    padded = F.pad_quantized(zeros, pads, node["pad_value"])
-    return _conv(padded, kernel, node, [(0, 0)] * len(pads), jnp.int32)[0]
+def _int_conv(x: jax.Array, w: jax.Array, spec: F._Spec, border: jax.Array | None):
+    """``conv(pad(x, pad_value), w)`` in int32 for int8 ``x`` and ``w``: zero padding plus the
+    border term ``border`` (`_border`; ``None``: no padding with a nonzero constant)."""
+    y = F._conv_op(x, w, spec, spec.pads, jnp.int32)
+    return y if border is None else y + border
+
+
+def _border(w: jax.Array, spec: F._Spec, x: jax.Array) -> jax.Array | None:
+    """The padding's share of `_int_conv` for one image shaped like ``x`` (the same for all)."""
+    if not F._has_border(spec):
+        return None
+    return F._conv_op(F._border(x, spec), w, spec, "VALID", jnp.int32)[0]
 
 
 def _maxpool(x, node):
     window, strides = tuple(node["window"]), tuple(node["strides"])
-    spatial = x.shape[1:-1]
-    if (
-        window == strides
-        and node["padding"] in ("VALID", [[0, 0]] * len(window))
-        and all(s % w == 0 for s, w in zip(spatial, window, strict=True))
-    ):  # non-overlapping windows: a reshape and a max, which XLA fuses with what comes before
-        split = [d for s, w in zip(spatial, window, strict=True) for d in (s // w, w)]
-        x = x.reshape((x.shape[0], *split, x.shape[-1]))
-        return jnp.max(x, axis=tuple(range(2, 2 * len(window) + 1, 2)))
+    if window == strides and node["padding"] in ("VALID", [[0, 0]] * len(window)):
+        return F.max_pool(x, window)  # a reshape and a max, fused with what comes before
     init = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
     padding = node["padding"]
     if not isinstance(padding, str):
@@ -153,6 +150,10 @@ def _maxpool(x, node):
     return lax.reduce_window(
         x, jnp.asarray(init, x.dtype), lax.max, (1, *window, 1), (1, *strides, 1), padding
     )
+
+
+# A dense product without options (XLA's default precision), as the float layers compute it.
+_PLAIN = F._Spec(integer=False, backward_dtype=None, precision=None)
 
 
 def run(
@@ -177,33 +178,21 @@ def run(
             x = _int_dense(x, node, a)
         elif op == "int_conv":
             w = _kernel(node, a, jnp.int8)
+            spec = _spec(node, x, integer=True)
             if where not in borders:
-                borders[where] = _border(node, w, x)
-            x = _conv(x, w, node, _pads(node, x), jnp.int32) + borders[where]
+                borders[where] = _border(w, spec, x)
+            x = _int_conv(x, w, spec, borders[where])
         elif op == "threshold":
             x = _threshold(x, a, node.get("pool"))
         elif op == "dense":
             x = _float(x)
-            w = _kernel(node, a, x.dtype)
-            x = lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
-            if "bias" in a:
-                x = x + a["bias"]
+            x = F._scale_and_bias(F._dot(x, _kernel(node, a, x.dtype), _PLAIN), None, a.get("bias"))
         elif op == "conv":
             x = _float(x)
-            w = _kernel(node, a, x.dtype)
-            pads = _pads(node, x)
-            if node["pad_value"] is not None:
-                x = F.pad_quantized(x, pads, node["pad_value"])
-                pads = [(0, 0)] * len(pads)
-            x = _conv(x, w, node, pads)
-            if "bias" in a:
-                x = x + a["bias"]
+            y = F._conv(x, _kernel(node, a, x.dtype), _spec(node, x, integer=False))
+            x = F._scale_and_bias(y, None, a.get("bias"))
         elif op == "affine":
-            x = _float(x)
-            if "scale" in a:
-                x = x * a["scale"]
-            if "bias" in a:
-                x = x + a["bias"]
+            x = F._scale_and_bias(_float(x), a.get("scale"), a.get("bias"))
         elif op == "batchnorm":
             x = _batchnorm(_float(x), a, node["epsilon"])
         elif op == "maxpool":
@@ -244,9 +233,7 @@ def activation_nbytes(program: list, arrays: list, x: jax.Array, borders: dict) 
 CHUNK_NBYTES = 4 * 2**20
 
 
-def run_chunked(
-    program: list, arrays: list, x: jax.Array, borders: dict, chunk: int
-) -> jax.Array:
+def run_chunked(program: list, arrays: list, x: jax.Array, borders: dict, chunk: int) -> jax.Array:
     """`run` on ``chunk`` images at a time (`jax.lax.map`), then on the remainder if any."""
     n = x.shape[0]
     full = n - n % chunk
@@ -270,10 +257,7 @@ def _int_dense(x: jax.Array, node: dict, a: dict) -> jax.Array:
     """``x @ W`` exactly in int32 for ``x`` of int8 ±1 and ``W`` packed by `pack_kernel`."""
     fan_in = node["kernel_shape"][0]
     if math.prod(x.shape[:-1]) > POPCOUNT_MAX_ROWS or "bits" not in a:
-        w = _kernel(node, a, jnp.int8)
-        return lax.dot_general(
-            x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32
-        )
+        return F._dot(x, _kernel(node, a, jnp.int8), _PLAIN, jnp.int32)
     # x . w = (agreements - disagreements) = fan_in - 2 * popcount(bits(x) XOR bits(w)); the
     # zero bits that pad both to whole bytes always agree and are not counted in fan_in.
     xb = jnp.packbits(x > 0, axis=-1)  # (..., K/8), the same bit order as pack_kernel
@@ -354,21 +338,6 @@ def threshold_from_decisions(ys: np.ndarray, decisions: np.ndarray) -> tuple[np.
     return s, t.astype(np.int32)
 
 
-def _elementwise_fn(nodes: list, arrays: list):
-    def f(y):
-        for node, a in zip(nodes, arrays, strict=True):
-            if node["op"] == "affine":
-                if "scale" in a:
-                    y = y * a["scale"]
-                if "bias" in a:
-                    y = y + a["bias"]
-            else:
-                y = _batchnorm(y, a, node["epsilon"])
-        return y
-
-    return jax.jit(f)
-
-
 def fold_thresholds(program: list, arrays: list) -> tuple[list, list]:
     """Replaces ``int product, [maxpool], (affine | batchnorm)*, [flatten], sign`` by a threshold.
 
@@ -409,7 +378,7 @@ def fold_thresholds(program: list, arrays: list) -> tuple[list, list]:
             continue
         n = fan_in(node)
         ys = np.arange(-n, n + 1, dtype=np.int32)
-        f = _elementwise_fn(program[j:k], arrays[j:k])
+        f = jax.jit(functools.partial(run, program[j:k], arrays[j:k], borders={}))
         channels = node["kernel_shape"][-1]
         values = f(jnp.broadcast_to(ys.astype(np.float32)[:, None], (len(ys), channels)))
         s, t = threshold_from_decisions(ys, np.asarray(values) >= 0)
