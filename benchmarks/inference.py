@@ -6,7 +6,11 @@ round, as:
 
 - ``binax float``: the NNX model in eval mode, jitted (`nnx.split` + `jax.jit`), float32;
 - ``binax deployed``: `binax.deploy.compile(model)`: kernels bit-packed, int8 products with
-  int32 accumulation, BatchNorm + sign folded into integer thresholds;
+  int32 accumulation, BatchNorm + sign folded into integer thresholds; a large batch runs in
+  cache-sized chunks (`binax.deploy.Deployed.batch_chunk`);
+- ``binax float, chunked``: the float forward run in the same chunks
+  (`binax.deploy.program.map_chunks`): how much of the deployed network's lead at batch 256
+  comes from chunking alone, which helps XLA:CPU's float convolutions too;
 - with ``--lce-python``: the same network (same weights and BatchNorm statistics) built in Larq,
   converted by Larq Compute Engine (`larq_compute_engine.convert_keras_model`) and run by its
   interpreter (``--lce-threads``, default 2), and the float Keras forward
@@ -18,10 +22,12 @@ The BatchNorm statistics are those of a random batch (so thresholds are not triv
 reports how many predicted classes of each engine agree with the float model on 256 images.
 
 Also reported: file sizes (the deployed file, and the float32 parameters and statistics as an
-``.npz`` checkpoint), the binary operations per image and the deployed network's overall
-GOP/s at batch 256 (binary ops only, so a lower bound for the binary layers), next to the integer
-throughput this CPU allows: an int8 matrix product with int32 accumulation (M256 x K4096 x
-N1024), and XOR + popcount on uint32-packed words in XLA, the other way to multiply ±1 matrices.
+``.npz`` checkpoint), the binary operations per image and GOP/s at batch 256 of the whole
+deployed network (binary ops only, so a lower bound) and of its binary layers alone (the
+deployed program from the first integer product on, given int8 ±1 inputs: the int8 products,
+thresholds and pooling, and the last layer's float BatchNorm), next to the integer throughput
+this CPU allows: an int8 matrix product with int32 accumulation (M256 x K4096 x N1024), and
+XOR + popcount on uint32-packed words in XLA, the other way to multiply ±1 matrices.
 
 Make the LCE environment (its own venv, never a binax dependency)::
 
@@ -263,43 +269,56 @@ def binary_ops(deployed) -> int:
     return total
 
 
-def kernel_peaks(reps: int) -> dict:
-    """GOP/s of M256 x K4096 x N1024 ±1 products: int8 (int32 acc.) and XOR+popcount (uint32)."""
+def binary_part(deployed, chunk: int):
+    """``(f, x)``: the deployed program from its first integer product on, jitted and run in
+    chunks as `Deployed` runs, and a batch of 256 int8 ±1 inputs for it."""
+    import jax
+    import jax.numpy as jnp
+
+    from binax.deploy import program as P
+
+    start = [node["op"] in P.INT_PRODUCTS for node in deployed.program].index(True)
+    outputs: list = []
+    x = jax.ShapeDtypeStruct((1, *INPUT_SHAPE), np.float32)
+    borders = deployed.borders(INPUT_SHAPE)
+    jax.eval_shape(lambda x: P.run(deployed.program, deployed.arrays, x, borders, seen=outputs), x)
+    program = deployed.program[start:]
+    arrays = jax.tree.map(jnp.asarray, deployed.arrays[start:])
+    x = jax.random.rademacher(jax.random.key(3), (256, *outputs[start - 1].shape[1:]), jnp.int8)
+    borders = {}
+    P.run(program, arrays, x[:1], borders)  # the border terms, once
+    f = jax.jit(lambda a, b, x: P.map_chunks(lambda x: P.run(program, a, x, dict(b)), x, chunk))
+    return (lambda x: f(arrays, borders, x)), x
+
+
+PRODUCT = (256, 4096, 1024)  # M x K x N of the reference ±1 matrix products
+
+
+def kernel_products() -> dict:
+    """The ±1 matrix products M256 x K4096 x N1024 this CPU allows, as ``{name: (f, args)}``:
+    int8 with int32 accumulation, and XOR + popcount on uint32-packed words (checked equal)."""
     import jax
     import jax.numpy as jnp
     from jax import lax
 
-    m, k, n = 256, 4096, 1024
+    m, k, n = PRODUCT
     a = jnp.where(jax.random.normal(jax.random.key(0), (m, k)) >= 0, 1, -1).astype(jnp.int8)
     b = jnp.where(jax.random.normal(jax.random.key(1), (k, n)) >= 0, 1, -1).astype(jnp.int8)
     int8 = jax.jit(lambda a, b: lax.dot(a, b, preferred_element_type=jnp.int32))
 
-    def pack(x, axis):  # ±1 -> uint32 words along ``axis``
-        bits = (x > 0).astype(jnp.uint32)
-        bits = jnp.moveaxis(bits, axis, -1).reshape(*bits.shape[:-1] if axis else (), -1, 32)
+    def pack(x):  # ±1 (rows, k) -> uint32 words (rows, k / 32)
+        bits = (x > 0).astype(jnp.uint32).reshape(x.shape[0], -1, 32)
         return jnp.sum(bits << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
-
-    pa, pb = pack(a, 1), pack(b.T, 1)  # (m, k/32), (n, k/32)
 
     @jax.jit
     def xnor(pa, pb):
         diff = lax.population_count(pa[:, None, :] ^ pb[None, :, :]).astype(jnp.int32)
         return k - 2 * jnp.sum(diff, axis=-1)
 
-    ref = np.asarray(int8(a, b))
-    if not np.array_equal(np.asarray(xnor(pa, pb)), ref):
+    pa, pb = pack(a), pack(b.T)
+    if not np.array_equal(np.asarray(xnor(pa, pb)), np.asarray(int8(a, b))):
         raise AssertionError("XOR+popcount product differs from the int8 product")
-    ops = 2 * m * k * n
-    out = {}
-    for name, f, args in (("int8", int8, (a, b)), ("xor_popcount", xnor, (pa, pb))):
-        f(*args).block_until_ready()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            f(*args).block_until_ready()
-            times.append(time.perf_counter() - t0)
-        out[name] = ops / float(np.median(times)) / 1e9
-    return out
+    return {"int8 product": (int8, (a, b)), "XOR+popcount product": (xnor, (pa, pb))}
 
 
 def main(argv=None) -> int:
@@ -327,6 +346,7 @@ def main(argv=None) -> int:
     import _common
 
     import binax.deploy
+    from binax.deploy import program as P
 
     print(_common.machine())
     print(_common.command())
@@ -353,9 +373,14 @@ def main(argv=None) -> int:
     )
     print(f"BinaryNet width {args.width}: {n_binary:,} binary weights")
 
+    chunk = deployed.chunk(INPUT_SHAPE)
+    chunked = jax.jit(lambda s, x: P.map_chunks(lambda x: nnx.merge(graphdef, s)(x), x, chunk))
+    part, part_x = binary_part(deployed, chunk)
+    products = kernel_products()
     engines = {
         "binax float": lambda x: forward(state, x),
         "binax deployed": deployed,
+        "binax float, chunked": lambda x: chunked(state, x),
     }
     peer = None
     sizes = {"binax float": float_bytes, "binax deployed": deployed_bytes}
@@ -376,6 +401,10 @@ def main(argv=None) -> int:
         if peer is not None:
             for name, key in (("LCE interpreter", "lce"), ("Keras float", "keras")):
                 timers[name] = lambda r, key=key, batch=batch: peer.time(key, batch, r)
+        if batch == 256:
+            timers["binary layers"] = _timer(part, part_x)
+            for name, (f, f_args) in products.items():
+                timers[name] = _timer(lambda _, f=f, f_args=f_args: f(*f_args), None)
         per_round = {name: [] for name in timers}
         for _ in range(args.rounds):
             for name, run in timers.items():
@@ -387,15 +416,21 @@ def main(argv=None) -> int:
         peer.close()
 
     ops = binary_ops(deployed)
-    peaks = kernel_peaks(reps=5)
     dep256 = results["binax deployed"][256]["images_s"]
+
+    def gops(name):  # binary operations per second at batch 256
+        per_call = 2 * np.prod(PRODUCT) if name in products else ops * 256
+        return per_call * results[name][256]["images_s"] / 256 / 1e9
+
     head = ["engine", "batch 1 images/s", "batch 256 images/s", "file bytes", "agree"]
     rows = []
     for name, r in results.items():
+        if name in products:
+            continue
         rows.append(
             [
                 name,
-                f"{r[1]['images_s']:.0f}",
+                f"{r[1]['images_s']:.0f}" if 1 in r else "-",
                 f"{r[256]['images_s']:.0f}",
                 f"{sizes[name]:,}" if name in sizes else "-",
                 f"{agree[name]:.3f}" if name in agree else "-",
@@ -403,9 +438,11 @@ def main(argv=None) -> int:
         )
     print(_common.md_table(head, rows))
     flt, dep1 = results["binax float"], results["binax deployed"][1]["images_s"]
+    chunked256 = results["binax float, chunked"][256]["images_s"]
     print(
         f"deployed / float: batch 1 {dep1 / flt[1]['images_s']:.2f}x, "
-        f"batch 256 {dep256 / flt[256]['images_s']:.2f}x; file {float_bytes / deployed_bytes:.1f}x "
+        f"batch 256 {dep256 / flt[256]['images_s']:.2f}x (/ the float forward chunked alike: "
+        f"{dep256 / chunked256:.2f}x); file {float_bytes / deployed_bytes:.1f}x "
         "smaller than the float32 .npz"
     )
     if peer is not None:
@@ -415,11 +452,12 @@ def main(argv=None) -> int:
             f"batch 256 {dep256 / lce[256]['images_s']:.2f}x; deployed / Keras float at 256: "
             f"{dep256 / results['Keras float'][256]['images_s']:.2f}x"
         )
+    peaks = {name: gops(name) for name in products}
     print(
-        f"binary ops per image {ops / 1e6:.1f} M; deployed at batch 256: "
-        f"{ops * dep256 / 1e9:.0f} GOP/s (whole network, binary ops only); "
-        f"M256xK4096xN1024 ±1 products here: int8 {peaks['int8']:.0f} GOP/s, "
-        f"XOR+popcount {peaks['xor_popcount']:.0f} GOP/s"
+        f"binary ops per image {ops / 1e6:.1f} M; at batch 256: whole deployed network "
+        f"{gops('binax deployed'):.0f} GOP/s, its binary layers alone {gops('binary layers'):.0f} "
+        f"GOP/s; M{PRODUCT[0]}xK{PRODUCT[1]}xN{PRODUCT[2]} ±1 products, interleaved: "
+        + ", ".join(f"{name} {g:.0f} GOP/s" for name, g in peaks.items())
     )
     if args.out:
         _common.write_json(
@@ -432,6 +470,8 @@ def main(argv=None) -> int:
                 "agree": agree,
                 "binary_ops_per_image": ops,
                 "kernel_gops": peaks,
+                "binary_layers_gops": gops("binary layers"),
+                "batch_chunk": chunk,
             },
         )
     return 0

@@ -140,6 +140,15 @@ def test_sequential_with_pooling_negative_scales_strides_and_padding():
     assert any(np.any(a["s"] < 0) for a in thresholds)  # decreasing channels were exercised
     pooled = [n for n in deployed.program if n["op"] == "threshold" and "pool" in n]
     assert len(pooled) == 1 and pooled[0]["pool"]["flip"]
+    # In chunks (as a large batch runs): 6 chunks of 5 images and a remainder of 2, the same.
+    whole = np.asarray(deployed(x))
+    assert deployed.chunk(x.shape[1:]) >= len(x)  # small images: one chunk by default
+    chunked = binax.deploy.compile(model)
+    chunked.batch_chunk = 5
+    np.testing.assert_array_equal(np.asarray(chunked(x)), whole)
+    chunked.batch_chunk = 0
+    with pytest.raises(ValueError, match="batch_chunk must be a positive int"):
+        chunked(x[:3])
 
 
 def test_thresholds_exact_at_ties():

@@ -62,7 +62,7 @@ class Deployed:
         self._compiled: dict[tuple, Any] = {}
         prog = program
         self._forward = jax.jit(
-            lambda a, b, x, chunk: P.run_chunked(prog, a, x, dict(b), chunk),
+            lambda a, b, x, chunk: P.map_chunks(lambda x: P.run(prog, a, x, dict(b)), x, chunk),
             static_argnums=3,
         )
         self._collect = jax.jit(lambda a, x: _collect_borders(prog, a, x))

@@ -46,7 +46,15 @@ from jax import lax
 
 from binax.nn import functional as F
 
-__all__ = ["fold_thresholds", "pack_kernel", "run", "threshold_from_decisions", "unpack_kernel"]
+__all__ = [
+    "activation_nbytes",
+    "fold_thresholds",
+    "map_chunks",
+    "pack_kernel",
+    "run",
+    "threshold_from_decisions",
+    "unpack_kernel",
+]
 
 OPS = (
     "sign", "int_dense", "int_conv", "threshold", "dense", "conv", "affine", "batchnorm",
@@ -233,18 +241,19 @@ def activation_nbytes(program: list, arrays: list, x: jax.Array, borders: dict) 
 CHUNK_NBYTES = 4 * 2**20
 
 
-def run_chunked(program: list, arrays: list, x: jax.Array, borders: dict, chunk: int) -> jax.Array:
-    """`run` on ``chunk`` images at a time (`jax.lax.map`), then on the remainder if any."""
+def map_chunks(f: Any, x: jax.Array, chunk: int) -> jax.Array:
+    """``f(x)`` computed on ``chunk`` rows of ``x`` at a time (`jax.lax.map`), then on the rest.
+
+    For an ``f`` that treats rows independently (a network in eval mode), the same values as
+    ``f(x)``; a batch of at most ``2 * chunk - 1`` rows is one call.
+    """
     n = x.shape[0]
     full = n - n % chunk
     if full <= chunk:
-        return run(program, arrays, x, borders)
-    xs = x[:full].reshape(full // chunk, chunk, *x.shape[1:])
-    y = lax.map(lambda xc: run(program, arrays, xc, dict(borders)), xs)
+        return f(x)
+    y = lax.map(f, x[:full].reshape(full // chunk, chunk, *x.shape[1:]))
     y = y.reshape(full, *y.shape[2:])
-    if full == n:
-        return y
-    return jnp.concatenate([y, run(program, arrays, x[full:], dict(borders))])
+    return y if full == n else jnp.concatenate([y, f(x[full:])])
 
 
 # At most this many rows, a dense product runs as XOR + popcount on the packed words (no
