@@ -218,3 +218,16 @@ def test_wordpiece_tokenizer_trained_on_the_train_split(tmp_path):
         text.train_wordpiece(["a"], vocab_size=5)
     with pytest.raises(ValueError, match="text_b has 1 texts but text_a has 2"):
         text.encode(tok, ex.text_a, ex.text_b[:1])
+
+
+def test_glue_metrics_from_a_confusion_matrix():
+    # 10 examples: TN 4, FP 1, FN 2, TP 3 (rows: true class, columns: predicted).
+    confusion = np.array([[4, 1], [2, 3]])
+    assert glue.glue_metrics("mrpc", confusion) == {"f1": pytest.approx(6 / 9)}
+    assert glue.glue_metrics("QQP", confusion) == {"f1": pytest.approx(6 / 9)}
+    mcc = (3 * 4 - 1 * 2) / np.sqrt(4 * 5 * 5 * 6)
+    assert glue.glue_metrics("cola", confusion) == {"mcc": pytest.approx(mcc)}
+    assert glue.glue_metrics("sst2", confusion) == {}
+    # A constant predictor: Matthews correlation 0 (not NaN), F1 0 without positives.
+    assert glue.glue_metrics("cola", np.array([[5, 0], [5, 0]])) == {"mcc": 0.0}
+    assert glue.glue_metrics("mrpc", np.array([[5, 0], [0, 0]])) == {"f1": 0.0}

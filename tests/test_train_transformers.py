@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from binax.data import text
 from binax.nn import BinaryParam
 from binax.train import Config, ConfigError, cli, restore, train
 from binax.train.loop import CONFIG_FILE, LOG_FILE
@@ -162,15 +163,17 @@ WORDS = "the a cat dog sat ran on under mat rug big small red blue".split()
 
 
 def write_mrpc(glue_data):
-    """A tiny MRPC in GLUE's layout: 24 training pairs, 8 dev pairs (label: same first word)."""
+    """A tiny MRPC in GLUE's layout: 24 training pairs, 8 dev pairs (label: same first word,
+    half of each)."""
     rng = np.random.default_rng(0)
     (glue_data / "MRPC").mkdir(parents=True)
     head = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
     for split, n in (("train", 24), ("dev", 8)):
         rows = []
         for i in range(n):
-            a, b = (" ".join(rng.choice(WORDS, 5)) for _ in range(2))
-            rows.append(f"{int(a.split()[0] == b.split()[0])}\t{i}\t{i + n}\t{a}\t{b}\n")
+            a, b = (list(rng.choice(WORDS, 5)) for _ in range(2))
+            b[0] = a[0] if i % 2 else next(w for w in WORDS if w != a[0])
+            rows.append(f"{i % 2}\t{i}\t{i + n}\t{' '.join(a)}\t{' '.join(b)}\n")
         (glue_data / "MRPC" / f"{split}.tsv").write_text(head + "".join(rows))
     return glue_data
 
@@ -200,9 +203,15 @@ def test_encoder_trains_on_a_glue_task_and_resumes_with_its_tokenizer(tmp_path, 
     assert all(np.isfinite(r["train_loss"]) for r in records)
     # The dev split is the test set: 8 pairs, accuracy in eighths.
     assert all(round(8 * r["test_accuracy"], 6) % 1 == 0 for r in records)
+    # The dev split's F1 (GLUE's MRPC score), recomputed from the restored model's predictions.
     model = restore(str(run_dir)).model()
-    ids = np.zeros((2, 3, ENCODER["max_length"]), np.int32)
-    assert model(ids).shape == (2, 2)
+    tokenizer = text.load_tokenizer(run_dir / "tokenizer.json")
+    dev = text.glue_dataset("mrpc", "dev", glue_data, tokenizer, ENCODER["max_length"])
+    predicted = np.argmax(model(dev.images), -1)
+    tp = np.sum((predicted == 1) & (dev.labels == 1))
+    f1 = 2 * tp / (np.sum(predicted == 1) + np.sum(dev.labels == 1))
+    assert records[1]["test_f1"] == pytest.approx(f1)
+    assert records[1]["test_accuracy"] == pytest.approx(np.mean(predicted == dev.labels))
 
 
 @pytest.mark.parametrize(

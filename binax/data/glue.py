@@ -47,6 +47,7 @@ __all__ = [
     "GLUE_TASKS",
     "GlueExamples",
     "GlueTask",
+    "glue_metrics",
     "glue_task",
     "label_names",
     "read_glue",
@@ -269,3 +270,26 @@ def read_glue(task: str, split: str, data_dir: str | os.PathLike) -> GlueExample
 def label_names(task: str) -> Sequence[str] | None:
     """The class names of ``task`` in class order (``None`` for STS-B's scores)."""
     return glue_task(task).labels
+
+
+#: The score GLUE reports besides accuracy, per task (Wang et al., ICLR 2019, Table 1).
+GLUE_METRICS = {"cola": ("mcc",), "mrpc": ("f1",), "qqp": ("f1",)}
+
+
+def glue_metrics(task: str, confusion: np.ndarray) -> dict[str, float]:
+    """The scores GLUE reports for ``task`` besides accuracy, from a confusion matrix.
+
+    ``confusion[i, j]`` counts the examples of class ``i`` predicted as ``j`` (class 1 is the
+    positive one). MRPC and QQP: ``{"f1": 2 TP / (2 TP + FP + FN)}``; CoLA: ``{"mcc": Matthews
+    correlation (TP TN - FP FN) / sqrt((TP + FP)(TP + FN)(TN + FP)(TN + FN))}``, 0 where a
+    factor of the denominator is 0; ``{}`` for the other tasks (accuracy only).
+    """
+    names = GLUE_METRICS.get(glue_task(task).name.lower().replace("-", ""), ())
+    (tn, fp), (fn, tp) = np.asarray(confusion, np.float64)[:2, :2]
+    out = {}
+    if "f1" in names:
+        out["f1"] = float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0
+    if "mcc" in names:
+        denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        out["mcc"] = float((tp * tn - fp * fn) / denominator) if denominator else 0.0
+    return out

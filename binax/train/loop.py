@@ -27,6 +27,7 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from binax import data as bdata
 from binax.train import input_pipeline, model, optim, rundir, schedules
 from binax.train.checkpoint import CheckpointError, Checkpoints
 from binax.train.config import Config, ConfigError
@@ -310,7 +311,8 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
     time_s = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    test = program.zero_metrics()
+    glue = config.dataset.startswith("glue/")  # scores from the confusion matrix
+    test = program.zero_metrics(confusion=data.test_set.num_classes if glue else 0)
     for images, labels, weights in data.eval_batches():
         test = program.eval_step(state, test, images, labels, weights)
     test = to_host(test)
@@ -333,6 +335,9 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
         },
         "time_s": time_s,
     }
+    if glue:  # GLUE's scores besides accuracy: F1 (MRPC, QQP), Matthews correlation (CoLA)
+        scores = bdata.glue_metrics(config.dataset[len("glue/") :], test["confusion"])
+        record.update({f"test_{k}": v for k, v in scores.items()})
     if "distill" in m:  # the unweighted distillation terms, means over the epoch's examples
         record["distill"] = {k: float(v) / int(m["count"]) for k, v in m["distill"].items()}
     return state, record, compile_s

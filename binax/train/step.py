@@ -144,10 +144,16 @@ def eval_step(
     *,
     graphdef: Any,
 ) -> dict[str, Any]:
-    """Adds the weighted loss and accuracy of a batch to ``metrics`` (weight 0: padding)."""
+    """Adds the weighted loss and accuracy of a batch to ``metrics`` (weight 0: padding), and
+    its confusion matrix (true class, predicted class) if ``metrics`` has one."""
     logits = nnx.merge(graphdef, state.params, state.rest)(images)
     losses = _cross_entropy(logits, labels) * weights
-    return _add(metrics, jnp.sum(losses), (jnp.argmax(logits, -1) == labels) * weights, weights)
+    predicted = jnp.argmax(logits, -1)
+    out = _add(metrics, jnp.sum(losses), (predicted == labels) * weights, weights)
+    if "confusion" in metrics:
+        counts = weights.astype(jnp.int32)
+        out["confusion"] = metrics["confusion"].at[labels, predicted].add(counts)
+    return out
 
 
 def _add(metrics: dict[str, Any], loss: jax.Array, correct: jax.Array, count: Any) -> dict:
@@ -191,9 +197,10 @@ class Program:
     init_state: Callable[[], TrainState]
     distill: bool = False
 
-    def zero_metrics(self) -> dict[str, Any]:
+    def zero_metrics(self, confusion: int = 0) -> dict[str, Any]:
         """The per-epoch accumulators the train step adds to (with `distill`, the unweighted
-        distillation terms too), zeros replicated over the mesh."""
+        distillation terms too), zeros replicated over the mesh; with ``confusion=C`` a ``(C,
+        C)`` confusion matrix as well (`eval_step` fills it)."""
         metrics = {
             "loss": np.float32(0),
             "correct": np.int32(0),
@@ -202,6 +209,8 @@ class Program:
         }
         if self.distill:
             metrics["distill"] = {k: np.float32(0) for k in DISTILL_TERMS}
+        if confusion:
+            metrics["confusion"] = np.zeros((confusion, confusion), np.int32)
         return jax.device_put(metrics, NamedSharding(self.mesh, P()))
 
 
