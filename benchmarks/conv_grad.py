@@ -1,0 +1,89 @@
+"""The cost of one binary convolution's forward pass, input gradient and kernel gradient.
+
+Times, for each layer shape (3x3, ``'SAME'``, +1 padding, ``ste_sign`` on input and kernel,
+batch ``--batch-size``), the jitted forward pass (int8 and float32), the input gradient alone
+and the kernel gradient alone (the patch product with each ``--chunk-mib`` budget of
+`binax.nn.functional.PATCH_CHUNK_BYTES`, and XLA's kernel-gradient convolution), all
+interleaved round by round; prints the median CPU time (``process_time``) of each, in ms. The
+CPU time is the steadier measure on a shared machine; the ratios between columns are what to
+compare.
+
+Usage::
+
+    python benchmarks/conv_grad.py                              # BinaryNet x0.25's layers
+    python benchmarks/conv_grad.py --chunk-mib 1000 0.5 2 8     # 1000: the whole batch at once
+    python benchmarks/conv_grad.py --shapes 14x14x64x64 --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["28x28x32x32", "14x14x32x64", "14x14x64x64", "7x7x64x128", "7x7x128x128"],
+        help="HxWxCinxCout of each layer",
+    )
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--chunk-mib", type=float, nargs="+", default=[2.0, 1000.0])
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args(argv)
+
+    import jax
+    import numpy as np
+
+    from binax.nn import functional as F
+
+    def kernel_grad(budget, how):
+        def f(x, k, g):
+            F.PATCH_CHUNK_BYTES = budget  # read while tracing
+            return jax.vjp(lambda k: F.binary_conv(x, k, kernel_grad=how), k)[1](g)[0]
+
+        return f
+
+    default = F.PATCH_CHUNK_BYTES
+    cases = {
+        "forward int8": lambda x, k, g: F.binary_conv(x, k),
+        "forward float32": lambda x, k, g: F.binary_conv(x, k, arithmetic="float"),
+        "input grad": lambda x, k, g: jax.vjp(lambda x: F.binary_conv(x, k), x)[1](g)[0],
+    }
+    for mib in args.chunk_mib:
+        cases[f"kernel grad, {mib:g} MiB chunks"] = kernel_grad(int(mib * 2**20), "patches")
+    cases["kernel grad, XLA conv"] = kernel_grad(default, "xla")
+
+    print(f"Command: `{_common.command()}`\n{_common.machine()}\n")
+    print(f"Batch {args.batch_size}; median CPU ms of {args.rounds} interleaved rounds\n")
+    rng = np.random.default_rng(0)
+    rows = []
+    for shape in args.shapes:
+        h, w, ci, co = (int(s) for s in shape.split("x"))
+        x = rng.standard_normal((args.batch_size, h, w, ci)).astype(np.float32)
+        k = rng.standard_normal((3, 3, ci, co)).astype(np.float32)
+        g = rng.standard_normal((args.batch_size, h, w, co)).astype(np.float32)
+        fns = {}
+        for name, f in cases.items():
+            fns[name] = jax.jit(f)
+            jax.block_until_ready(fns[name](x, k, g))  # compile (traces with its budget)
+        cpu = {name: [] for name in fns}
+        for _ in range(args.rounds):
+            for name, f in fns.items():
+                t0 = time.process_time()
+                jax.block_until_ready(f(x, k, g))
+                cpu[name].append(time.process_time() - t0)
+        rows.append([shape, *(f"{1e3 * _common.median_iqr(cpu[n])[0]:.0f}" for n in fns)])
+    F.PATCH_CHUNK_BYTES = default
+    print(_common.md_table(("layer HxWxCinxCout", *cases), rows))
+
+
+if __name__ == "__main__":
+    main()
