@@ -353,3 +353,17 @@ def test_linen_sequential_through_its_nnx_twin():
     assert "threshold" in {n["op"] for n in deployed.program}
     with pytest.raises(ValueError, match="variables"):
         binax.deploy.compile(model)
+
+
+def test_pallas_packed_dot_is_the_int8_product_in_interpret_mode():
+    from binax.deploy.pallas import packed_dot
+
+    rng = np.random.default_rng(0)
+    for m, k, n in [(5, 13, 7), (33, 300, 130)]:  # partial bytes, words and tiles
+        x = np.where(rng.normal(size=(m, k)) >= 0, 1, -1).astype(np.int8)
+        w = np.where(rng.normal(size=(k, n)) >= 0, 1, -1).astype(np.int8)
+        x_bits = jnp.packbits(jnp.asarray(x) > 0, axis=-1)
+        got = packed_dot(x_bits, jnp.asarray(P.pack_kernel(w)), k, interpret=True)
+        np.testing.assert_array_equal(np.asarray(got), x.astype(np.int32) @ w.astype(np.int32))
+    with pytest.raises(ValueError, match=r"w_bits \(2, N\) for fan_in=13"):
+        packed_dot(x_bits[:, :2], jnp.zeros((3, 4), jnp.uint8), 13, interpret=True)

@@ -5,6 +5,8 @@
 >>> deployed.save("model.bnx"); deployed = binax.deploy.load("model.bnx")
 
 The ``binax-deploy RUN_DIR OUT`` command does the same for a ``binax-train`` run directory.
+`binax.deploy.pallas.packed_dot` is the packed product as a Pallas kernel (for accelerators;
+so far checked only in interpret mode on the CPU, and not used by `Deployed`).
 """
 
 from binax.deploy.deployed import Deployed, DeployFileError, compile, from_bytes, load, to_bytes
