@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 
 from binax import data as bdata
 from binax.train.config import Config, ConfigError
-from binax.train.sharding import global_batch, is_main, process_rows
+from binax.train.sharding import is_main, process_rows
 
 #: The tokenizer of a text run, in its run directory (`binax.data.text`).
 TOKENIZER_FILE = "tokenizer.json"
@@ -85,7 +85,9 @@ class InputPipeline:
             yield self._global(b.images, bs), self._global(b.labels, bs), self._global(weights, bs)
 
     def _global(self, local: np.ndarray, rows: int) -> jax.Array:
-        return global_batch(self.sharding, local, rows)
+        """The global array of a batch of ``rows`` rows from this process's rows."""
+        shape = (rows, *local.shape[1:])
+        return jax.make_array_from_process_local_data(self.sharding, local, shape)
 
 
 def glue_datasets(config: Config) -> tuple[bdata.Dataset, bdata.Dataset]:

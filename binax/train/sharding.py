@@ -5,8 +5,8 @@ parameters are replicated, except that with ``model_parallel > 1`` the last axis
 of two or more dimensions whose size is divisible by it is split along ``"model"``. Each
 optimizer-state leaf gets exactly the sharding of the parameter it belongs to, and XLA inserts
 the gradient all-reduce. Several hosts: `initialize_distributed` first; then the mesh spans the
-devices of every process, each process supplies its own rows of a global batch (`process_rows`,
-`global_batch`), and process 0 alone writes the log and prints (`is_main`, `say`).
+devices of every process, each process supplies its own rows of a global batch
+(`process_rows`), and process 0 alone writes the log and prints (`is_main`, `say`).
 """
 
 from __future__ import annotations
@@ -123,12 +123,6 @@ def process_rows(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
             "mesh from binax.train.make_mesh"
         )
     return lo // rows, global_rows // rows
-
-
-def global_batch(sharding: NamedSharding, local: np.ndarray, global_rows: int) -> jax.Array:
-    """The global array of a batch from this process's rows (`process_rows`)."""
-    shape = (global_rows, *local.shape[1:])
-    return jax.make_array_from_process_local_data(sharding, local, shape)
 
 
 def is_main() -> bool:
