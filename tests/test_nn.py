@@ -434,6 +434,10 @@ def test_patch_chunk_size_is_the_largest_divisor_within_the_budget():
     assert F.patch_chunk_size(6, 10, budget=45) == 3
     assert F.patch_chunk_size(7, 10, budget=45) == 1  # a prime batch: one example at a time
     assert F.patch_chunk_size(8, 100, budget=1) == 1
+    assert F.patch_chunk_size(0, 10, budget=45) == 1
+    # An empty batch still differentiates (a zero kernel gradient).
+    dk = jax.grad(lambda k: F.binary_conv(jnp.ones((0, 5, 5, 3)), k).sum())(rand((3, 3, 3, 4)))
+    np.testing.assert_array_equal(dk, np.zeros((3, 3, 3, 4)))
 
 
 def test_integer_path_is_taken_and_exact_for_dense():

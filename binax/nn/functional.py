@@ -35,6 +35,7 @@ KERNEL_GRADS = ("auto", "patches", "xla")
 __all__ = [
     "ARITHMETICS",
     "KERNEL_GRADS",
+    "PATCH_CHUNK_BYTES",
     "SCALE_MODES",
     "binary_conv",
     "binary_dense",
@@ -46,6 +47,7 @@ __all__ = [
     "max_pool",
     "ntuple",
     "pad_quantized",
+    "patch_chunk_size",
     "resolve_arithmetic",
     "resolve_kernel_grad",
 ]
@@ -461,7 +463,7 @@ def patch_chunk_size(batch: int, bytes_per_example: int, budget: int | None = No
     """
     budget = PATCH_CHUNK_BYTES if budget is None else budget
     most = max(1, budget // max(1, bytes_per_example))
-    return max(d for d in range(1, min(batch, most) + 1) if batch % d == 0)
+    return max((d for d in range(1, min(batch, most) + 1) if batch % d == 0), default=1)
 
 
 def _patch_product(x, w_dot, spec: _Spec):
@@ -478,11 +480,10 @@ def _patch_product(x, w_dot, spec: _Spec):
     per_example = math.prod(w_dot.shape[:-1]) * math.prod(x.shape[1:-1]) * w_dot.dtype.itemsize
     size = patch_chunk_size(x.shape[0], per_example)
     product = jax.checkpoint(_patches_dot, static_argnums=(2,))
-    # (chunks, C, size, *spatial): one transposition of the (int8) input, not of the patches.
-    chunks = x.reshape(x.shape[0] // size, size, *x.shape[1:])
-    chunks = jnp.moveaxis(chunks, -1, 1)
-    if size == x.shape[0]:
-        return product(chunks[0], w_dot, spec)
+    # Channels first: one transposition of the (int8) input, not of the patches.
+    if size >= x.shape[0]:
+        return product(jnp.moveaxis(x, -1, 0), w_dot, spec)
+    chunks = jnp.moveaxis(x.reshape(x.shape[0] // size, size, *x.shape[1:]), -1, 1)
     y = lax.map(lambda xc: product(xc, w_dot, spec), chunks)
     return y.reshape(x.shape[0], *y.shape[2:])
 
