@@ -193,7 +193,7 @@ def test_errors_name_the_argument():
     model = build(models.BinaryEncoder, **ENCODER)
     with pytest.raises(ValueError, match="input length 7 exceeds max_length 6"):
         model(jnp.ones((1, 7), jnp.int32))
-    with pytest.raises(ValueError, match=r"input_ids must be \(batch, length\) integers"):
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, length\) or \(batch, 3, length\) integers"):
         model(jnp.ones((1, 4)))
     vit = build(models.BinaryViT, **VIT)
     with pytest.raises(ValueError, match=r"x must be \(batch, 28, 28, 1\)"):
