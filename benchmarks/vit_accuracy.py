@@ -191,23 +191,32 @@ def main(argv=None):
     )
 
     def teacher(seed):
-        """The full-precision twin of ``seed``'s run directory (trained once)."""
-        run_dir = os.path.join(args.work_dir, f"real-seed{seed}-{args.steps}")
-        schedule("main", "real", {}, seed, None, run_dir=run_dir)
-        return run_dir
+        """The run directory of ``seed``'s full-precision twin (trained once)."""
+        schedule("main", "real", {}, seed, None)
+        return teacher_dir(seed)
 
-    def schedule(part, name, hp, seed, weights, run_dir=None):
-        """Runs one configuration unless a record of it exists (from any part): returns it."""
+    def teacher_dir(seed):
+        return os.path.join(args.work_dir, f"real-seed{seed}-{args.steps}")
+
+    def schedule(part, name, hp, seed, weights):
+        """Runs one configuration unless a record of it exists (from any part): returns it.
+
+        The twin runs in its `teacher_dir`, and runs again (deterministically, with no second
+        record) when that directory is gone."""
         k = json.dumps([name, hp, seed, weights, setting, args.steps], sort_keys=True)
-        for r in load_records(log_path):
-            if r["key"] == k:
-                return r
+        run_dir = teacher_dir(seed) if name == "real" else None
+        kept = run_dir is None or os.path.exists(os.path.join(run_dir, "config.json"))
+        old = next((r for r in load_records(log_path) if r["key"] == k), None)
+        if old is not None and kept:
+            return old
         tdir = teacher(seed) if weights else None
-        if run_dir is not None:  # an unfinished run (no record) is started again
+        if run_dir is not None:  # an unfinished run is started again
             shutil.rmtree(run_dir, ignore_errors=True)
         rec = run_one(args, name, hp, seed, 1, args.steps, teacher=tdir, weights=weights,
                       run_dir=run_dir)  # fmt: skip
         rec.update(part=part, key=k)
+        if old is not None:
+            return old
         append_record(log_path, rec)
         h = rec["history"][-1]
         print(f"{part} {name_of(rec)} {fmt_hp(hp)} seed {seed}: test acc "
