@@ -56,7 +56,7 @@ from binax.train import Config, train  # noqa: E402
 OPTIMIZERS = ("diode", "bop", "bop2nd_order", "sgdat", "latent")
 
 #: The ViT of the table: 4x4 = 16 patches of 7x7 and a class token, width 64, 2 blocks of 4
-#: heads, MLP 256 (66,560 binary weights; real patch embedding, LayerNorms and head).
+#: heads, MLP 256 (98,304 binary weights; real patch embedding, LayerNorms and head).
 VIT = {"patch_size": 7, "features": 64, "depth": 2, "num_heads": 4}
 
 #: The sweep: optimizer -> (hyperparameter, values); the one that sets the flip rate.
@@ -64,8 +64,8 @@ SWEEP = {
     "bop": ("threshold", [1e-8, 1e-7, 1e-6, 1e-5]),
     "bop2nd_order": ("threshold", [1e-6, 1e-4, 1e-3]),
     "sgdat": ("threshold", [1e-7, 1e-6]),
-    "diode": ("binary_lr", [1e-3, 1e-2]),
-    "latent": ("binary_lr", [1e-3, 1e-2]),
+    "diode": ("binary_lr", [1e-3, 1e-2, 1e-1]),
+    "latent": ("binary_lr", [1e-3, 1e-2, 1e-1]),
 }
 
 #: Distillation weights tried by the distillation sweep: (temperature, logits, attention,
