@@ -264,7 +264,7 @@ def main(argv=None):
         _common.write_text(out + ".md", text)
 
     print(header, flush=True)
-    chosen = None
+    chosen = None  # report() shows the main table once the sweeps have chosen
     chosen = plan()
     settings, weights = chosen
     # Without distillation first, then distilled Diode and latent Adam (the claim), then the
