@@ -415,8 +415,9 @@ def _conv(x, w, spec: _Spec):
 
 
 #: Bytes of float patches the patch-product kernel gradient builds at once (`_patch_product`):
-#: 1-8 MiB measured alike per layer of BinaryNet on the development CPU (BENCHMARKS.md).
-PATCH_CHUNK_BYTES = 2 * 2**20
+#: on the development CPU (2-core Xeon), BinaryNet's whole training step was 8-10% faster with
+#: 8 MiB than with 2 MiB, and no faster with 16 MiB (BENCHMARKS.md section 7).
+PATCH_CHUNK_BYTES = 8 * 2**20
 
 
 def _patches_dot(xt, w_dot, spec: _Spec):
