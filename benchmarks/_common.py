@@ -1,12 +1,15 @@
-"""Helpers shared by the throughput and accuracy benchmarks: machine description, tables, files."""
+"""Helpers shared by the benchmarks: machine description, quiet training runs, tables, files."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 
@@ -40,6 +43,19 @@ def machine() -> str:
         f"Python {platform.python_version()}, jax {jax.__version__}, optax {optax.__version__}, "
         f"flax {flax.__version__}"
     )
+
+
+def train_quietly(config, run_dir: str | None = None):
+    """(``binax.train.train(config)``, wall seconds), its console table swallowed; the run goes
+    to ``run_dir``, or to a temporary directory removed afterwards."""
+    from binax.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config.run_dir = run_dir or os.path.join(tmp, "run")
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = train(config)
+        return result, time.perf_counter() - t0
 
 
 def command() -> str:

@@ -36,20 +36,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import itertools
 import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-from binax.train import BINARY_DEFAULTS, Config, train  # noqa: E402
+from binax.train import BINARY_DEFAULTS, Config  # noqa: E402
 
 CANDIDATES = ("bop", "bop2nd_order", "sgdat", "diode", "cema", "latent", "real")
 
@@ -110,12 +107,7 @@ def run_one(
         plots=False,
         progress=False,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        config.run_dir = os.path.join(tmp, "run")
-        t0 = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):  # train() prints a table per run
-            result = train(config)
-        wall = time.perf_counter() - t0
+    result, wall = _common.train_quietly(config)
     history = []
     for r in result.history:
         history.append(

@@ -19,17 +19,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import statistics
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-from binax.train import Config, train  # noqa: E402
+from binax.train import Config  # noqa: E402
 
 VARIANTS = {"float32 backward": None, "bfloat16 backward": "bfloat16"}
 MODELS = {
@@ -61,10 +58,7 @@ def final_accuracy(model, backward_dtype, seed, args) -> float:
         plots=False,
         progress=False,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        config.run_dir = os.path.join(tmp, "run")
-        with contextlib.redirect_stdout(io.StringIO()):
-            result = train(config)
+    result, _ = _common.train_quietly(config)
     return 100 * result.history[-1]["test_accuracy"]
 
 

@@ -37,21 +37,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import shutil
 import statistics
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 from accuracy import append_record, fmt_hp, load_records, spread  # noqa: E402
 
-from binax.train import Config, train  # noqa: E402
+from binax.train import Config  # noqa: E402
 
 OPTIMIZERS = ("diode", "bop", "bop2nd_order", "sgdat", "latent")
 
@@ -99,12 +95,7 @@ def run_one(args, optimizer, hparams, seed, epochs, steps, *, teacher=None, weig
         distill_from=teacher,
         **(_distill_fields(weights) if teacher else {}),
     )
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        config.run_dir = run_dir or os.path.join(tmp, "run")
-        with contextlib.redirect_stdout(io.StringIO()):  # train() prints a table per run
-            result = train(config)
-    wall = time.perf_counter() - t0
+    result, wall = _common.train_quietly(config, run_dir)
     keys = ("epoch", "step", "train_accuracy", "test_accuracy", "flip_ratio_total", "distill")
     return {
         "optimizer": optimizer,
