@@ -120,6 +120,11 @@ class Config:
     log_every: int = _field(10, "refresh the bar's loss/accuracy every N steps", _OUT, **_N)
     plots: bool = _field(True, "no PNG plots", _OUT, **_OFF, flag="--no-plots")
 
+    @property
+    def glue_task(self) -> str | None:
+        """The GLUE task of a ``glue/<task>`` dataset (``'sst2'``, ...); ``None`` otherwise."""
+        return self.dataset[len("glue/") :] if self.dataset in GLUE_DATASETS else None
+
     def validate(self) -> Config:
         """Checks every field; raises `ConfigError` naming the field and what it expects."""
         for f in dataclasses.fields(self):
@@ -193,7 +198,7 @@ Config.__doc__ += "\n    Attributes:\n" + "".join(
 
 def _check_text(config: Config) -> None:
     """GLUE tasks go with the encoder (and it with them), from files in ``data_dir``."""
-    text = config.dataset in GLUE_DATASETS
+    text = config.glue_task is not None
     if text != (config.model == "encoder"):
         raise ConfigError(
             f"dataset: {config.dataset!r} does not go with model {config.model!r}: the text "
@@ -204,7 +209,7 @@ def _check_text(config: Config) -> None:
             f"data_dir: {config.dataset} needs --data-dir DIR, the glue_data folder of GLUE's "
             "download script (binax does not download GLUE)"
         )
-    if config.dataset == "glue/stsb":
+    if config.glue_task == "stsb":
         raise ConfigError(
             "dataset: glue/stsb is a regression task (similarity scores) and binax-train trains "
             "classifiers; build binax.models.BinaryEncoder(num_classes=1) with your own loss"

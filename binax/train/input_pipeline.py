@@ -101,7 +101,7 @@ def glue_datasets(config: Config) -> tuple[bdata.Dataset, bdata.Dataset]:
     """
     from binax.data import text
 
-    task = config.dataset.split("/", 1)[1]
+    task = config.glue_task
     vocab_size = config.model_kwargs.get("vocab_size", text.DEFAULT_VOCAB_SIZE)
     max_length = config.model_kwargs.get("max_length", text.DEFAULT_MAX_LENGTH)
     path = os.path.join(config.run_dir, TOKENIZER_FILE)
@@ -156,7 +156,7 @@ def create(config: Config, sharding: NamedSharding) -> InputPipeline:
             f"devices ({data_size})"
         )
     augment = config.augment if config.augment is not None else config.dataset.startswith("cifar")
-    if config.dataset.startswith("glue/"):
+    if config.glue_task:
         (train_set, test_set), augment = glue_datasets(config), False
     else:
         kw = dict(data_dir=config.data_dir, download=config.download, seed=0)

@@ -311,7 +311,7 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
     time_s = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    glue = config.dataset.startswith("glue/")  # scores from the confusion matrix
+    glue = config.glue_task  # scores from the confusion matrix
     test = program.zero_metrics(confusion=data.test_set.num_classes if glue else 0)
     for images, labels, weights in data.eval_batches():
         test = program.eval_step(state, test, images, labels, weights)
@@ -336,7 +336,7 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
         "time_s": time_s,
     }
     if glue:  # GLUE's scores besides accuracy: F1 (MRPC, QQP), Matthews correlation (CoLA)
-        scores = bdata.glue_metrics(config.dataset[len("glue/") :], test["confusion"])
+        scores = bdata.glue_metrics(glue, test["confusion"])
         record.update({f"test_{k}": v for k, v in scores.items()})
     if "distill" in m:  # the unweighted distillation terms, means over the epoch's examples
         record["distill"] = {k: float(v) / int(m["count"]) for k, v in m["distill"].items()}
