@@ -9,7 +9,7 @@ round, as:
   int32 accumulation, BatchNorm + sign folded into integer thresholds; a large batch runs in
   cache-sized chunks (`binax.deploy.Deployed.batch_chunk`);
 - ``binax float, chunked``: the float forward run in the same chunks
-  (`binax.deploy.program.map_chunks`): how much of the deployed network's lead at batch 256
+  (`binax.nn.functional.map_chunks`): how much of the deployed network's lead at batch 256
   comes from chunking alone, which helps XLA:CPU's float convolutions too;
 - with ``--lce-python``: the same network (same weights and BatchNorm statistics) built in Larq,
   converted by Larq Compute Engine (`larq_compute_engine.convert_keras_model`) and run by its
@@ -276,6 +276,7 @@ def binary_part(deployed, chunk: int):
     import jax.numpy as jnp
 
     from binax.deploy import program as P
+    from binax.nn import functional as F
 
     start = [node["op"] in P.INT_PRODUCTS for node in deployed.program].index(True)
     outputs: list = []
@@ -287,7 +288,7 @@ def binary_part(deployed, chunk: int):
     x = jax.random.rademacher(jax.random.key(3), (256, *outputs[start - 1].shape[1:]), jnp.int8)
     borders = {}
     P.run(program, arrays, x[:1], borders)  # the border terms, once
-    f = jax.jit(lambda a, b, x: P.map_chunks(lambda x: P.run(program, a, x, dict(b)), x, chunk))
+    f = jax.jit(lambda a, b, x: F.map_chunks(lambda x: P.run(program, a, x, dict(b)), x, chunk))
     return (lambda x: f(arrays, borders, x)), x
 
 
@@ -346,7 +347,7 @@ def main(argv=None) -> int:
     import _common
 
     import binax.deploy
-    from binax.deploy import program as P
+    from binax.nn import functional as F
 
     print(_common.machine())
     print(_common.command())
@@ -374,7 +375,7 @@ def main(argv=None) -> int:
     print(f"BinaryNet width {args.width}: {n_binary:,} binary weights")
 
     chunk = deployed.chunk(INPUT_SHAPE)
-    chunked = jax.jit(lambda s, x: P.map_chunks(lambda x: nnx.merge(graphdef, s)(x), x, chunk))
+    chunked = jax.jit(lambda s, x: F.map_chunks(lambda x: nnx.merge(graphdef, s)(x), x, chunk))
     part, part_x = binary_part(deployed, chunk)
     products = kernel_products()
     engines = {

@@ -15,6 +15,7 @@ from flax import nnx
 
 from binax.deploy import lower as L
 from binax.deploy import program as P
+from binax.nn import functional as F
 
 __all__ = ["MAGIC", "VERSION", "Deployed", "DeployFileError", "compile", "load"]
 
@@ -62,7 +63,7 @@ class Deployed:
         self._compiled: dict[tuple, Any] = {}
         prog = program
         self._forward = jax.jit(
-            lambda a, b, x, chunk: P.map_chunks(lambda x: P.run(prog, a, x, dict(b)), x, chunk),
+            lambda a, b, x, chunk: F.map_chunks(lambda x: P.run(prog, a, x, dict(b)), x, chunk),
             static_argnums=3,
         )
         self._collect = jax.jit(lambda a, x: _collect_borders(prog, a, x))

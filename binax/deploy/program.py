@@ -49,7 +49,6 @@ from binax.nn import functional as F
 __all__ = [
     "activation_nbytes",
     "fold_thresholds",
-    "map_chunks",
     "pack_kernel",
     "run",
     "threshold_from_decisions",
@@ -239,21 +238,6 @@ def activation_nbytes(program: list, arrays: list, x: jax.Array, borders: dict) 
 # convolutions slow down 2-4x when their operands outgrow the caches (measured on a 2-core Xeon,
 # BinaryNet widths 0.25-1: the best chunks hold 2-4 MiB, a whole batch of 256 holds 25-100 MiB).
 CHUNK_NBYTES = 4 * 2**20
-
-
-def map_chunks(f: Any, x: jax.Array, chunk: int) -> jax.Array:
-    """``f(x)`` computed on ``chunk`` rows of ``x`` at a time (`jax.lax.map`), then on the rest.
-
-    For an ``f`` that treats rows independently (a network in eval mode), the same values as
-    ``f(x)``; a batch of at most ``2 * chunk - 1`` rows is one call.
-    """
-    n = x.shape[0]
-    full = n - n % chunk
-    if full <= chunk:
-        return f(x)
-    y = lax.map(f, x[:full].reshape(full // chunk, chunk, *x.shape[1:]))
-    y = y.reshape(full, *y.shape[2:])
-    return y if full == n else jnp.concatenate([y, f(x[full:])])
 
 
 # At most this many rows, a dense product runs as XOR + popcount on the packed words (no

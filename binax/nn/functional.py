@@ -44,6 +44,7 @@ __all__ = [
     "check_layer_config",
     "conv_padding",
     "integer_valued",
+    "map_chunks",
     "max_pool",
     "ntuple",
     "pad_quantized",
@@ -456,6 +457,21 @@ def _patches_dot(xt, w_dot, spec: _Spec):
     return y.reshape((xp.shape[1], *out, o))
 
 
+def map_chunks(f: Any, x: jax.Array, chunk: int) -> jax.Array:
+    """``f(x)`` computed on ``chunk`` rows of ``x`` at a time (`jax.lax.map`), then on the rest.
+
+    For an ``f`` that treats rows independently (a network in eval mode), the same values as
+    ``f(x)``; a batch of at most ``2 * chunk - 1`` rows is one call.
+    """
+    n = x.shape[0]
+    full = n - n % chunk
+    if full <= chunk:
+        return f(x)
+    y = lax.map(f, x[:full].reshape(full // chunk, chunk, *x.shape[1:]))
+    y = y.reshape(full, *y.shape[2:])
+    return y if full == n else jnp.concatenate([y, f(x[full:])])
+
+
 def patch_chunk_size(batch: int, bytes_per_example: int, budget: int | None = None) -> int:
     """How many examples the patch-product kernel gradient takes at once.
 
@@ -471,22 +487,18 @@ def _patch_product(x, w_dot, spec: _Spec):
     """``conv(pad(x, pad_value), w_dot)`` by matrix products of the input's patches, by chunks.
 
     Its transpose, the kernel gradient, is the sum over chunks of ``patches @
-    output_gradient``. The batch is cut into chunks of `patch_chunk_size` examples (a
-    `lax.map`, whose transpose accumulates the kernel gradient chunk by chunk), each chunk's
-    patches built under `jax.checkpoint` from the saved input (int8 on the integer path,
-    transposed channels-first once): the patches of a chunk stay in the CPU's cache instead of
-    being written out for the whole batch, which made building them about half of BinaryNet's
-    training step (BENCHMARKS.md section 7). Only for ``feature_group_count == 1``.
+    output_gradient``. The batch is cut into chunks of `patch_chunk_size` examples
+    (`map_chunks`: a `lax.map`, whose transpose accumulates the kernel gradient chunk by chunk),
+    each chunk's patches built under `jax.checkpoint` from the saved input (int8 on the integer
+    path, each chunk transposed channels-first): the patches of a chunk stay in the CPU's cache
+    instead of being written out for the whole batch, which made building them about half of
+    BinaryNet's training step (BENCHMARKS.md section 7). Only for ``feature_group_count == 1``.
     """
     per_example = math.prod(w_dot.shape[:-1]) * math.prod(x.shape[1:-1]) * w_dot.dtype.itemsize
     size = patch_chunk_size(x.shape[0], per_example)
     product = jax.checkpoint(_patches_dot, static_argnums=(2,))
-    # Channels first: one transposition of the (int8) input, not of the patches.
-    if size >= x.shape[0]:
-        return product(jnp.moveaxis(x, -1, 0), w_dot, spec)
-    chunks = jnp.moveaxis(x.reshape(x.shape[0] // size, size, *x.shape[1:]), -1, 1)
-    y = lax.map(lambda xc: product(xc, w_dot, spec), chunks)
-    return y.reshape(x.shape[0], *y.shape[2:])
+    # Channels first: a transposition of the (int8) input chunk, not of its patches.
+    return map_chunks(lambda xc: product(jnp.moveaxis(xc, -1, 0), w_dot, spec), x, size)
 
 
 def _conv_jvp(spec, primals, tangents):
