@@ -1,13 +1,5 @@
-"""`train(config) -> TrainResult`: the training command as a short sequence of phases.
-
-1. the run directory (`binax.train.rundir`): check it, resume from it, log into it;
-2. devices and hosts (`binax.train.sharding`): the mesh;
-3. the input pipeline (`binax.train.input_pipeline`): datasets, augmented batches, eval padding;
-4. the model (`binax.train.model`) and the optimizer (`binax.train.optim`, one recipe each);
-5. the steps (`binax.train.step`): jitted, sharded train and eval steps;
-
-then the epochs: train, evaluate, log, checkpoint.
-"""
+"""`train(config) -> TrainResult`: the phases of `binax.train` (run directory, mesh, input
+pipeline, model and optimizer, steps), then the epochs: train, evaluate, log, checkpoint."""
 
 from __future__ import annotations
 
@@ -33,7 +25,14 @@ from binax.train.checkpoint import CheckpointError, Checkpoints
 from binax.train.config import Config, ConfigError
 from binax.train.rundir import CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, RunDirError  # noqa: F401
 from binax.train.sharding import DATA, is_main, make_mesh, say, sync, to_host
-from binax.train.step import Distillation, Program, TrainState, make_program, outputs
+from binax.train.step import (
+    DISTILL_TERMS,
+    Distillation,
+    Program,
+    TrainState,
+    make_program,
+    outputs,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -42,17 +41,10 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass
 class TrainResult:
-    """What `train` returns.
-
-    Attributes:
-      config: the config of the run.
-      run_dir: its directory.
-      history: the per-epoch records (as in ``log.jsonl``).
-      state: the final `TrainState` (global arrays).
-      program: the model's graph definitions, optimizer and compiled steps.
-      compile_s: seconds of this call's first train step, which compiles it (not in the
-        records' ``time_s``).
-    """
+    """What `train` returns: the run's config and directory, its ``history`` (the per-epoch
+    records of ``log.jsonl``), the final `TrainState`, the `Program` and ``compile_s``, the
+    seconds of this call's first train step, which compiles it (not in the records'
+    ``time_s``)."""
 
     config: Config
     run_dir: str
@@ -74,10 +66,9 @@ class TrainResult:
 
 
 def setup(config: Config) -> tuple[input_pipeline.InputPipeline, Program, dict[str, Any]]:
-    """Phases 2-5 for a checked config: ``(pipeline, program, scheduled)``.
-
-    ``scheduled`` maps each scheduled hyperparameter (and ``"lr"``) to its `Schedule`.
-    """
+    """The phases after the run directory for a checked config: ``(pipeline, program,
+    scheduled)``, ``scheduled`` mapping each scheduled hyperparameter and ``"lr"`` to its
+    `Schedule`."""
     try:
         mesh = make_mesh(config.num_devices, config.model_parallel)
     except ValueError as e:
@@ -106,14 +97,9 @@ def setup(config: Config) -> tuple[input_pipeline.InputPipeline, Program, dict[s
 
 
 def _teacher(config: Config, net, data: input_pipeline.InputPipeline) -> Distillation:
-    """The frozen teacher of ``config.distill_from``: its run restored (`restore`, last
-    checkpoint), checked to be of the same model and dataset, and to give outputs that line up
-    with the student's (`binax.models.distillation_loss`).
-
-    Raises:
-      ConfigError: no such run, no checkpoint, another model or dataset, or outputs that do
-        not line up (the message names ``--distill-from``).
-    """
+    """The frozen teacher of ``config.distill_from`` (its last checkpoint), checked to be of
+    the same model and dataset, with outputs that line up with the student's; else a
+    `ConfigError` that names ``--distill-from``."""
     from flax import nnx
 
     from binax.models import distillation_loss
@@ -148,24 +134,20 @@ def _teacher(config: Config, net, data: input_pipeline.InputPipeline) -> Distill
         jax.eval_shape(loss, student_state, params, rest, batch)
     except ValueError as e:
         raise ConfigError(f"{where}: the teacher does not fit this model: {e}") from None
-    options = dict(
-        temperature=config.distill_temperature,
-        logits_weight=config.distill_logits,
-        attention_weight=config.distill_attention,
-        hidden_weight=config.distill_hidden,
+    weights = {f"{k}_weight": getattr(config, f"distill_{k}") for k in DISTILL_TERMS}
+    return Distillation(
+        graphdef, params, rest, dict(weights, temperature=config.distill_temperature)
     )
-    return Distillation(graphdef, params, rest, options)
 
 
 def restore(run_dir: str, epoch: int | None = None) -> TrainResult:
-    """A run as its checkpoint of ``epoch`` (the last by default) holds it, without training.
-
-    Builds what `train` builds from the run's ``config.json`` (loading the dataset for its
-    shapes) and restores the checkpoint; ``restore(run_dir).model()`` is the trained model.
+    """A run as its checkpoint of ``epoch`` (the last by default) holds it, without training:
+    what `train` builds from the run's ``config.json`` (loading the dataset for its shapes),
+    restored; ``restore(run_dir).model()`` is the trained model.
 
     Raises:
-      RunDirError: no readable ``config.json``.
-      CheckpointError: no such checkpoint, or it cannot be read.
+      RunDirError: no readable ``config.json``. CheckpointError: no such checkpoint, or it
+        cannot be read.
     """
     config = dataclasses.replace(rundir.read_config(run_dir), run_dir=run_dir, resume=False)
     data, program, _ = setup(config)
@@ -276,17 +258,15 @@ def _header(config: Config, data: input_pipeline.InputPipeline, program: Program
 
 
 def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interrupted, on_step):
-    """One epoch of training and the evaluation after it: ``(state, record, compile_s)``.
+    """One epoch of training and the evaluation after it: ``(state, record, compile_s)``; in
+    the ``first`` epoch of a process the first step, which compiles the step, is announced and
+    timed apart (``compile_s``, not in the record's ``time_s``)."""
+    from tqdm import tqdm
 
-    In the ``first`` epoch of a process the first step, which compiles the step, is announced
-    and timed apart (``compile_s``, not counted in the record's ``time_s``).
-    """
-    spe, metrics, bar = data.steps_per_epoch, program.zero_metrics(), None
-    if config.progress and is_main() and sys.stderr.isatty():  # no redraws in a log file
-        from tqdm import tqdm
-
-        desc = f"epoch {epoch + 1}/{config.epochs}"
-        bar = tqdm(total=spe, desc=desc, leave=False, dynamic_ncols=True)
+    spe, metrics = data.steps_per_epoch, program.zero_metrics()
+    show = config.progress and is_main() and sys.stderr.isatty()  # no redraws in a log file
+    desc = f"epoch {epoch + 1}/{config.epochs}"
+    bar = tqdm(total=spe, desc=desc, leave=False, dynamic_ncols=True, disable=not show)
     compile_s, t0 = 0.0, time.perf_counter()
     for i, (images, labels) in enumerate(data.train_batches(epoch)):
         stop_if_interrupted()
@@ -300,17 +280,14 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
             compile_s = time.perf_counter() - t0
             say(f"compiled: the first step took {compile_s:.1f}s (not counted in time_s)")
             t0 = time.perf_counter()
-        if bar is not None:
-            bar.update(1)
-            if (i + 1) % config.log_every == 0 or i + 1 == spe:
-                m = to_host(metrics)
-                bar.set_postfix(
-                    loss=f"{m['loss'] / m['count']:.4f}", acc=f"{m['correct'] / m['count']:.3f}"
-                )
-    m = to_host(metrics)
-    time_s = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+        if show and ((i + 1) % config.log_every == 0 or i + 1 == spe):
+            m = to_host(metrics)
+            bar.set_postfix(
+                loss=f"{m['loss'] / m['count']:.4f}", acc=f"{m['correct'] / m['count']:.3f}"
+            )
+    m, time_s = to_host(metrics), time.perf_counter() - t0
+    bar.close()
     glue = config.glue_task  # scores from the confusion matrix
     test = program.zero_metrics(confusion=data.test_set.num_classes if glue else 0)
     for images, labels, weights in data.eval_batches():
@@ -344,15 +321,12 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
 
 
 def _check_finite(record: dict[str, Any], run: rundir.RunDir) -> None:
-    loss = record["train_loss"]
-    if math.isfinite(loss):
+    if math.isfinite(loss := record["train_loss"]):
         return
     last = run.last_checkpoint()
-    kept = (
-        f"the last good checkpoint (epoch {last}) is in {run.checkpoints.directory}"
-        if last is not None
-        else "there is no checkpoint"
-    )
+    kept = "there is no checkpoint"
+    if last is not None:
+        kept = f"the last good checkpoint (epoch {last}) is in {run.checkpoints.directory}"
     raise TrainingDiverged(
         f"the training loss became {loss} in epoch {record['epoch']}: training diverged. "
         f"Nothing was saved for that epoch; {kept}. Resuming would repeat the same steps: "
@@ -367,20 +341,19 @@ def _deferred_interrupts() -> Iterator[Callable[[], None]]:
     (whose buffers are donated) or inside a checkpoint save; a second Ctrl-C raises at once.
     Outside the main thread (where Python cannot install handlers) interrupts are not changed.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: None
-        return
     pending: list[int] = []
-
-    def on_sigint(signum, frame):
-        if pending:
-            raise KeyboardInterrupt
-        pending.append(signum)
 
     def stop_if_interrupted():
         if pending:
             raise KeyboardInterrupt
 
+    def on_sigint(signum, frame):
+        stop_if_interrupted()  # the second Ctrl-C
+        pending.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         yield stop_if_interrupted

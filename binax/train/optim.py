@@ -1,14 +1,9 @@
 """The optimizers the training command offers: one `Recipe` each.
 
-A recipe says everything the command needs about an optimizer of the binary weights: its name
-and description, its hyperparameters (flag, default, help, whether a schedule may drive it),
-the `binax` factory that builds it and whether it is a baseline. The command's flags, help and
-epilog, the config check and the optimizer the loop builds all come from `RECIPES`, so adding an
-optimizer is a factory in ``binax/optimizers.py``, one recipe here and its tests.
-
-Real-valued parameters (BatchNorm, real first/last layers) get an ordinary Optax optimizer
-(`REAL_OPTIMIZERS`); `make_optimizer` joins the two with `binax.partition`. The full-precision
-baseline (``"real"``) trains every parameter with the real-valued optimizer.
+The command's flags, help and epilog, the config check and the optimizer the loop builds all
+come from `RECIPES`, so adding an optimizer is a factory in ``binax/optimizers.py``, one recipe
+here and its tests. Real-valued parameters (BatchNorm, real first/last layers) get an ordinary
+Optax optimizer (`REAL_OPTIMIZERS`), joined to the binary one by `binax.partition`.
 """
 
 from __future__ import annotations
@@ -27,15 +22,10 @@ LATENT, FULL_PRECISION = "latent", "full_precision"
 
 @dataclasses.dataclass(frozen=True)
 class Hyperparameter:
-    """A hyperparameter of the binary optimizers (its default is the recipe's).
-
-    Attributes:
-      name: its key in ``Config.hparams``; the flag is ``--name`` with ``-`` for ``_``.
-      help: what it is, for ``--help``.
-      schedulable: takes a schedule string (`binax.train.schedules`), else a number.
-      arg: the factory's argument (default: ``name``).
-      choices: for a hyperparameter that is a word, flag value -> factory argument.
-    """
+    """A hyperparameter of the binary optimizers: its ``name`` in ``Config.hparams`` (flag
+    ``--name``, ``-`` for ``_``), ``help``, whether it takes a schedule string
+    (`binax.train.schedules`) or a number, the factory's ``arg`` (default ``name``), and for a
+    word, ``choices``: flag value -> factory argument."""
 
     name: str
     help: str
@@ -56,9 +46,8 @@ class Hyperparameter:
                 raise ValueError(f"{self.flag}: {e}") from None
         if self.choices is not None:
             if value not in self.choices:
-                raise ValueError(
-                    f"{self.flag} must be one of {', '.join(self.choices)}, got {value!r}"
-                )
+                choices = ", ".join(self.choices)
+                raise ValueError(f"{self.flag} must be one of {choices}, got {value!r}")
             return self.choices[value]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{self.flag} must be a number, got {value!r}")
@@ -102,8 +91,8 @@ class Recipe:
         real-valued optimizer trains every parameter).
       defaults: its hyperparameters (`HYPERPARAMETERS` names) and the command's defaults.
       seeded: the factory takes ``seed`` (random initial state).
-      baseline: ``"latent"`` (real latent weights) or ``"full_precision"`` (a real network);
-        ``None`` for a flip rule on exactly binary weights.
+      baseline: `LATENT` (real latent weights) or `FULL_PRECISION` (a real network); ``None``
+        for a flip rule on exactly binary weights.
     """
 
     name: str
@@ -118,26 +107,18 @@ class Recipe:
         return tuple(HYPERPARAMETERS[k] for k in self.defaults)
 
     def resolve(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The hyperparameters: defaults updated by ``overrides``, checked and parsed once.
-
-        Schedulable values become `binax.train.schedules.Schedule`\\ s, words their factory
-        value, numbers floats. The result is checked by building the optimizer with the
-        (first) values, so an out-of-range value is caught here with the factory's message.
-
-        Raises:
-          ValueError: a hyperparameter the optimizer does not take, or a bad value (the
-            message names the flag).
-        """
-        for key in overrides or {}:
-            if key not in self.defaults:
-                takes = ", ".join(self.defaults) or "none (it uses --lr for every parameter)"
-                raise ValueError(
-                    f"hyperparameter {key!r} does not apply to optimizer {self.name!r}; "
-                    f"it takes: {takes}"
-                )
+        """The hyperparameters, defaults updated by ``overrides``, parsed once (`Schedule`\\ s,
+        words' factory values, floats) and checked by building the optimizer at the first values
+        of the schedules; raises ValueError naming the flag or the optimizer."""
+        unknown = [k for k in overrides or {} if k not in self.defaults]
+        if unknown:
+            takes = ", ".join(self.defaults) or "none (it uses --lr for every parameter)"
+            raise ValueError(
+                f"hyperparameter {unknown[0]!r} does not apply to optimizer {self.name!r}; "
+                f"it takes: {takes}"
+            )
         values = {**self.defaults, **(overrides or {})}
         out = {h.name: h.parse(values[h.name]) for h in self.hyperparameters}
-        # Checked at the first value of each schedule.
         first = {k: v.values[0] if isinstance(v, schedules.Schedule) else v for k, v in out.items()}
         try:
             self.build(first, seed=0, steps_per_epoch=1, total_steps=1)
@@ -157,9 +138,7 @@ class Recipe:
             else hp[h.name]
             for h in self.hyperparameters
         }
-        if self.seeded:
-            kwargs["seed"] = seed
-        return self.factory(**kwargs)
+        return self.factory(**kwargs, **({"seed": seed} if self.seeded else {}))
 
 
 def latent_adam(learning_rate: optax.ScalarOrSchedule, clip: float):
@@ -233,11 +212,15 @@ REAL_OPTIMIZERS: dict[str, Callable[[optax.ScalarOrSchedule], optax.GradientTran
 }
 
 
+def _lookup(table: dict[str, Any], name: str, what: str) -> Any:
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; valid choices: {', '.join(table)}")
+    return table[name]
+
+
 def recipe(optimizer: str) -> Recipe:
     """The recipe of ``optimizer``; raises ValueError listing the valid names."""
-    if optimizer not in RECIPES:
-        raise ValueError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
-    return RECIPES[optimizer]
+    return _lookup(RECIPES, optimizer, "optimizer")
 
 
 def hparams(optimizer: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -256,25 +239,16 @@ def make_optimizer(
     steps_per_epoch: int,
     total_steps: int,
 ) -> optax.GradientTransformation:
-    """The whole optimizer: the binary one and the real one, joined by `binax.partition`.
-
-    Args:
-      optimizer: one of `OPTIMIZERS`.
-      hp: its hyperparameters, as returned by `hparams`.
-      real: one of `REAL_OPTIMIZERS`, for the real-valued parameters.
-      lr: its learning rate (number, schedule string or `Schedule`).
-      is_binary: the label tree of the binary leaves (`binax.nn.binary_labels`).
-      seed: seed of optimizers that draw random state (Diode).
-      steps_per_epoch, total_steps: to turn schedules into Optax schedules.
-    """
-    if real not in REAL_OPTIMIZERS:
-        raise ValueError(
-            f"unknown real optimizer {real!r}; valid choices: {', '.join(REAL_OPTIMIZERS)}"
-        )
-    real_tx = REAL_OPTIMIZERS[real](schedules.parse(lr).build(steps_per_epoch, total_steps))
-    binary_tx = recipe(optimizer).build(
-        hp, seed=seed, steps_per_epoch=steps_per_epoch, total_steps=total_steps
-    )
+    """The whole optimizer: ``optimizer`` (one of `OPTIMIZERS`) with the hyperparameters ``hp``
+    (from `hparams`) on the binary leaves that the label tree ``is_binary`` marks
+    (`binax.nn.binary_labels`), and ``real`` (one of `REAL_OPTIMIZERS`) with the learning rate
+    ``lr`` (number, schedule string or `Schedule`) on the others, joined by `binax.partition`.
+    ``seed`` seeds the optimizers that draw random state (Diode); ``steps_per_epoch`` and
+    ``total_steps`` turn schedules into Optax schedules."""
+    real_tx = _lookup(REAL_OPTIMIZERS, real, "real optimizer")
+    real_tx = real_tx(schedules.build(lr, steps_per_epoch, total_steps))
+    steps = dict(steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    binary_tx = recipe(optimizer).build(hp, seed=seed, **steps)
     if binary_tx is None:
         return real_tx
     return binax.partition(binary=binary_tx, real=real_tx, is_binary=is_binary)

@@ -25,15 +25,9 @@ DATA, MODEL = "data", "model"
 
 
 def make_mesh(num_devices: int | None = None, model_parallel: int = 1) -> Mesh:
-    """A ``("data", "model")`` mesh over the first ``num_devices`` devices (all by default).
-
-    In a multi-process run ``jax.devices()`` lists the devices of every process, so the mesh
-    spans all hosts. The axes are `AxisType.Auto`: shardings are given at the `jit` boundary
-    and XLA propagates them through the model.
-
-    Raises:
-      ValueError: ``num_devices`` out of range, or ``model_parallel`` does not divide it.
-    """
+    """A ``("data", "model")`` mesh over the first ``num_devices`` devices (all by default; in a
+    multi-process run, those of every process). The axes are `AxisType.Auto`: shardings are
+    given at the `jit` boundary and XLA propagates them through the model."""
     devices = jax.devices()
     n = len(devices) if num_devices is None else num_devices
     if not isinstance(n, int) or not 1 <= n <= len(devices):
@@ -69,12 +63,9 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
 def state_shardings(
     tx: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh
 ) -> Any:
-    """The sharding of each leaf of ``tx``'s state: that of the parameter it belongs to.
-
-    `optax.tree.map_params` finds the copies of the parameter tree in the state (e.g. Bop's
-    EMA inside `binax.partition`); a leaf there whose shape is its parameter's gets the
-    parameter's sharding. Other leaves (step counts, scalars) are replicated.
-    """
+    """The sharding of each leaf of ``tx``'s state: that of its parameter where
+    `optax.tree.map_params` finds a copy of the parameter tree (e.g. Bop's EMA inside
+    `binax.partition`) and the shapes agree; other leaves (step counts, scalars) replicated."""
     replicated = NamedSharding(mesh, P())
 
     def pick(leaf, sharding, param):
@@ -105,14 +96,11 @@ def to_host(x: Any) -> Any:
 
 
 def process_rows(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
-    """Which contiguous block of a global batch this process must supply.
-
-    Returns ``(index, count)``: the process supplies rows ``index * global_rows // count`` to
-    ``(index + 1) * global_rows // count``, which is what ``binax.data.batches(...,
-    process_index=index, process_count=count)`` yields. Read off the sharding, so it is right
-    whatever the order of the devices in the mesh (two processes that hold the same rows, as
-    with a ``"model"`` axis across hosts, get the same block).
-    """
+    """``(index, count)``: this process supplies block ``index`` of ``count`` equal blocks of a
+    global batch, as ``binax.data.batches(..., process_index=index, process_count=count)``
+    yields them. Read off the sharding, so it is right whatever the order of the devices in the
+    mesh (processes that hold the same rows, as with a ``"model"`` axis across hosts, get the
+    same block)."""
     index_map = sharding.addressable_devices_indices_map((global_rows,))
     spans = {(s[0].start or 0, s[0].stop or global_rows) for s in index_map.values()}
     lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
@@ -155,14 +143,6 @@ def broadcast(value: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.broadcast_one_to_all(value))
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name) or None
-    try:
-        return value if value is None else int(value)
-    except ValueError:
-        raise ValueError(f"${name} must be an integer, got {value!r}") from None
-
-
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -172,31 +152,27 @@ def initialize_distributed(
 ) -> None:
     """Calls `jax.distributed.initialize` (before anything else touches the devices).
 
-    Every process runs the same program with its own ``process_id``; afterwards
-    ``jax.devices()`` lists the devices of all processes and `binax.train.make_mesh` spans
-    them. Arguments left ``None`` are read from ``$JAX_COORDINATOR_ADDRESS``,
-    ``$JAX_NUM_PROCESSES`` and ``$JAX_PROCESS_ID``; when all three are still missing JAX
-    detects the cluster itself (Cloud TPU VMs and pod slices, SLURM, Open MPI, Kubernetes).
-    On CPU the collectives go through Gloo (JAX's default), so several CPU processes on one
-    machine can train together, as the tests do.
-
-    Args:
-      coordinator_address: ``host:port`` of process 0, reachable from every process.
-      num_processes: the number of processes.
-      process_id: this process's index in ``[0, num_processes)``.
-      timeout_s: seconds to wait for all processes to connect.
+    Every process runs the same program with its own ``process_id`` in ``[0, num_processes)``;
+    afterwards ``jax.devices()`` lists the devices of all processes and `make_mesh` spans them.
+    Arguments left ``None`` are read from ``$JAX_COORDINATOR_ADDRESS`` (``host:port`` of process
+    0), ``$JAX_NUM_PROCESSES`` and ``$JAX_PROCESS_ID``; when all three are still missing JAX
+    detects the cluster itself (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes). On CPU the
+    collectives go through Gloo, so several CPU processes on one machine can train together, as
+    the tests do. ``timeout_s``: seconds to wait for all processes to connect.
     """
-    if num_processes is None:
-        num_processes = _env_int("JAX_NUM_PROCESSES")
-    if process_id is None:
-        process_id = _env_int("JAX_PROCESS_ID")
-    if num_processes is not None and num_processes < 1:
-        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
-    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,  # JAX reads $JAX_COORDINATOR_ADDRESS itself
-        num_processes=num_processes,
-        process_id=process_id,
+
+    def env(value: int | None, name: str) -> int | None:
+        text = os.environ.get(name)
+        if value is not None or not text:
+            return value
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"${name} must be an integer, got {text!r}") from None
+
+    jax.distributed.initialize(  # it checks the ranges, and reads $JAX_COORDINATOR_ADDRESS
+        coordinator_address,
+        env(num_processes, "JAX_NUM_PROCESSES"),
+        env(process_id, "JAX_PROCESS_ID"),
         initialization_timeout=timeout_s,
     )

@@ -1,13 +1,10 @@
 """The training and evaluation steps, compiled once with `jax.jit` over a device `Mesh`.
 
-The model is used through Flax NNX's functional API: ``nnx.split`` turns it into a static
-graph definition and two trees of arrays, the parameters (``nnx.Param``, binary kernels
-included) and the rest (BatchNorm statistics and any other variables); the step ``nnx.merge``\\ s
-them back, runs the model and returns the new trees. Everything the step carries is a pure
-pytree of arrays, `TrainState`, so it can be sharded, donated and checkpointed as it is.
-
-The shardings are `binax.train.sharding`'s. Under `jit` the batch mean of a BatchNorm layer is
-a mean over the *global* batch, whatever the number of devices.
+The model goes through Flax NNX's functional API: ``nnx.split`` turns it into a static graph
+definition, its parameters (binary kernels included) and the rest (BatchNorm statistics...);
+the step ``nnx.merge``\\ s them back. What the step carries, `TrainState`, is a pytree of
+arrays that is sharded (`binax.train.sharding`), donated and checkpointed as it is. Under `jit`
+a BatchNorm batch mean is over the *global* batch, whatever the number of devices.
 """
 
 from __future__ import annotations
@@ -52,14 +49,9 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 class Distillation(NamedTuple):
-    """Knowledge distillation from a frozen teacher (`binax.models.distillation_loss`).
-
-    Attributes:
-      graphdef: the teacher's static structure (eval mode).
-      params, rest: its arrays; passed to the train step as arguments, never trained (no
-        gradient, no optimizer state, not in the checkpoint).
-      options: `distillation_loss`'s keyword arguments (temperature and weights).
-    """
+    """Knowledge distillation from a frozen teacher (`binax.models.distillation_loss`): its
+    eval-mode ``graphdef``, its arrays (``params``, ``rest``: arguments of the train step, never
+    trained nor checkpointed) and ``options``, `distillation_loss`'s keyword arguments."""
 
     graphdef: Any
     params: Any
@@ -96,26 +88,23 @@ def train_step(
 
     The loss is the mean softmax cross-entropy over the batch (binax's thresholds assume a
     mean-reduced loss). Flips are counted per binary leaf as changes of ``sign0``. With
-    ``distill`` (its weights and the teacher's graphdef) and ``teacher`` (its ``(params,
-    rest)``), `binax.models.distillation_loss` against the teacher is added to the loss and its
-    unweighted terms to ``metrics["distill"]``; the metrics' ``loss`` stays the cross-entropy.
+    ``distill`` and ``teacher`` (the teacher's ``(params, rest)``), `distillation_loss` against
+    the teacher is added to the loss and its unweighted terms to ``metrics["distill"]``; the
+    metrics' ``loss`` stays the cross-entropy.
     """
-    from binax.models import distillation_loss
+    from binax.models import TransformerOutput, distillation_loss
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state.rest)
         if distill is None:
-            logits, parts = model(images), {}
-            loss = task = jnp.mean(_cross_entropy(logits, labels))
+            out, extra, parts = TransformerOutput(model(images), (), ()), 0.0, {}
         else:
             out = outputs(model, images)
             target = outputs(nnx.merge(distill.graphdef, *teacher), images)
-            logits = out.logits
-            task = jnp.mean(_cross_entropy(logits, labels))
             extra, parts = distillation_loss(out, target, **distill.options)
-            loss = task + extra
+        task = jnp.mean(_cross_entropy(out.logits, labels))
         new_rest = nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
-        return loss, (task, logits, parts, new_rest)
+        return task + extra, (task, out.logits, parts, new_rest)
 
     (_, (loss, logits, parts, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params
@@ -171,16 +160,13 @@ class Program:
     """A model, its optimizer and the compiled steps, over one mesh.
 
     Attributes:
-      mesh: the device mesh.
       eval_graphdef: the model's static structure in eval mode.
-      tx: the optimizer.
-      binary_mask: bools, ``True`` at the binary leaves of ``params``.
-      flip_names: names (key paths) of the binary leaves, e.g. ``"layers/0/kernel"``.
-      flip_sizes: their numbers of elements.
+      binary_mask: bools, ``True`` at the binary leaves of the parameters.
+      flip_names, flip_sizes: the binary leaves' key paths (``"layers/0/kernel"``) and sizes.
       batch_sharding: the sharding of a batch (split along ``"data"``).
       train_step: ``(state, metrics, images, labels) -> (state, metrics)``, jitted; donates
-        ``state`` and ``metrics``.
-      eval_step: ``(state, metrics, images, labels, weights) -> metrics``, jitted.
+        ``state`` and ``metrics``. ``eval_step``: ``(state, metrics, images, labels, weights)
+        -> metrics``, jitted.
       init_state: builds the initial `TrainState`, placed on the mesh.
       distill: the train step distils from a teacher (`Distillation`).
     """
@@ -222,39 +208,30 @@ def make_program(
     init_params: Callable[[Any, Any], Any] | None = None,
     distill: Distillation | None = None,
 ) -> Program:
-    """Splits ``model``, builds the optimizer and the jitted steps over ``mesh``.
+    """Splits ``model`` (Flax NNX, `binax.nn.BinaryParam` kernels), builds the optimizer
+    (``make_tx(binary_labels)``) and the jitted steps over ``mesh``.
 
-    Args:
-      model: a Flax NNX model with `binax.nn.BinaryParam` kernels.
-      make_tx: called with the binary label tree, returns the optimizer.
-      mesh: from `make_mesh`.
-      init_params: optional ``(params, binary_mask) -> params`` applied before the optimizer
-        state is created (e.g. `binax.train.model.latent_init`).
-      distill: a frozen teacher to distil from (`Distillation`); its arrays are placed on
-        ``mesh`` once and passed to every train step.
+    ``init_params``, ``(params, binary_mask) -> params``, is applied before the optimizer state
+    is created (e.g. `binax.train.model.latent_init`). A ``distill`` teacher's arrays are placed
+    on ``mesh`` once and passed to every train step.
     """
     labels = binax.nn.binary_labels(model)
+    model.eval()
+    eval_graphdef = nnx.graphdef(model)
     model.train()
     train_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    model.eval()
-    eval_graphdef, _, _ = nnx.split(model, nnx.Param, ...)
-    model.train()
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
-    if any(jax.tree.leaves(labels)):
-        mask = binax.binary_mask(labels, params)
-    else:  # a full-precision twin (the "real" baseline of a transformer): no binary leaf
-        mask = jax.tree.map(lambda _: False, params)
+    # a full-precision twin (the "real" baseline of a transformer) has no binary leaf
+    has_binary = any(jax.tree.leaves(labels))
+    mask = (
+        binax.binary_mask(labels, params) if has_binary else jax.tree.map(lambda _: False, params)
+    )
     if init_params is not None:
         params = init_params(params, mask)
     tx = make_tx(labels)
-    binary = [
-        (path_str(path), int(np.size(x)))  # named as binax.flip_metrics names them
-        for (path, x), m in zip(
-            jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(mask), strict=True
-        )
-        if m
-    ]
-    flip_names = tuple(name for name, _ in binary)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    masks = jax.tree.leaves(mask)
+    binary = [(path_str(p), int(np.size(x))) for (p, x), m in zip(leaves, masks, strict=True) if m]
 
     replicated, batch_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA))
     param_sh = tree_shardings(params, mesh)
@@ -274,11 +251,10 @@ def make_program(
         teacher = jax.device_put((distill.params, distill.rest), teacher_sh)
         step = functools.partial(step, distill=distill._replace(params=None, rest=None))
         in_sh += (teacher_sh,)
-    train = jax.jit(
+    jitted = jax.jit(
         step, in_shardings=in_sh, out_shardings=(state_sh, replicated), donate_argnums=(0, 1)
     )
-    if distill is not None:
-        train = functools.partial(_with_teacher, train, teacher)
+    train = jitted if distill is None else lambda *batch: jitted(*batch, teacher)
     evaluate = jax.jit(
         functools.partial(eval_step, graphdef=eval_graphdef),
         in_shardings=(state_sh, replicated, batch_sh, batch_sh, batch_sh),
@@ -290,7 +266,7 @@ def make_program(
         eval_graphdef=eval_graphdef,
         tx=tx,
         binary_mask=mask,
-        flip_names=flip_names,
+        flip_names=tuple(name for name, _ in binary),
         flip_sizes=tuple(size for _, size in binary),
         batch_sharding=batch_sh,
         train_step=train,
@@ -298,7 +274,3 @@ def make_program(
         init_state=init_state,
         distill=distill is not None,
     )
-
-
-def _with_teacher(step: Callable[..., Any], teacher: Any, *batch: Any) -> Any:
-    return step(*batch, teacher)
