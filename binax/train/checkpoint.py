@@ -1,14 +1,10 @@
 """Checkpoints with Orbax: one per epoch, atomic, checked when read back.
 
-A checkpoint holds the whole `binax.train.step.TrainState` (parameters, BatchNorm statistics,
-optimizer state, step count) and a JSON record: the epoch, the config, the history of the
-epochs so far, and a fingerprint of the state. The data order needs nothing more: it is a pure
-function of ``(seed, epoch)`` (`binax.data.batches`).
-
-Orbax writes a checkpoint into a temporary directory and renames it when complete, so an
-interrupted save leaves the previous checkpoints as they were. The fingerprint, a 32-bit hash
-of every bit of the state computed on the devices, catches what Orbax does not (a file whose
-bytes changed but still parse).
+A checkpoint holds the whole `binax.train.step.TrainState` and a JSON record (the epoch, the
+config, the history so far, a `fingerprint` of the state); the data order is a pure function of
+``(seed, epoch)``. Orbax writes into a temporary directory and renames it when complete, so an
+interrupted save leaves the previous checkpoints as they were; the fingerprint catches what
+Orbax does not (bytes that changed but still parse).
 """
 
 from __future__ import annotations
@@ -42,11 +38,8 @@ def _bits(x: jax.Array) -> jax.Array:
 
 @jax.jit
 def fingerprint(tree: Any) -> jax.Array:
-    """A uint32 hash of every bit of every leaf of ``tree`` (and of its leaf order).
-
-    Integer sums wrap modulo 2**32 and do not depend on the order of summation, so the value is
-    the same however the arrays are sharded, on one device or many.
-    """
+    """A uint32 hash of every bit of every leaf of ``tree`` (and of its leaf order), the same
+    however the arrays are sharded: integer sums wrap modulo 2**32 in any order."""
     total = jnp.uint32(0)
     for i, leaf in enumerate(jax.tree.leaves(tree)):
         bits = _bits(leaf).reshape(-1)
@@ -57,13 +50,9 @@ def fingerprint(tree: Any) -> jax.Array:
 
 
 class Checkpoints:
-    """The checkpoints of a run directory, one per epoch, the last ``keep`` kept.
-
-    Args:
-      directory: where the checkpoints go (``<run_dir>/checkpoints``).
-      keep: how many to keep (older ones are deleted after a newer one is complete).
-      create: create the directory (never when only reading).
-    """
+    """The checkpoints in ``directory`` (``<run_dir>/checkpoints``), one per epoch; the last
+    ``keep`` are kept (older ones deleted once a newer one is complete). ``create``: create the
+    directory (never when only reading)."""
 
     def __init__(self, directory: str, keep: int = 2, *, create: bool = True):
         self.directory = os.path.abspath(directory)
@@ -94,16 +83,13 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def restore(self, target: Any, epoch: int | None = None) -> tuple[Any, dict[str, Any]]:
-        """Restores the checkpoint of ``epoch`` (the latest by default).
-
-        Args:
-          target: a tree like the saved state (arrays or `jax.ShapeDtypeStruct`\\ s with
-            shardings); the restored arrays get its shardings.
-          epoch: which checkpoint.
+        """The state and record of the checkpoint of ``epoch`` (the latest by default), the
+        arrays sharded as ``target`` (a tree like the saved state, of arrays or
+        `jax.ShapeDtypeStruct`\\ s).
 
         Raises:
-          CheckpointError: there is none, or it cannot be read, or its contents do not match
-            the fingerprint saved with it. Nothing on disk is changed.
+          CheckpointError: there is none, it cannot be read, or its contents do not match the
+            fingerprint saved with it. Nothing on disk is changed.
         """
         epochs = self.epochs()
         if not epochs:

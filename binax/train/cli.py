@@ -57,7 +57,6 @@ def _epilog() -> str:
 
 
 def _add_hyperparameter_flags(group) -> None:
-    """A flag per hyperparameter of the recipes (`binax.train.optim.HYPERPARAMETERS`)."""
     for h in optim.HYPERPARAMETERS.values():
         owners = [r for r in optim.RECIPES.values() if h.name in r.defaults]
         defaults = {r.defaults[h.name] for r in owners}
@@ -176,10 +175,7 @@ def config_from_args(args: dict[str, Any], base: Config | None = None) -> Config
     config = base or Config()
     fields = {f.name for f in dataclasses.fields(Config)}
     updates = {k: v for k, v in args.items() if k in fields}
-    hparams = dict(config.hparams)
-    for key in optim.HYPERPARAMETERS:
-        if key in args:
-            hparams[key] = args[key]
+    hparams = {**config.hparams, **{k: args[k] for k in optim.HYPERPARAMETERS if k in args}}
     model_kwargs = dict(config.model_kwargs)
     model = updates.get("model", config.model)
     for key, (owner, *_) in _MODEL_FLAGS.items():
@@ -190,8 +186,7 @@ def config_from_args(args: dict[str, Any], base: Config | None = None) -> Config
                     f"{model!r}); use --model-arg for other models' arguments"
                 )
             model_kwargs[key] = args[key]
-    for key, value in args.get("model_arg", []):
-        model_kwargs[key] = value
+    model_kwargs.update(args.get("model_arg", []))
     return dataclasses.replace(config, **updates, hparams=hparams, model_kwargs=model_kwargs)
 
 

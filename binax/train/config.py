@@ -16,12 +16,11 @@ class ConfigError(ValueError):
 
 
 def _field(default: Any, help: str, group: str, *, runtime=False, positive=True, **flag) -> Any:
-    """A Config field with its ``--flag`` (the field's name, ``_`` as ``-``; ``flag["flag"]`` if
-    given): ``help`` (the default is appended unless it names it), ``group`` in ``--help``,
-    ``runtime`` (it may change when a run is resumed) and `argparse` arguments in ``flag``
-    (``type="schedule"``: a number or schedule string). `Config.validate` checks a field with
-    ``choices`` against them, and an ``int`` or ``float`` field to be ``positive`` (else
-    non-negative)."""
+    """A Config field with its ``--flag`` (the field's name, ``_`` as ``-``, or ``flag["flag"]``):
+    ``help`` (the default appended unless it names it), ``group`` in ``--help``, ``runtime`` (it
+    may change on resume), `argparse` arguments in ``flag`` (``type="schedule"``: a number or
+    schedule string). `Config.validate` checks ``choices``, schedules, and that an ``int`` or
+    ``float`` field is ``positive`` (else non-negative)."""
     if "default" not in help and default is not None and "action" not in flag:
         help = f"{help} (default {default})"
     meta = {"help": help, "group": group, "runtime": runtime, "positive": positive, "flag": flag}
@@ -137,6 +136,11 @@ class Config:
                     f"{', '.join(choices)}"
                 )
             kind = flag.get("type")
+            if kind == "schedule":
+                try:
+                    schedules.parse(value)
+                except ValueError as e:
+                    raise ConfigError(f"{f.name}: {e}") from None
             if kind in (int, float) and value is not None:
                 positive = f.metadata["positive"]
                 number = isinstance(value, (int, kind)) and not isinstance(value, bool)
@@ -149,10 +153,6 @@ class Config:
             optim.recipe(self.optimizer).resolve(self.hparams)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        try:
-            schedules.parse(self.lr)
-        except ValueError as e:
-            raise ConfigError(f"lr: {e}") from None
         if self.distill_from is not None and not isinstance(self.distill_from, str):
             raise ConfigError(f"distill_from must be a run directory, got {self.distill_from!r}")
         if not isinstance(self.model_kwargs, dict):
@@ -161,9 +161,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:

@@ -1,10 +1,9 @@
 """The input pipeline: the dataset, its batches as global arrays, augmentation and normalisation.
 
-Training batches come from `binax.data.batches`: the order of an epoch and the augmentation of
-each example are pure functions of ``(seed, epoch)``, so a resumed run sees exactly the batches
-it would have seen. Each process reads only its own rows of a global batch (the rows its
-devices hold, `binax.train.sharding.process_rows`). Augmentation (random crop and flip) works
-on the raw pixels, before normalisation. The evaluation runs over the whole test split in
+The order of an epoch's batches (`binax.data.batches`) and each example's augmentation (random
+crop and flip of the raw pixels, then normalisation) are pure functions of ``(seed, epoch)``,
+so a resumed run sees exactly the batches it would have seen. Each process reads only the rows
+of a global batch that its devices hold. The evaluation runs over the whole test split in
 batches padded to a fixed size, the padding weighted 0.
 """
 
@@ -29,17 +28,9 @@ TOKENIZER_FILE = "tokenizer.json"
 
 @dataclasses.dataclass
 class InputPipeline:
-    """The batches of a run (see the module docstring).
-
-    Attributes:
-      train_set, test_set: the two splits (`binax.data.Dataset`); the train split holds raw
-        pixels when ``augment`` is on, normalised ones otherwise.
-      augment: random crop (pad 4) and horizontal flip of training images.
-      batch_size, eval_batch_size: global batch sizes.
-      steps_per_epoch: training steps per epoch.
-      seed: seed of the data order and the augmentation.
-      sharding: the sharding of a batch.
-    """
+    """The batches of a run: of ``train_set`` (raw pixels when ``augment``: random crop, pad 4,
+    and horizontal flip; else normalised) and ``test_set``, at the global batch sizes, in the
+    order and augmentation that ``seed`` gives, placed with the batch ``sharding``."""
 
     train_set: bdata.Dataset
     test_set: bdata.Dataset
@@ -52,22 +43,15 @@ class InputPipeline:
 
     def train_batches(self, epoch: int) -> Iterator[tuple[jax.Array, jax.Array]]:
         """The ``(images, labels)`` global batches of ``epoch`` (0-based)."""
-        index, count = process_rows(self.sharding, self.batch_size)
-        stream = bdata.batches(
-            self.train_set,
-            self.batch_size,
-            self.seed,
-            epoch,
-            process_index=index,
-            process_count=count,
-        )
+        bs, ds = self.batch_size, self.train_set
+        index, count = process_rows(self.sharding, bs)
+        stream = bdata.batches(ds, bs, self.seed, epoch, process_index=index, process_count=count)
         for _, b in zip(range(self.steps_per_epoch), stream, strict=False):
             images = b.images
             if self.augment:
                 images = bdata.random_crop_flip(images, self.seed, epoch, b.indices)
-                ds = self.train_set
                 images = bdata.normalize(images, ds.mean, ds.std, ds.max_value)
-            yield self._global(images, self.batch_size), self._global(b.labels, self.batch_size)
+            yield self._global(images, bs), self._global(b.labels, bs)
 
     def eval_batches(self) -> Iterator[tuple[jax.Array, jax.Array, jax.Array]]:
         """``(images, labels, weights)`` global batches over the test split, in order; the
@@ -91,13 +75,12 @@ class InputPipeline:
 
 
 def glue_datasets(config: Config) -> tuple[bdata.Dataset, bdata.Dataset]:
-    """The train and dev splits of a GLUE task as token ids (`binax.data.text.glue_dataset`).
+    """The train and dev splits of a GLUE task as token ids (`binax.data.text.glue_dataset`) of
+    ``max_length`` tokens (a model argument, as ``vocab_size``).
 
-    The tokenizer is the run's own: the one saved in its run directory when the run exists
-    (resumed or restored), else the teacher's (``distill_from``, so that token ids agree), else
-    a WordPiece vocabulary of the ``vocab_size`` model argument trained on the train split; it
-    is saved in the run directory as `TOKENIZER_FILE`. Sequences have ``max_length`` tokens
-    (model argument; defaults `binax.data.text.DEFAULT_VOCAB_SIZE`, ``DEFAULT_MAX_LENGTH``).
+    The tokenizer is the run's own `TOKENIZER_FILE` when the run exists (resumed or restored),
+    else the teacher's (``distill_from``, so that token ids agree), else a WordPiece vocabulary
+    of ``vocab_size`` trained on the train split and saved in the run directory.
     """
     from binax.data import text
 
@@ -139,15 +122,13 @@ def glue_datasets(config: Config) -> tuple[bdata.Dataset, bdata.Dataset]:
 def create(config: Config, sharding: NamedSharding) -> InputPipeline:
     """The input pipeline of ``config`` over the batch ``sharding`` (split along ``"data"``).
 
-    The train split is raw when augmenting (augmentation works on pixels, then normalises);
     ``digits`` and ``mnist_subset``, which have no official split, always use the test split of
-    ``binax.data.load(..., seed=0)``, so runs with different seeds are evaluated alike. A GLUE
-    task (``glue/<task>``) is its train split and its dev split (`glue_datasets`).
+    ``binax.data.load(..., seed=0)``, so runs with different seeds are evaluated alike; a GLUE
+    task is its train and dev splits (`glue_datasets`).
 
     Raises:
       ConfigError: a batch size the data-parallel devices do not divide, or larger than the
-        training set.
-      binax.data.DatasetNotFoundError, binax.data.DataFormatError: from `binax.data.load`.
+        training set. binax.data.DatasetNotFoundError, DataFormatError: from `binax.data.load`.
     """
     data_size = sharding.mesh.shape["data"]
     if config.batch_size % data_size:

@@ -27,18 +27,11 @@ def build_model(
     *,
     full_precision: bool = False,
 ) -> nnx.Module:
-    """Builds a `binax.models` architecture, or with ``full_precision=True`` its full-precision
-    baseline.
-
-    ``input_shape`` is an example's: an image's ``(height, width, channels)``, or ``(3,
-    max_length)`` for the encoder (its ``vocab_size`` defaults to
-    `binax.data.text.DEFAULT_VOCAB_SIZE`).
-
-    A model with a full-precision twin (a ``binary`` argument: the transformers,
-    `binax.models.BinaryViT`) is built as that twin, ``binary=False``: real kernels and
-    activations, no binary leaf (so no flips to count). The others are built with real kernels
-    (no kernel quantizer; the kernels keep their `BinaryParam` type, so flips are still
-    counted) and `hard_tanh` in place of the sign activations.
+    """A `binax.models` architecture for examples of ``input_shape`` (an image's ``(height,
+    width, channels)``, or ``(3, max_length)`` for the encoder), or its full-precision baseline:
+    a model with a full-precision twin (a ``binary`` argument: the transformers) is built as
+    that twin (no binary leaf, so no flips to count); the others with real kernels (still
+    `BinaryParam`\\ s, so flips are counted) and `hard_tanh` in place of the sign activations.
     """
     from binax import models
 
@@ -65,12 +58,9 @@ def for_recipe(
     num_classes: int,
     seed: int,
 ):
-    """The model ``recipe`` trains and its initialiser of the parameters (or ``None``).
-
-    Returns ``(model, init_params)``: the full-precision baseline is built as
-    `build_model` says; both baselines get `latent_init` magnitudes (``init_params``, as
-    `binax.train.make_program` takes it), flip rules the model's exactly binary kernels.
-    """
+    """``(model, init_params)``: the model ``recipe`` trains (`build_model`) and, for the
+    baselines, `latent_init` as `binax.train.make_program` takes it (flip rules keep the
+    model's exactly binary kernels: ``None``)."""
     full_precision = recipe.baseline == optim.FULL_PRECISION
     model = build_model(
         name, model_kwargs, input_shape, num_classes, seed, full_precision=full_precision
@@ -83,13 +73,9 @@ def for_recipe(
 
 
 def latent_init(params: Any, mask: Any, key: jax.Array) -> Any:
-    """Gives binary leaves Glorot-uniform magnitudes, keeping their signs.
-
-    For the latent-weight and full-precision baselines, whose kernels are real: the models
-    initialise binary kernels to exactly +1/-1, which a latent weight clipped to [-1, 1] would
-    take ~1/lr steps to leave. The signs are kept, so every optimizer starts from the same
-    binary network. Fans are computed as Flax does (receptive field times channels).
-    """
+    """Gives binary leaves Glorot-uniform magnitudes (fans as Flax computes them), keeping
+    their signs, so that every optimizer starts from the same binary network: for the
+    baselines, whose real kernels would take ~1/lr steps to leave the models' exact +1/-1."""
     leaves, treedef = jax.tree.flatten(params)
     masks = jax.tree.leaves(mask)
     keys = jax.random.split(key, len(leaves))

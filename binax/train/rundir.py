@@ -37,12 +37,8 @@ class RunDirError(ValueError):
 
 
 def read_config(run_dir: str) -> Config:
-    """The `Config` saved in ``run_dir/config.json``.
-
-    Raises:
-      RunDirError: the file is missing, is not JSON, or is not a config (the message says
-        which, and what to do).
-    """
+    """The `Config` saved in ``run_dir/config.json``; a `RunDirError` that says what to do
+    when the file is missing, is not JSON, or is not a config."""
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise RunDirError(
@@ -63,20 +59,19 @@ def read_config(run_dir: str) -> Config:
 
 def default_run_dir(config: Config) -> str:
     """``runs/<model>-<dataset>-<optimizer>-<date>-<time>`` (process 0's time on every host)."""
-    stamp = broadcast(np.array([int(c) for c in time.strftime("%Y%m%d%H%M%S")], np.int32))
-    text = "".join(str(int(d)) for d in stamp)
+    t = time.localtime()
+    day, now = broadcast(
+        np.array([int(time.strftime(f, t)) for f in ("%Y%m%d", "%H%M%S")], np.int32)
+    )
     dataset = config.dataset.replace("/", "-")  # glue/sst2
-    name = f"{config.model}-{dataset}-{config.optimizer}-{text[:8]}-{text[8:]}"
-    return os.path.join("runs", name)
+    return os.path.join("runs", f"{config.model}-{dataset}-{config.optimizer}-{day}-{now:06d}")
 
 
 def check(config: Config) -> Config:
-    """Validates ``config``, names its run directory, and checks the directory fits.
-
-    Writes nothing. Returns the config with ``run_dir`` set.
+    """``config`` validated (`ConfigError`), with its ``run_dir`` set, once the directory is
+    checked to fit, writing nothing.
 
     Raises:
-      ConfigError: a bad field.
       RunDirError: the directory holds a run and ``resume`` is off, or ``resume`` is on and it
         holds none, or the config differs from the run's (except `RUNTIME_FIELDS`).
     """
@@ -100,14 +95,8 @@ def check(config: Config) -> Config:
 
 @dataclasses.dataclass
 class RunDir:
-    """An open run directory: its checkpoints and the history of the epochs so far.
-
-    Attributes:
-      path: the directory.
-      config: the run's config.
-      history: the records of the epochs done (as in ``log.jsonl``).
-      checkpoints: the `Checkpoints`, or ``None`` with ``checkpoint=False``.
-    """
+    """An open run directory at ``path``: the run's config, the ``history`` of the epochs done
+    (the records of ``log.jsonl``), its `Checkpoints` (``None`` with ``checkpoint=False``)."""
 
     path: str
     config: Config
@@ -138,8 +127,7 @@ class RunDir:
     def write_log(self) -> None:
         tmp = os.path.join(self.path, LOG_FILE + ".tmp")
         with open(tmp, "w") as f:
-            for r in self.history:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in self.history)
         os.replace(tmp, os.path.join(self.path, LOG_FILE))
 
     def last_checkpoint(self) -> int | None:
@@ -153,18 +141,10 @@ class RunDir:
 
 
 def open_run(config: Config, state: Any) -> tuple[RunDir, Any]:
-    """Opens the run directory of a checked config; with ``resume`` restores the last checkpoint.
-
-    ``state`` is the initial `binax.train.TrainState` (the restore target). Writes
-    ``config.json`` and the log. Resuming a run without a complete checkpoint (stopped during
-    its first epoch, or run with ``checkpoint=False``) starts it from the beginning, and says so.
-
-    Returns:
-      The `RunDir` and the state to start from.
-
-    Raises:
-      CheckpointError: the last checkpoint cannot be read (nothing is changed).
-    """
+    """The `RunDir` of a checked config and the state to start from: the initial ``state``
+    (a `binax.train.TrainState`), or with ``resume`` the last checkpoint's (a `CheckpointError`
+    if it cannot be read; a run without one starts from the beginning, and says so). Writes
+    ``config.json`` and the log."""
     path = config.run_dir
     directory = os.path.join(path, CHECKPOINT_DIR)
     history: list[dict[str, Any]] = []
@@ -182,7 +162,7 @@ def open_run(config: Config, state: Any) -> tuple[RunDir, Any]:
     run = RunDir(path, config, history, ckpts)
     if is_main():
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
-            f.write(config.to_json())
+            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
         run.write_log()
     return run, state
 

@@ -40,16 +40,10 @@ class Schedule(NamedTuple):
     kind: str
     values: tuple[float, ...]
 
-    def __str__(self) -> str:
-        return f"{self.kind}:{','.join(repr(v) for v in self.values)}"
-
     def build(self, steps_per_epoch: int, total_steps: int) -> float | optax.Schedule:
-        """A float (constant) or an `optax.Schedule` over a run of ``total_steps`` steps.
-
-        Args:
-          steps_per_epoch: optimizer steps per epoch (``step`` schedules count epochs).
-          total_steps: optimizer steps in the whole run (``linear`` and ``cosine`` span it).
-        """
+        """A float (constant) or an `optax.Schedule` over a run of ``total_steps`` optimizer
+        steps (``linear`` and ``cosine`` span it) of ``steps_per_epoch`` per epoch (``step``
+        counts epochs)."""
         if self.kind == "constant":
             return self.values[0]
         span = max(total_steps - 1, 1)
@@ -86,9 +80,7 @@ def parse(spec: float | int | str | Schedule) -> Schedule:
     """Parses a number or a schedule string; raises ValueError saying what is expected."""
     if isinstance(spec, Schedule):
         return spec
-    if isinstance(spec, bool):
-        raise ValueError(f"expected a number or a schedule string, got {spec!r}")
-    if isinstance(spec, (int, float)):
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return Schedule("constant", (_number(str(spec), str(spec)),))
     if not isinstance(spec, str):
         raise ValueError(f"expected a number or a schedule string, got {spec!r}")
