@@ -15,23 +15,14 @@ Needs the ``train`` extra: ``python -m pip install 'binax[train]'``.
 
 import importlib.util
 
-#: Module -> PyPI package of the ``train`` extra.
+#: Top-level module -> PyPI package of the ``train`` extra.
 _EXTRA = {
-    "orbax.checkpoint": "orbax-checkpoint",
+    "orbax": "orbax-checkpoint",
     "matplotlib": "matplotlib",
     "tqdm": "tqdm",
     "sklearn": "scikit-learn",
 }
-
-
-def _missing(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is None
-    except (ImportError, ValueError):
-        return True
-
-
-_absent = [pkg for module, pkg in _EXTRA.items() if _missing(module)]
+_absent = [pkg for module, pkg in _EXTRA.items() if importlib.util.find_spec(module) is None]
 if _absent:
     raise ImportError(
         f"binax.train needs the 'train' extra, which is not installed (missing: "

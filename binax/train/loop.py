@@ -169,9 +169,6 @@ def train(config: Config, *, on_step: Callable[[int, int], None] | None = None) 
       on_step: called as ``on_step(epoch, step_in_epoch)`` (0-based) before each training
         step; an exception it raises stops training (the last checkpoint stays).
 
-    Returns:
-      A `TrainResult`.
-
     Raises:
       ConfigError: a bad config field (the message names it).
       RunDirError: the run directory exists without ``resume``, or ``resume`` finds no run.
@@ -237,18 +234,16 @@ def train(config: Config, *, on_step: Callable[[int, int], None] | None = None) 
 
 
 def _header(config: Config, data: input_pipeline.InputPipeline, program: Program) -> str:
-    baseline = optim.recipe(config.optimizer).baseline
-    n = sum(program.flip_sizes)
-    if baseline is None:
-        weights = f"{n:,} binary weights in {len(program.flip_names)} binary layers"
-    elif not program.flip_names:  # built as its full-precision twin
+    baseline, mesh = optim.recipe(config.optimizer).baseline, program.mesh
+    n, layers = sum(program.flip_sizes), len(program.flip_names)
+    weights = f"{n:,} binary weights in {layers} binary layers"
+    if baseline is not None and not layers:  # built as its full-precision twin
         weights = f"its full-precision twin ({baseline} baseline), no binary layer"
-    else:  # the kernels the binary network would binarize are real here
+    elif baseline is not None:  # the kernels the binary network would binarize are real here
         weights = (
-            f"{n:,} real-valued weights ({baseline} baseline) in the "
-            f"{len(program.flip_names)} layers that are binary in the binary network"
+            f"{n:,} real-valued weights ({baseline} baseline) in the {layers} layers that are "
+            "binary in the binary network"
         )
-    mesh = program.mesh
     return (
         f"{config.model} on {config.dataset} with {config.optimizer}: {weights}; "
         f"{len(data.train_set):,} training examples, {data.steps_per_epoch} steps of "

@@ -1,12 +1,9 @@
 """Devices and hosts: the mesh, the shardings, and moving data between processes and devices.
 
-The mesh has two axes, ``"data"`` and ``"model"``. The batch is split along ``"data"``;
-parameters are replicated, except that with ``model_parallel > 1`` the last axis of every kernel
-of two or more dimensions whose size is divisible by it is split along ``"model"``. Each
-optimizer-state leaf gets exactly the sharding of the parameter it belongs to, and XLA inserts
-the gradient all-reduce. Several hosts: `initialize_distributed` first; then the mesh spans the
-devices of every process, each process supplies its own rows of a global batch
-(`process_rows`), and process 0 alone writes the log and prints (`is_main`, `say`).
+The batch is split along the mesh's ``"data"`` axis, kernels optionally along ``"model"``
+(`tree_shardings`), the optimizer state as its parameters (`state_shardings`); XLA inserts the
+gradient all-reduce. Several hosts: `initialize_distributed` first; then each process supplies
+its own rows of a global batch (`process_rows`), and process 0 alone writes and prints (`say`).
 """
 
 from __future__ import annotations

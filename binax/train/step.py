@@ -29,14 +29,9 @@ from binax.train.sharding import DATA, state_shardings, tree_shardings
 
 
 class TrainState(NamedTuple):
-    """Everything training changes, as arrays: what a checkpoint holds.
-
-    Attributes:
-      params: the trainable parameters (``nnx.Param`` leaves of the model, as plain arrays).
-      rest: the model's other variables (BatchNorm statistics, RNG streams if any).
-      opt_state: the optimizer state.
-      step: the number of optimizer steps taken (int32 scalar).
-    """
+    """Everything training changes, as arrays, what a checkpoint holds: the model's ``params``
+    (its ``nnx.Param`` leaves) and ``rest`` (BatchNorm statistics, RNG streams if any), the
+    ``opt_state`` and the ``step``, the number of optimizer steps taken (int32 scalar)."""
 
     params: Any
     rest: Any
