@@ -300,3 +300,11 @@ def test_optimizers_work_inside_pmap():
 def _plain(tx, params, state, g):
     updates, state = tx.update(g, state, params)
     return optax.apply_updates(params, updates), state
+
+
+def test_initialize_distributed_names_a_process_variable_that_is_not_an_integer(monkeypatch):
+    from binax.train import initialize_distributed
+
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match=r"\$JAX_NUM_PROCESSES must be an integer, got 'two'"):
+        initialize_distributed("127.0.0.1:1", process_id=0)  # raises before JAX is called

@@ -146,10 +146,8 @@ def latent_adam(learning_rate: optax.ScalarOrSchedule, clip: float):
     return optax.chain(optax.adam(learning_rate), binax.clip_latent(clip))
 
 
-#: The training command's optimizers. Defaults: the papers' (``spec/optimizers.md``) for Bop,
-#: Bop2ndOrder and SGDAT; for Diode, whose published defaults need thousands of steps per flip,
-#: faster rates for runs of tens of epochs (on the digits main job, MLP, 20 epochs, the papers'
-#: defaults reach 82% test accuracy, these 96%); CEMA has no published defaults.
+#: The training command's optimizers (where their defaults come from: ``binax-train --help``,
+#: and the measurements behind Diode's in docs/training.md).
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (

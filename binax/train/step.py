@@ -57,12 +57,14 @@ class Distillation(NamedTuple):
 DISTILL_TERMS = ("logits", "attention", "hidden")
 
 
-def outputs(model: nnx.Module, images: jax.Array) -> Any:
+def outputs(model: nnx.Module, images: jax.Array, intermediates: bool = True) -> Any:
     """``model``'s `binax.models.TransformerOutput` on ``images``: with the hidden states and
-    attention of a transformer (``return_intermediates``), the logits alone otherwise."""
+    attention of a transformer (``return_intermediates``) if ``intermediates``, else the logits
+    alone."""
     from binax.models import TransformerOutput
 
-    if "return_intermediates" in inspect.signature(type(model).__call__).parameters:
+    params = inspect.signature(type(model).__call__).parameters
+    if intermediates and "return_intermediates" in params:
         return model(images, return_intermediates=True)
     return TransformerOutput(model(images), (), ())
 
@@ -87,14 +89,12 @@ def train_step(
     the teacher is added to the loss and its unweighted terms to ``metrics["distill"]``; the
     metrics' ``loss`` stays the cross-entropy.
     """
-    from binax.models import TransformerOutput, distillation_loss
+    from binax.models import distillation_loss
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state.rest)
-        if distill is None:
-            out, extra, parts = TransformerOutput(model(images), (), ()), 0.0, {}
-        else:
-            out = outputs(model, images)
+        out, extra, parts = outputs(model, images, distill is not None), 0.0, {}
+        if distill is not None:
             target = outputs(nnx.merge(distill.graphdef, *teacher), images)
             extra, parts = distillation_loss(out, target, **distill.options)
         task = jnp.mean(_cross_entropy(out.logits, labels))
