@@ -1,7 +1,5 @@
 """``python -m binax.train``: the same as ``binax-train``."""
 
-import sys
+from binax.train.cli import run
 
-from binax.train.cli import main
-
-sys.exit(main())
+run()

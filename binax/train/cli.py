@@ -195,6 +195,14 @@ def _error(message: str) -> int:
     return EXIT_USAGE
 
 
+def run() -> None:
+    """The ``binax-train`` executable: `main` on ``sys.argv``, with huge pages (`binax._malloc`)."""
+    from binax._malloc import restart_with_huge_pages
+
+    restart_with_huge_pages("binax.train", sys.argv[1:])
+    sys.exit(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; returns its exit status."""
     parser = build_parser()
