@@ -39,7 +39,8 @@ def machine() -> str:
         load = "load average unknown"
     return (
         f"{cpu}, {os.cpu_count()} cores visible ({len(os.sched_getaffinity(0))} usable), "
-        f"{load}; {dev.platform} {dev.device_kind} x{jax.device_count()}; "
+        f"{load}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}; "
+        f"{dev.platform} {dev.device_kind} x{jax.device_count()}; "
         f"Python {platform.python_version()}, jax {jax.__version__}, optax {optax.__version__}, "
         f"flax {flax.__version__}"
     )

@@ -11,6 +11,10 @@ steps on both sides, ``--rounds`` rounds are timed; in each round every model ta
 step and one Larq step, alternating which goes first, so a change in machine load hits both
 alike. Reported: median images/s of each side and their ratio binax / Larq.
 
+Both sides run with glibc's malloc on transparent huge pages (``GLIBC_TUNABLES=
+glibc.malloc.hugetlb=1``, the benchmark restarts itself with it and the Larq worker inherits
+it), as ``binax-train`` runs (`binax._malloc`); ``--malloc default`` runs both with glibc as is.
+
 Models:
 
 - ``binarynet``: the Bop paper's BinaryNet (128-128-P-256-256-P-512-512-P-1024-1024-10, every
@@ -375,6 +379,13 @@ def main(argv=None):
         choices=list(VARIANTS),
         help="also time binax with these layer settings (ablations of the default path)",
     )
+    p.add_argument(
+        "--malloc",
+        choices=["huge-pages", "default"],
+        default="huge-pages",
+        help="huge-pages (default): restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as "
+        "binax-train runs, for both sides (the Larq worker inherits it); default: glibc as is",
+    )
     p.add_argument("--quick", action="store_true", help="BinaryNet 28x28x1 x0.25, batch 64")
     p.add_argument("--out", default=None, help="write <out>.md and <out>.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -388,6 +399,12 @@ def main(argv=None):
             "docstring of benchmarks/vs_larq.py gives the commands)"
         )
         return 0
+    if args.malloc == "huge-pages":
+        from binax._malloc import restart_with_huge_pages
+
+        restart_with_huge_pages(
+            [os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)]
+        )
     if args.quick:
         args.models, args.inputs, args.widths = ["binarynet"], ["28x28x1"], [0.25]
         args.batch_size, args.warmup, args.rounds = 64, 1, 3

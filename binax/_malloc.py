@@ -61,8 +61,8 @@ def huge_pages_env(
     return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
 
 
-def restart_with_huge_pages(module: str, argv: list[str]) -> None:
-    """Re-executes ``python -m module *argv`` with huge pages when `huge_pages_env` says so.
+def restart_with_huge_pages(args: list[str]) -> None:
+    """Re-executes ``python *args`` with huge pages when `huge_pages_env` says so.
 
     Returns without doing anything otherwise (not Linux, already set, turned off).
     """
@@ -73,4 +73,4 @@ def restart_with_huge_pages(module: str, argv: list[str]) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+    os.execve(sys.executable, [sys.executable, *args], env)

@@ -41,7 +41,7 @@ def test_binax_train_restarts_itself_with_the_tunable():
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "BINAX_HUGE_PAGES")}
     probe = (
         "import os, sys, binax._malloc as m;"
-        "m.restart_with_huge_pages('binax.train', sys.argv[1:]);"
+        "m.restart_with_huge_pages(['-m', 'binax.train', *sys.argv[1:]]);"
         "print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])"
     )
     # The probe restarts as `python -m binax.train --help`: the real command prints its help.

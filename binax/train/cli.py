@@ -199,7 +199,7 @@ def run() -> None:
     """The ``binax-train`` executable: `main` on ``sys.argv``, with huge pages (`binax._malloc`)."""
     from binax._malloc import restart_with_huge_pages
 
-    restart_with_huge_pages("binax.train", sys.argv[1:])
+    restart_with_huge_pages(["-m", "binax.train", *sys.argv[1:]])
     sys.exit(main())
 
 
