@@ -151,6 +151,72 @@ def test_sequential_with_pooling_negative_scales_strides_and_padding():
         chunked(x[:3])
 
 
+@pytest.mark.parametrize(
+    "window, strides, dilation, padding, image",
+    [
+        ((3, 3), (1, 1), (1, 1), "SAME", (28, 28)),
+        ((3, 3), (2, 2), (1, 1), "SAME", (13, 11)),
+        ((2, 2), (1, 2), (2, 1), "VALID", (9, 11)),
+        ((5, 5), (1, 1), (1, 1), [[2, 1], [0, 3]], (7, 12)),
+        ((3, 1), (2, 1), (1, 1), "SAME", (7, 5)),
+        ((1, 1), (1, 1), (1, 1), "VALID", (4, 3)),
+    ],
+)
+def test_one_channel_float_conv_as_shifted_sum_is_bit_identical(
+    window, strides, dilation, padding, image
+):
+    """A real-input, one-channel convolution with a ±1 kernel (BinaryNet's first layer on
+    grayscale images) runs as a sum of shifted inputs on the CPU, with XLA's convolution's bits."""
+    node = {
+        "op": "conv",
+        "kernel_shape": [*window, 1, 24],
+        "strides": list(strides),
+        "dilation": list(dilation),
+        "padding": padding,
+        "groups": 1,
+        "pad_value": None,
+    }
+    rng = np.random.default_rng(0)
+    magnitude = rng.choice([1e-3, 1.0, 1e3], size=(64, 1, 1, 1))  # rounding at every scale
+    x = jnp.asarray(rng.normal(size=(64, *image, 1)) * magnitude, jnp.float32)
+    w = jnp.asarray(rng.choice([-1.0, 1.0], size=(*window, 1, 24)), jnp.float32)
+    spec = P._spec(node, x, integer=False)
+    assert P._shifted_sum_applies(node, {"bits": P.pack_kernel(w)}, spec)
+    got = np.asarray(jax.jit(lambda x, w: P._shifted_sum(x, w, spec))(x, w))
+    want = np.asarray(jax.jit(lambda x, w: binax.nn.functional._conv(x, w, spec))(x, w))
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+
+
+def test_one_channel_first_layer_deploys_exactly_in_chunks():
+    """The shifted-sum first layer in a deployed network: stride, odd sizes, +1 padding after
+    it, a remainder chunk; logits equal to the float model's, bit for bit."""
+    rngs = nnx.Rngs(7)
+    kw = dict(use_bias=False, rngs=rngs)
+    model = nnx.Sequential(
+        BinaryConv(1, 8, (3, 3), strides=2, input_quantizer=None, pad_value=None, **kw),
+        nnx.BatchNorm(8, rngs=rngs),
+        BinaryConv(8, 6, (3, 3), pad_value=1.0, **kw),
+        nnx.BatchNorm(6, rngs=rngs),
+    )
+    random_stats(model, seed=8)
+    x = jax.random.normal(jax.random.key(2), (23, 13, 11, 1))
+    deployed, out, ref = assert_agree(model, x)
+    first = deployed.program[0]
+    assert first["op"] == "conv"
+    spec = P._spec(first, x, integer=False)
+    assert P._shifted_sum_applies(first, deployed.arrays[0], spec)
+    np.testing.assert_array_equal(out, ref)
+    chunked = binax.deploy.compile(model)
+    chunked.batch_chunk = 4  # 5 chunks of 4 and a remainder of 3
+    np.testing.assert_array_equal(np.asarray(chunked(x)), out)
+    # A real-valued kernel or several input channels keep XLA's convolution.
+    real = {"kernel": np.ones((3, 3, 1, 8), np.float32)}
+    assert not P._shifted_sum_applies(first, real, spec)
+    three = {**first, "kernel_shape": [3, 3, 3, 8]}
+    assert not P._shifted_sum_applies(three, deployed.arrays[0], spec)
+
+
 def test_thresholds_exact_at_ties():
     """BatchNorm inputs exactly on the threshold go the way float BatchNorm + sign sends them."""
     fan_in = 6

@@ -13,7 +13,8 @@ values; arrays are NumPy arrays. The kinds, with the dtype they take and give:
 ``threshold``  int32 -> int8    ``+1`` where ``s * y >= t`` (per channel), else ``-1``;
                                 optionally max pooled (exactly, see `_threshold`)
 ``dense``      float -> float   ``x @ W`` (W float, or ±1 from bits)
-``conv``       float -> float   ``conv(pad(x, pad_value), W)`` in float
+``conv``       float -> float   ``conv(pad(x, pad_value), W)`` in float (one input channel and
+                                ±1 ``W`` on the CPU: a sum of shifted inputs, `_shifted_sum`)
 ``affine``     float -> float   ``x * scale + bias`` (a binary layer's scale and bias)
 ``batchnorm``  float -> float   BatchNorm with running statistics, in Flax's op order
 ``maxpool``    any -> same      max over windows (integers stay integers)
@@ -196,7 +197,9 @@ def run(
             x = F._scale_and_bias(F._dot(x, _kernel(node, a, x.dtype), _PLAIN), None, a.get("bias"))
         elif op == "conv":
             x = _float(x)
-            y = F._conv(x, _kernel(node, a, x.dtype), _spec(node, x, integer=False))
+            spec = _spec(node, x, integer=False)
+            conv = _shifted_sum if _shifted_sum_applies(node, a, spec) else F._conv
+            y = conv(x, _kernel(node, a, x.dtype), spec)
             x = F._scale_and_bias(y, None, a.get("bias"))
         elif op == "affine":
             x = F._scale_and_bias(_float(x), a.get("scale"), a.get("bias"))
@@ -232,6 +235,44 @@ def activation_nbytes(program: list, arrays: list, x: jax.Array, borders: dict) 
     seen: list = []
     jax.eval_shape(lambda a, x: run(program, a, x, dict(borders), seen=seen), arrays, x)
     return max(v.size * v.dtype.itemsize for v in seen)
+
+
+def _shifted_sum_applies(node: dict, a: dict, spec: F._Spec) -> bool:
+    """Whether `_shifted_sum` computes this float conv node bit for bit as `F._conv` does."""
+    return (
+        jax.default_backend() == "cpu"
+        and "bits" in a  # a ±1 kernel: every product exact
+        and node["kernel_shape"][-2] == 1  # one input channel (and no groups)
+        and not F._has_border(spec)
+    )
+
+
+def _shifted_sum(x: jax.Array, w: jax.Array, spec: F._Spec) -> jax.Array:
+    """``conv(pad(x, 0), w)`` for a one-channel ``x`` and ±1 ``w`` as a sum of shifted copies.
+
+    The output is ``sum_k x_k * w[k]`` over the kernel positions ``k`` in row-major order, each
+    ``x_k`` the padded input shifted by ``k`` (strided, dilated): elementwise work that XLA
+    fuses with the BatchNorm + sign after it, one pass over the output, where XLA:CPU's
+    convolution of a one-channel input is slow (about 4x fewer binary-layer operations per
+    second than the int8 convolutions that follow, BinaryNet x0.25 on 28x28x1 on a 2-core
+    Xeon) and needs a second pass for the sign. The same bits as XLA:CPU's convolution, which
+    sums a one-channel input's kernel positions in this order (the products are exact, being
+    ``±x``); tests/test_deploy.py checks it, and `_shifted_sum_applies` keeps other backends
+    on the convolution.
+    """
+    window = w.shape[:-2]
+    zero = jnp.zeros((), x.dtype)
+    xp = lax.pad(x, zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in spec.pads), (0, 0, 0)])
+    steps = zip(xp.shape[1:-1], window, spec.dilation, spec.strides, strict=True)
+    out = [(n - (k - 1) * d - 1) // s + 1 for n, k, d, s in steps]
+    y = None
+    for k in np.ndindex(*window):
+        start = [i * d for i, d in zip(k, spec.dilation, strict=True)]
+        limit = [a + (n - 1) * s + 1 for a, n, s in zip(start, out, spec.strides, strict=True)]
+        xk = lax.slice(xp, (0, *start, 0), (xp.shape[0], *limit, 1), (1, *spec.strides, 1))
+        term = xk * w[(*k, 0)]
+        y = term if y is None else y + term
+    return y
 
 
 # The batch runs in chunks whose largest activation takes at most this many bytes: XLA:CPU's
