@@ -94,3 +94,32 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def op_times(step, steps: int) -> dict:
+    """Milliseconds per call of every XLA operation the CPU runtime ran in ``steps`` calls of
+    ``step()`` (which blocks until done), traced with `jax.profiler` and summed per HLO name
+    without its number (``ynn_fusion`` for YNNPACK's convolutions and matrix products, ...);
+    largest first."""
+    import collections
+    import glob
+    import gzip
+    import re
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+        for _ in range(steps):
+            step()
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(os.path.join(tmp, "**", "*.trace.json.gz"), recursive=True)
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    by_kind = collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") != "X" or name.startswith(("$", "Thunk", "Pjit", "Common", "Parse")):
+            continue
+        by_kind[re.sub(r"\.\d+$", "", name)] += e["dur"] / 1e3 / steps
+    return dict(by_kind.most_common())

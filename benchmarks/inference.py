@@ -21,6 +21,10 @@ round, as:
 The BatchNorm statistics are those of a random batch (so thresholds are not trivial); the check
 reports how many predicted classes of each engine agree with the float model on 256 images.
 
+With ``--profile``, the deployed network at batch 256 is also traced (`jax.profiler`) and its
+time printed per kind of XLA operation (``ynn_fusion``: the int8 products, which YNNPACK runs;
+the loop fusions: the first layer, thresholds and data movement between the products).
+
 Also reported: file sizes (the deployed file, and the float32 parameters and statistics as an
 ``.npz`` checkpoint), the binary operations per image and GOP/s at batch 256 of the whole
 deployed network (binary ops only, so a lower bound) and of its binary layers alone (the
@@ -331,6 +335,11 @@ def main(argv=None) -> int:
     p.add_argument("--reps1", type=int, default=100, help="calls per round at batch 1")
     p.add_argument("--reps256", type=int, default=4, help="calls per round at batch 256")
     p.add_argument("--quick", action="store_true", help="3 rounds, fewer calls")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also trace the deployed network at batch 256 and print its time per XLA op kind",
+    )
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -460,6 +469,15 @@ def main(argv=None) -> int:
         f"GOP/s; M{PRODUCT[0]}xK{PRODUCT[1]}xN{PRODUCT[2]} ±1 products, interleaved: "
         + ", ".join(f"{name} {g:.0f} GOP/s" for name, g in peaks.items())
     )
+    profile = None
+    if args.profile:
+        x = jax.numpy.asarray(images)
+        profile = _common.op_times(lambda: deployed(x).block_until_ready(), 5)
+        profile.pop("while", None)  # the chunk loop: the sum of the operations inside it
+        total = sum(profile.values())
+        rows = [(k, f"{v:.2f}", f"{100 * v / total:.1f}") for k, v in list(profile.items())[:12]]
+        print(f"deployed at batch 256: {total:.1f} ms of XLA operations per call")
+        print(_common.md_table(("operation kind", "ms per call", "%"), rows))
     if args.out:
         _common.write_json(
             args.out,
@@ -473,6 +491,7 @@ def main(argv=None) -> int:
                 "kernel_gops": peaks,
                 "binary_layers_gops": gops("binary layers"),
                 "batch_chunk": chunk,
+                "deployed_op_ms": profile,
             },
         )
     return 0

@@ -20,14 +20,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import gzip
-import json
 import os
-import re
 import sys
-import tempfile
 
 
 def main(argv=None):
@@ -82,21 +76,13 @@ def main(argv=None):
     for _ in range(1 + args.warmup):
         state, metrics = program.train_step(state, metrics, x, y)
     jax.block_until_ready(state)
-    with tempfile.TemporaryDirectory() as tmp:
-        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
-        for _ in range(args.steps):
-            state, metrics = program.train_step(state, metrics, x, y)
+
+    def step():
+        nonlocal state, metrics
+        state, metrics = program.train_step(state, metrics, x, y)
         jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        (path,) = glob.glob(os.path.join(tmp, "**", "*.trace.json.gz"), recursive=True)
-        with gzip.open(path) as f:
-            events = json.load(f)["traceEvents"]
-    by_kind = collections.Counter()
-    for e in events:
-        name = e.get("name", "")
-        if e.get("ph") != "X" or name.startswith(("$", "Thunk", "Pjit", "Common", "Parse")):
-            continue
-        by_kind[re.sub(r"\.\d+$", "", name)] += e["dur"] / 1e3 / args.steps
+
+    by_kind = _common.op_times(step, args.steps)
     total = sum(by_kind.values())
     print(f"Command: `{_common.command()}`\n{_common.machine()}\n")
     print(
@@ -104,7 +90,7 @@ def main(argv=None):
         f"{args.arithmetic}, kernel_grad={args.kernel_grad}, backward_dtype={args.backward_dtype}"
         f": {total:.0f} ms of XLA operations per step\n"
     )
-    rows = [(k, f"{v:.1f}", f"{100 * v / total:.1f}") for k, v in by_kind.most_common(args.top)]
+    rows = [(k, f"{v:.1f}", f"{100 * v / total:.1f}") for k, v in list(by_kind.items())[: args.top]]
     print(_common.md_table(("operation kind", "ms per step", "%"), rows))
 
 
