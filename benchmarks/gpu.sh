@@ -4,9 +4,12 @@
 #   bash benchmarks/gpu.sh             # on a machine whose JAX default backend is a GPU or TPU
 #   BINAX_GPU_SH_ON_CPU=1 bash benchmarks/gpu.sh   # dry run of the same code on the CPU
 #
-# Writes benchmarks/results/<platform>/: the integer-path check (integer_paths.txt), the
-# optimizer step cost (optimizer_step.{txt,json}) and the training throughput, half widths and
-# published widths (throughput*.{md,json}). Put the figures in BENCHMARKS.md ("Accelerators").
+# Writes benchmarks/results/<platform>/ (or $BINAX_GPU_SH_OUT): the integer-path check
+# (integer_paths.txt), the main job trained there (train_main_job.txt), the Pallas packed
+# product against XLA's dots (pallas_dot.txt), binax.deploy against the float forward
+# (inference.json), the optimizer step cost (optimizer_step.{txt,json}) and the training
+# throughput, half widths and published widths (throughput*.{md,json}); in that order, the
+# quick ones first. Put the figures in BENCHMARKS.md ("Accelerators").
 #
 # The integer-path check compiles and runs one training step of BinaryNet with every
 # combination of arithmetic ('integer': int8 operands, int32 accumulation, which cuDNN runs on
@@ -23,7 +26,7 @@ if [[ "$platform" == "cpu" && -z "${BINAX_GPU_SH_ON_CPU:-}" ]]; then
        "(or set BINAX_GPU_SH_ON_CPU=1 for a dry run)" >&2
   exit 2
 fi
-out="benchmarks/results/$platform"
+out="${BINAX_GPU_SH_OUT:-benchmarks/results/$platform}"
 mkdir -p "$out"
 quick=()
 [[ "$platform" == "cpu" ]] && quick=(--quick)   # the dry run: small sizes only
@@ -69,6 +72,15 @@ same = all(np.array_equal(logits["integer", k], logits["float", k]) for k in ("p
 print("integer logits == float logits:", same)
 assert same
 PY
+
+# The README's main job, on the accelerator (the run directory is thrown away).
+run_dir=$(mktemp -d)
+epochs=20; [[ "$platform" == "cpu" ]] && epochs=1
+python -m binax.train --model mlp --dataset digits --optimizer bop --epochs "$epochs" \
+  --run-dir "$run_dir/run" --no-progress 2>&1 | tee "$out/train_main_job.txt"
+rm -rf "$run_dir"
+python benchmarks/pallas_dot.py "${quick[@]}" | tee "$out/pallas_dot.txt"
+python benchmarks/inference.py "${quick[@]}" --out "$out/inference.json"
 
 python benchmarks/optimizer_step.py "${quick[@]}" --json "$out/optimizer_step.json" \
   | tee "$out/optimizer_step.txt"
