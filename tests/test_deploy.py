@@ -181,7 +181,7 @@ def test_one_channel_float_conv_as_shifted_sum_is_bit_identical(
     x = jnp.asarray(rng.normal(size=(64, *image, 1)) * magnitude, jnp.float32)
     w = jnp.asarray(rng.choice([-1.0, 1.0], size=(*window, 1, 24)), jnp.float32)
     spec = P._spec(node, x, integer=False)
-    assert P._shifted_sum_applies(node, {"bits": P.pack_kernel(w)}, spec)
+    assert P._shifted_sum_applies(node, {"bits": P.pack_kernel(w)}, spec, len(x))
     got = np.asarray(jax.jit(lambda x, w: P._shifted_sum(x, w, spec))(x, w))
     want = np.asarray(jax.jit(lambda x, w: binax.nn.functional._conv(x, w, spec))(x, w))
     assert got.shape == want.shape
@@ -205,16 +205,18 @@ def test_one_channel_first_layer_deploys_exactly_in_chunks():
     first = deployed.program[0]
     assert first["op"] == "conv"
     spec = P._spec(first, x, integer=False)
-    assert P._shifted_sum_applies(first, deployed.arrays[0], spec)
+    bits = deployed.arrays[0]
+    assert P._shifted_sum_applies(first, bits, spec, len(x))
     np.testing.assert_array_equal(out, ref)
     chunked = binax.deploy.compile(model)
-    chunked.batch_chunk = 4  # 5 chunks of 4 and a remainder of 3
+    chunked.batch_chunk = 4  # 5 chunks of 4 and a remainder of 3 (that one by XLA's conv)
+    assert not P._shifted_sum_applies(first, bits, spec, 3)
     np.testing.assert_array_equal(np.asarray(chunked(x)), out)
     # A real-valued kernel or several input channels keep XLA's convolution.
     real = {"kernel": np.ones((3, 3, 1, 8), np.float32)}
-    assert not P._shifted_sum_applies(first, real, spec)
+    assert not P._shifted_sum_applies(first, real, spec, len(x))
     three = {**first, "kernel_shape": [3, 3, 3, 8]}
-    assert not P._shifted_sum_applies(three, deployed.arrays[0], spec)
+    assert not P._shifted_sum_applies(three, bits, spec, len(x))
 
 
 def test_thresholds_exact_at_ties():
