@@ -11,9 +11,10 @@ steps on both sides, ``--rounds`` rounds are timed; in each round every model ta
 step and one Larq step, alternating which goes first, so a change in machine load hits both
 alike. Reported: median images/s of each side and their ratio binax / Larq.
 
-Both sides run with glibc's malloc on transparent huge pages (``GLIBC_TUNABLES=
-glibc.malloc.hugetlb=1``, the benchmark restarts itself with it and the Larq worker inherits
-it), as ``binax-train`` runs (`binax._malloc`); ``--malloc default`` runs both with glibc as is.
+Both sides run with glibc's malloc as the environment gives it. ``--malloc huge-pages`` runs
+both on transparent huge pages instead (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, as
+``binax-train`` runs, `binax._malloc`: the benchmark restarts itself with it and the Larq
+worker inherits it).
 
 Models:
 
@@ -382,9 +383,9 @@ def main(argv=None):
     p.add_argument(
         "--malloc",
         choices=["huge-pages", "default"],
-        default="huge-pages",
-        help="huge-pages (default): restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as "
-        "binax-train runs, for both sides (the Larq worker inherits it); default: glibc as is",
+        default="default",
+        help="default: glibc as the environment gives it, both sides; huge-pages: restart with "
+        "GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as binax-train runs, for both sides",
     )
     p.add_argument("--quick", action="store_true", help="BinaryNet 28x28x1 x0.25, batch 64")
     p.add_argument("--out", default=None, help="write <out>.md and <out>.json")
