@@ -16,11 +16,32 @@
 # int8 tensor cores where it can; 'float') and kernel gradient ('patches', 'xla'), checks that
 # the integer and float logits are identical, and times each: on a GPU or TPU binax's 'auto'
 # takes the float path, and these figures say whether it should take the integer one there.
-set -euo pipefail
+#
+# Each stage runs under its own time limit ($BINAX_GPU_SH_STAGE_S seconds, default 240; the
+# process is killed, not only asked to stop) and a failed or timed-out stage is reported and
+# skipped, so one slow stage cannot take the others' results with it. $PYTHON picks the
+# interpreter (default: python, else python3); on an image whose JAX lives in a virtual
+# environment, point it at that environment's python itself, not at a link to it.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="${PYTHONPATH:-$PWD}"
+export PYTHONPATH="${PYTHONPATH:-$PWD}" PYTHONUNBUFFERED=1
+py="${PYTHON:-$(command -v python || command -v python3)}"
+stage_s="${BINAX_GPU_SH_STAGE_S:-240}"
+failed=()
 
-platform=$(python -c "import jax; print(jax.default_backend())")
+stage() {  # stage NAME CMD...: CMD's output to the terminal and to $out/NAME.txt
+  echo "== gpu.sh: $1"
+  local name=$1
+  shift
+  timeout -k 10 "$stage_s" "$@" 2>&1 | tee "$out/$name.txt"
+  local code=${PIPESTATUS[0]}
+  if ((code != 0)); then
+    echo "gpu.sh: stage $name failed (exit $code; 124 or 137: over ${stage_s}s)"
+    failed+=("$name")
+  fi
+}
+
+platform=$("$py" -c "import jax; print(jax.default_backend())") || exit 2
 if [[ "$platform" == "cpu" && -z "${BINAX_GPU_SH_ON_CPU:-}" ]]; then
   echo "gpu.sh: JAX's default backend is the CPU; run on a GPU/TPU machine" \
        "(or set BINAX_GPU_SH_ON_CPU=1 for a dry run)" >&2
@@ -30,9 +51,9 @@ out="${BINAX_GPU_SH_OUT:-benchmarks/results/$platform}"
 mkdir -p "$out"
 quick=()
 [[ "$platform" == "cpu" ]] && quick=(--quick)   # the dry run: small sizes only
-python -c "import jax; print(jax.devices())" | tee "$out/devices.txt"
+stage devices "$py" -c "import jax; print(jax.devices())"
 
-python - "$platform" <<'PY' | tee "$out/integer_paths.txt"
+stage integer_paths "$py" - "$platform" <<'PY'
 import sys, time
 import jax, jax.numpy as jnp, numpy as np, optax
 from flax import nnx
@@ -76,16 +97,17 @@ PY
 # The README's main job, on the accelerator (the run directory is thrown away).
 run_dir=$(mktemp -d)
 epochs=20; [[ "$platform" == "cpu" ]] && epochs=1
-python -m binax.train --model mlp --dataset digits --optimizer bop --epochs "$epochs" \
-  --run-dir "$run_dir/run" --no-progress 2>&1 | tee "$out/train_main_job.txt"
+stage train_main_job "$py" -m binax.train --model mlp --dataset digits --optimizer bop \
+  --epochs "$epochs" --run-dir "$run_dir/run" --no-progress
 rm -rf "$run_dir"
-python benchmarks/pallas_dot.py "${quick[@]}" | tee "$out/pallas_dot.txt"
-python benchmarks/inference.py "${quick[@]}" --out "$out/inference.json"
-
-python benchmarks/optimizer_step.py "${quick[@]}" --json "$out/optimizer_step.json" \
-  | tee "$out/optimizer_step.txt"
-python benchmarks/throughput.py "${quick[@]}" --out "$out/throughput"
+stage pallas_dot "$py" benchmarks/pallas_dot.py "${quick[@]}"
+stage inference "$py" benchmarks/inference.py "${quick[@]}" --out "$out/inference.json"
+stage optimizer_step "$py" benchmarks/optimizer_step.py "${quick[@]}" \
+  --json "$out/optimizer_step.json"
+stage throughput "$py" benchmarks/throughput.py "${quick[@]}" --out "$out/throughput"
 if [[ "$platform" != "cpu" ]]; then
-  python benchmarks/throughput.py --published --out "$out/throughput_published"
+  stage throughput_published "$py" benchmarks/throughput.py --published \
+    --out "$out/throughput_published"
 fi
-echo "gpu.sh: results in $out"
+echo "gpu.sh: results in $out; failed stages: ${failed[*]:-none}"
+((${#failed[@]} == 0))
