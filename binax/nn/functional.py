@@ -432,9 +432,9 @@ def _patches_dot(xt, w_dot, spec: _Spec):
     would contract their first axis and fall back to a slower generic kernel).
     """
     kernel_size, c, o = w_dot.shape[:-2], w_dot.shape[-2], w_dot.shape[-1]
-    # Converted before the copies, not after: the slices and their concatenation then fuse
-    # into one pass that writes the float patches (3-16% faster per layer than int8 copies
-    # and a conversion of the patches, BENCHMARKS.md section 7).
+    # Converted before the copies, not after: the slices and their concatenation write the
+    # float patches directly (3-16% faster per layer than int8 copies and a conversion of the
+    # patches; the whole BinaryNet step 2-5%, BENCHMARKS.md section 7).
     xt = xt.astype(w_dot.dtype)
     value = jnp.asarray(spec.pad_value, xt.dtype)
     xp = lax.pad(xt, value, [(0, 0, 0), (0, 0, 0), *((lo, hi, 0) for lo, hi in spec.pads)])
