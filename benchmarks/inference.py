@@ -299,20 +299,23 @@ def binary_part(deployed, chunk: int):
 PRODUCT = (256, 4096, 1024)  # M x K x N of the reference ±1 matrix products
 
 
-def kernel_products() -> dict:
-    """The ±1 matrix products M256 x K4096 x N1024 this CPU allows, as ``{name: (f, args)}``:
-    int8 with int32 accumulation, and XOR + popcount on uint32-packed words (checked equal)."""
+def kernel_products(shape: tuple[int, int, int] = PRODUCT, pallas: bool = False) -> dict:
+    """The ±1 matrix products of ``shape`` (M x K x N) this device allows, as ``{name: (f,
+    args)}``: int8 with int32 accumulation, XOR + popcount on uint32-packed words, and with
+    ``pallas`` `binax.deploy.pallas.packed_dot` on the bytes (in Pallas' interpreter on the
+    CPU); all checked equal to the int8 product."""
     import jax
     import jax.numpy as jnp
     from jax import lax
 
-    m, k, n = PRODUCT
+    m, k, n = shape
     a = jnp.where(jax.random.normal(jax.random.key(0), (m, k)) >= 0, 1, -1).astype(jnp.int8)
     b = jnp.where(jax.random.normal(jax.random.key(1), (k, n)) >= 0, 1, -1).astype(jnp.int8)
     int8 = jax.jit(lambda a, b: lax.dot(a, b, preferred_element_type=jnp.int32))
 
-    def pack(x):  # ±1 (rows, k) -> uint32 words (rows, k / 32)
-        bits = (x > 0).astype(jnp.uint32).reshape(x.shape[0], -1, 32)
+    def pack(x):  # ±1 (rows, k) -> uint32 words (rows, ceil(k / 32)), zero bits appended
+        bits = (jnp.pad(x, [(0, 0), (0, -k % 32)]) > 0).astype(jnp.uint32)
+        bits = bits.reshape(x.shape[0], -1, 32)
         return jnp.sum(bits << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
 
     @jax.jit
@@ -320,10 +323,23 @@ def kernel_products() -> dict:
         diff = lax.population_count(pa[:, None, :] ^ pb[None, :, :]).astype(jnp.int32)
         return k - 2 * jnp.sum(diff, axis=-1)
 
-    pa, pb = pack(a), pack(b.T)
-    if not np.array_equal(np.asarray(xnor(pa, pb)), np.asarray(int8(a, b))):
-        raise AssertionError("XOR+popcount product differs from the int8 product")
-    return {"int8 product": (int8, (a, b)), "XOR+popcount product": (xnor, (pa, pb))}
+    products = {
+        "int8 product": (int8, (a, b)),
+        "XOR+popcount product": (xnor, (pack(a), pack(b.T))),
+    }
+    if pallas:
+        from binax.deploy.pallas import packed_dot
+        from binax.deploy.program import pack_kernel
+
+        interpret = jax.default_backend() == "cpu"
+        f = jax.jit(lambda x, w: packed_dot(x, w, k, interpret=interpret))
+        args = (jnp.packbits(a > 0, axis=-1), jnp.asarray(pack_kernel(np.asarray(b))))
+        products["Pallas packed product"] = (f, args)
+    exact = np.asarray(int8(a, b))
+    for name, (f, args) in products.items():
+        if not np.array_equal(np.asarray(f(*args)), exact):
+            raise AssertionError(f"the {name} differs from the int8 product")
+    return products
 
 
 def main(argv=None) -> int:
