@@ -269,15 +269,9 @@ def _shifted_sum(x: jax.Array, w: jax.Array, spec: F._Spec) -> jax.Array:
     on the convolution.
     """
     window = w.shape[:-2]
-    zero = jnp.zeros((), x.dtype)
-    xp = lax.pad(x, zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in spec.pads), (0, 0, 0)])
-    steps = zip(xp.shape[1:-1], window, spec.dilation, spec.strides, strict=True)
-    out = [(n - (k - 1) * d - 1) // s + 1 for n, k, d, s in steps]
+    pieces, _ = F.shifted_windows(x, window, spec, 0.0, axis=1)
     y = None
-    for k in np.ndindex(*window):
-        start = [i * d for i, d in zip(k, spec.dilation, strict=True)]
-        limit = [a + (n - 1) * s + 1 for a, n, s in zip(start, out, spec.strides, strict=True)]
-        xk = lax.slice(xp, (0, *start, 0), (xp.shape[0], *limit, 1), (1, *spec.strides, 1))
+    for k, xk in zip(np.ndindex(*window), pieces, strict=True):
         term = xk * w[(*k, 0)]
         y = term if y is None else y + term
     return y

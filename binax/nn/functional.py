@@ -51,6 +51,7 @@ __all__ = [
     "patch_chunk_size",
     "resolve_arithmetic",
     "resolve_kernel_grad",
+    "shifted_windows",
 ]
 
 
@@ -436,21 +437,7 @@ def _patches_dot(xt, w_dot, spec: _Spec):
     # float patches directly (3-16% faster per layer than int8 copies and a conversion of the
     # patches; the whole BinaryNet step 2-5%, BENCHMARKS.md section 7).
     xt = xt.astype(w_dot.dtype)
-    value = jnp.asarray(spec.pad_value, xt.dtype)
-    xp = lax.pad(xt, value, [(0, 0, 0), (0, 0, 0), *((lo, hi, 0) for lo, hi in spec.pads)])
-    out = [
-        (xp.shape[2 + i] - (k - 1) * d - 1) // s + 1
-        for i, (k, d, s) in enumerate(zip(kernel_size, spec.dilation, spec.strides, strict=True))
-    ]
-    pieces = []
-    for kidx in np.ndindex(*kernel_size):
-        start = (0, 0, *(k * d for k, d in zip(kidx, spec.dilation, strict=True)))
-        limit = (
-            c,
-            xp.shape[1],
-            *(a + (n - 1) * s + 1 for a, n, s in zip(start[2:], out, spec.strides, strict=True)),
-        )
-        pieces.append(lax.slice(xp, start, limit, (1, 1, *spec.strides)))
+    pieces, out = shifted_windows(xt, kernel_size, spec, spec.pad_value, axis=2)
     patches = jnp.concatenate(pieces, axis=0).reshape(len(pieces) * c, -1)
     y = lax.dot_general(
         patches,
@@ -458,7 +445,30 @@ def _patches_dot(xt, w_dot, spec: _Spec):
         (((0,), (0,)), ((), ())),
         precision=spec.precision,
     )
-    return y.reshape((xp.shape[1], *out, o))
+    return y.reshape((xt.shape[1], *out, o))
+
+
+def shifted_windows(
+    x: jax.Array, kernel_size: Sequence[int], spec: _Spec, value: float, axis: int
+) -> tuple[list[jax.Array], list[int]]:
+    """The copies of ``x``, padded with ``value`` by ``spec.pads``, that a convolution's kernel
+    positions see, in row-major order of the positions (shifted, strided and dilated as
+    ``spec`` says), and the output's spatial shape. The spatial axes of ``x`` start at
+    ``axis``; each copy has the output's spatial shape there and ``x``'s other axes."""
+    cfg = [(0, 0, 0)] * x.ndim
+    for i, (lo, hi) in enumerate(spec.pads):
+        cfg[axis + i] = (lo, hi, 0)
+    xp = lax.pad(x, jnp.asarray(value, x.dtype), cfg)
+    geometry = list(zip(kernel_size, spec.dilation, spec.strides, strict=True))
+    out = [(xp.shape[axis + i] - (k - 1) * d - 1) // s + 1 for i, (k, d, s) in enumerate(geometry)]
+    pieces = []
+    for kidx in np.ndindex(*kernel_size):
+        start, limit, step = [0] * x.ndim, list(xp.shape), [1] * x.ndim
+        for i, (k, (_, d, s)) in enumerate(zip(kidx, geometry, strict=True)):
+            start[axis + i], step[axis + i] = k * d, s
+            limit[axis + i] = k * d + (out[i] - 1) * s + 1
+        pieces.append(lax.slice(xp, start, limit, step))
+    return pieces, out
 
 
 def map_chunks(f: Any, x: jax.Array, chunk: int) -> jax.Array:
