@@ -123,3 +123,36 @@ def op_times(step, steps: int) -> dict:
             continue
         by_kind[re.sub(r"\.\d+$", "", name)] += e["dur"] / 1e3 / steps
     return dict(by_kind.most_common())
+
+
+def binarynet_step(width: float, shape=(28, 28, 1), batch: int = 256, **layer_kwargs):
+    """``step()``: one training step of BinaryNet (`binax.models.BinaryNet` at ``width``, 10
+    classes, ``layer_kwargs`` for its layers) on a fixed random batch, Bop on the binary kernels
+    and Adam(1e-2) on the rest, in binax's jitted step on one device
+    (`binax.train.make_program`), waiting until it is done. Not yet compiled."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from binax import models
+    from binax.train import make_mesh, make_program, optim
+
+    net = models.BinaryNet(shape, 10, width_multiplier=width, rngs=nnx.Rngs(0), **layer_kwargs)
+    hp = optim.hparams("bop")
+    program = make_program(
+        net,
+        lambda labels: optim.make_optimizer(
+            "bop", hp, "adam", 1e-2, labels, seed=0, steps_per_epoch=1000, total_steps=10**5
+        ),
+        make_mesh(1),
+    )
+    rng = np.random.default_rng(0)
+    x = jax.device_put(rng.normal(size=(batch, *shape)).astype(np.float32))
+    y = jax.device_put(rng.integers(0, 10, batch).astype(np.int32))
+    carry = [program.init_state(), program.zero_metrics()]
+
+    def step():
+        carry[:] = program.train_step(*carry, x, y)
+        jax.block_until_ready(carry)
+
+    return step

@@ -31,35 +31,14 @@ def child(width: float, steps: int) -> dict:
     import resource
     import time
 
-    import jax
     import numpy as np
-    from flax import nnx
 
-    from binax import models
-    from binax.train import make_mesh, make_program, optim
-
-    net = models.BinaryNet((28, 28, 1), 10, width_multiplier=width, rngs=nnx.Rngs(0))
-    hp = optim.hparams("bop")
-    program = make_program(
-        net,
-        lambda labels: optim.make_optimizer(
-            "bop", hp, "adam", 1e-2, labels, seed=0, steps_per_epoch=1000, total_steps=10**5
-        ),
-        make_mesh(1),
-    )
-    rng = np.random.default_rng(0)
-    x = jax.device_put(rng.normal(size=(256, 28, 28, 1)).astype(np.float32))
-    y = jax.device_put(rng.integers(0, 10, 256).astype(np.int32))
-    state, metrics = program.init_state(), program.zero_metrics()
+    step = _common.binarynet_step(width)
     rows = []
     for i in range(3 + steps):
-        r0, t0, c0 = (
-            resource.getrusage(resource.RUSAGE_SELF),
-            time.perf_counter(),
-            time.process_time(),
-        )
-        state, metrics = program.train_step(state, metrics, x, y)
-        jax.block_until_ready(state)
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         if i >= 3:
             rows.append(

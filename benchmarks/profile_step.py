@@ -41,47 +41,21 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump} --xla_dump_hlo_as_text"
         )
-    import jax
-    import numpy as np
-    from flax import nnx
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _common
 
-    from binax import models
-    from binax.train import make_mesh, make_program, optim
-
     shape = tuple(int(s) for s in args.input.split("x"))
-    net = models.BinaryNet(
+    step = _common.binarynet_step(
+        args.width,
         shape,
-        10,
-        width_multiplier=args.width,
+        args.batch_size,
         arithmetic=args.arithmetic,
         kernel_grad=args.kernel_grad,
         backward_dtype=args.backward_dtype,
-        rngs=nnx.Rngs(0),
     )
-    hp = optim.hparams("bop")
-    program = make_program(
-        net,
-        lambda labels: optim.make_optimizer(
-            "bop", hp, "adam", 1e-2, labels, seed=0, steps_per_epoch=1000, total_steps=10**5
-        ),
-        make_mesh(1),
-    )
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.batch_size, *shape)).astype(np.float32)
-    y = rng.integers(0, 10, args.batch_size).astype(np.int32)
-    state, metrics = program.init_state(), program.zero_metrics()
     for _ in range(1 + args.warmup):
-        state, metrics = program.train_step(state, metrics, x, y)
-    jax.block_until_ready(state)
-
-    def step():
-        nonlocal state, metrics
-        state, metrics = program.train_step(state, metrics, x, y)
-        jax.block_until_ready(state)
-
+        step()
     by_kind = _common.op_times(step, args.steps)
     total = sum(by_kind.values())
     print(f"Command: `{_common.command()}`\n{_common.machine()}\n")
