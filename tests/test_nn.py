@@ -428,6 +428,55 @@ def test_integer_forward_and_gradients_are_bit_identical(
                 assert 0 < err.max() < 1e-3 * np.abs(np.asarray(dk_ref)).max()
 
 
+@pytest.mark.parametrize(
+    "spatial,strides,padding,pad_value",
+    [((1, 1), 1, "SAME", 1.0), ((2, 2), 1, "SAME", -1.0), ((2, 3), 2, "SAME", 1.0),
+     ((4, 4), 2, "SAME", -1.0), ((3, 3), 1, "VALID", 1.0), ((5, 2), 1, "SAME", 1.0),
+     ((2,), 1, "SAME", -1.0)],
+)  # fmt: skip
+def test_small_convolutions_are_patch_products_with_exact_values(
+    spatial, strides, padding, pad_value
+):
+    """Where the input or output is at most `SMALL_CONV_WIDTH` wide, the convolution and its
+    input gradient are matrix products of patches (no XLA convolution left in the forward or
+    the backward pass): values exactly those of the plain formula, integer and float paths
+    identical, and gradients within the float rounding bound of the formula's."""
+    n = len(spatial)
+    kernel_size = (3,) * n
+    x = rand((4, *spatial, 6))
+    k = rand((*kernel_size, 6, 5), 1)
+    s = (strides,) * n
+    pads = F.conv_padding(padding, spatial, kernel_size, s, (1,) * n)
+    y_ref, vjp_ref = jax.vjp(
+        functools.partial(reference_conv, pads=pads, pad_value=pad_value, strides=strides), x, k
+    )
+    g = rand(y_ref.shape, 2)
+    dx_ref, dk_ref = vjp_ref(g)
+    # Each gradient entry sums at most `terms` products of a +-1 with an entry of g.
+    terms = math.prod(g.shape[:-1]) * math.prod(kernel_size) * 6
+    bx, bk = (terms * np.finfo(np.float32).eps * np.asarray(b) for b in vjp_ref(jnp.abs(g)))
+    results = []
+    for arithmetic in ("integer", "float"):
+        f = functools.partial(
+            F.binary_conv, strides=strides, padding=padding, pad_value=pad_value,
+            arithmetic=arithmetic,
+        )  # fmt: skip
+        train = jax.jit(lambda x, k, f=f: jax.vjp(f, x, k)[1](g))
+        assert "convolution" not in train.lower(x, k).as_text()
+        assert "convolution" not in jax.jit(f).lower(x, k).as_text()
+        y = f(x, k)
+        dx, dk = train(x, k)
+        np.testing.assert_array_equal(y, y_ref)
+        assert np.all(np.abs(np.asarray(dx) - np.asarray(dx_ref)) <= np.abs(bx))
+        assert np.all(np.abs(np.asarray(dk) - np.asarray(dk_ref)) <= np.abs(bk))
+        results.append((dx, dk))
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # A wider convolution is still XLA's.
+    wide = functools.partial(F.binary_conv, pad_value=pad_value)
+    assert "convolution" in jax.jit(wide).lower(rand((4, *(3,) * n, 6)), k).as_text()
+
+
 def test_patch_chunk_size_is_the_largest_divisor_within_the_budget():
     assert F.patch_chunk_size(256, 10, budget=45) == 4
     assert F.patch_chunk_size(256, 10, budget=10_000) == 256

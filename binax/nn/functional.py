@@ -372,8 +372,38 @@ def _dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
     return lax.ConvDimensionNumbers(lhs, rhs, lhs)
 
 
+#: A convolution whose input or output is at most this wide in some spatial axis is computed
+#: on the CPU as one matrix product of the input's patches (`_small_conv`): XLA:CPU's own
+#: convolution takes 10-50x longer than its FLOPs warrant there (3x3 kernel, 128-256 channels,
+#: batch 256, on a 2-core Xeon: a 2x2 input 68 ms, the input gradient of a 2x2 output 60-140 ms,
+#: against 1-10 ms for 3x3-6x6; BENCHMARKS.md section 7), as in ResNets' last stages on small
+#: images.
+SMALL_CONV_WIDTH = 2
+
+
+def _small_conv(x, w, spec: _Spec, pads) -> bool:
+    """Whether `_conv_op` computes this convolution as a patch product (see `SMALL_CONV_WIDTH`)."""
+    if spec.groups != 1 or jax.default_backend() != "cpu":
+        return False
+    spatial = x.shape[1:-1]
+    out = [
+        (n + lo + hi - (k - 1) * d - 1) // s + 1
+        for n, (lo, hi), k, d, s in zip(
+            spatial, pads, w.shape[:-2], spec.dilation, spec.strides, strict=True
+        )
+    ]
+    return min(*spatial, *out) <= SMALL_CONV_WIDTH
+
+
 def _conv_op(x, w, spec: _Spec, padding, out_dtype=None):
+    """``conv(pad(x, 0), w)`` with ``padding`` ``'VALID'`` or ``(low, high)`` pairs."""
     integer = jnp.issubdtype(x.dtype, jnp.integer)
+    pads = tuple((0, 0) for _ in x.shape[1:-1]) if padding == "VALID" else tuple(padding)
+    if _small_conv(x, w, spec, pads):
+        # Channels last: the patches are (batch, *out, taps * C), the kernel (taps * C, O).
+        pieces, _ = shifted_windows(x, w.shape[:-2], spec._replace(pads=pads), 0, axis=1)
+        patches = jnp.concatenate(pieces, axis=-1)
+        return _dot(patches, w.reshape(-1, w.shape[-1]), spec, out_dtype)
     return lax.conv_general_dilated(
         x,
         w,
