@@ -481,13 +481,13 @@ def test_schedule_language():
     assert schedules.parse("1e-4") == schedules.Schedule("constant", (1e-4,))
     assert schedules.parse(0.5) == schedules.Schedule("constant", (0.5,))
     assert schedules.parse("cosine:0.1") == schedules.Schedule("cosine", (0.1, 0.0))
-    step = schedules.build("step:1e-4,0.1,100", steps_per_epoch=5, total_steps=5000)
+    step = schedules.parse("step:1e-4,0.1,100").build(steps_per_epoch=5, total_steps=5000)
     np.testing.assert_allclose(
         [step(0), step(499), step(500), step(1000)], [1e-4, 1e-4, 1e-5, 1e-6], rtol=1e-5
     )
-    lin = schedules.build("linear:1.0,0.0", steps_per_epoch=2, total_steps=11)
+    lin = schedules.parse("linear:1.0,0.0").build(steps_per_epoch=2, total_steps=11)
     np.testing.assert_allclose([lin(0), lin(5), lin(10)], [1.0, 0.5, 0.0], atol=1e-6)
-    cos = schedules.build("cosine:1.0,0.5", steps_per_epoch=2, total_steps=11)
+    cos = schedules.parse("cosine:1.0,0.5").build(steps_per_epoch=2, total_steps=11)
     np.testing.assert_allclose([cos(0), cos(5), cos(10)], [1.0, 0.75, 0.5], atol=1e-6)
     for bad, message in [
         ("linear:1", "linear:START,END"),

@@ -1,10 +1,9 @@
 """Checkpoints with Orbax: one per epoch, atomic, checked when read back.
 
 A checkpoint holds the whole `binax.train.step.TrainState` and a JSON record (the epoch, the
-config, the history so far, a `fingerprint` of the state); the data order is a pure function of
-``(seed, epoch)``. Orbax writes into a temporary directory and renames it when complete, so an
-interrupted save leaves the previous checkpoints as they were; the fingerprint catches what
-Orbax does not (bytes that changed but still parse).
+config, the history so far, a `fingerprint` of the state). Orbax renames a checkpoint into place
+when complete, so an interrupted save leaves the previous ones as they were; the fingerprint
+catches what Orbax does not (bytes that changed but still parse).
 """
 
 from __future__ import annotations

@@ -25,10 +25,9 @@ _EPILOG_HEAD = """\
 main job (offline, about a minute on 2 CPU cores):
   binax-train --model mlp --dataset digits --optimizer bop --epochs 20
 
-schedules: every hyperparameter marked SCHEDULE takes a number or
-  linear:START,END            linear over the whole run, e.g. --lr linear:1e-2,1e-4
-  cosine:START[,END]          cosine decay over the whole run (END default 0)
-  step:START,FACTOR,EVERY     times FACTOR every EVERY epochs, e.g. --gamma step:1e-4,0.1,100
+schedules: every hyperparameter marked SCHEDULE takes a number or one of these over the
+whole run, e.g. --lr linear:1e-2,1e-4 or --gamma step:1e-4,0.1,100:
+{schedules}
 
 binary optimizers and their defaults (the papers' for bop, bop2nd_order and sgdat; diode's
 are faster than the paper's 1e-4/0.99/0.9999, which need thousands of steps per flip; cema's
@@ -48,12 +47,13 @@ several devices: every local device is used (data parallel); --model-parallel N 
 
 
 def _epilog() -> str:
+    forms = "\n".join(f"  {form:<31}{text}" for form, _, text in schedules.FORMS.values())
     lines = []
     for r in optim.RECIPES.values():
         args = ", ".join(f"{h.flag} {r.defaults[h.name]}" for h in r.hyperparameters) or "(none)"
         text = textwrap.fill(r.description, 78, initial_indent=" " * 16, subsequent_indent=" " * 16)
         lines.append(f"  {r.name:<13} {args}\n{text}")
-    return _EPILOG_HEAD + "\n".join(lines) + "\n" + _EPILOG_TAIL
+    return _EPILOG_HEAD.format(schedules=forms) + "\n".join(lines) + "\n" + _EPILOG_TAIL
 
 
 def _add_hyperparameter_flags(group) -> None:

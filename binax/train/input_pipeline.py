@@ -88,10 +88,8 @@ def glue_datasets(config: Config) -> tuple[bdata.Dataset, bdata.Dataset]:
     vocab_size = config.model_kwargs.get("vocab_size", text.DEFAULT_VOCAB_SIZE)
     max_length = config.model_kwargs.get("max_length", text.DEFAULT_MAX_LENGTH)
     path = os.path.join(config.run_dir, TOKENIZER_FILE)
-    source = None
-    if os.path.exists(os.path.join(config.run_dir, "config.json")):
-        source = path
-    elif config.distill_from is not None:
+    source = path if os.path.exists(os.path.join(config.run_dir, "config.json")) else None
+    if source is None and config.distill_from is not None:
         source = os.path.join(config.distill_from, TOKENIZER_FILE)
     if source is None:
         train = bdata.read_glue(task, "train", config.data_dir)
@@ -148,8 +146,7 @@ def create(config: Config, sharding: NamedSharding) -> InputPipeline:
         raise ConfigError(
             f"batch_size={config.batch_size} is larger than the training set ({len(train_set)})"
         )
-    if config.steps_per_epoch is not None:
-        spe = min(spe, config.steps_per_epoch)
+    spe = min(spe, config.steps_per_epoch or spe)
     return InputPipeline(
         train_set=train_set,
         test_set=test_set,

@@ -41,10 +41,9 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass
 class TrainResult:
-    """What `train` returns: the run's config and directory, its ``history`` (the per-epoch
-    records of ``log.jsonl``), the final `TrainState`, the `Program` and ``compile_s``, the
-    seconds of this call's first train step, which compiles it (not in the records'
-    ``time_s``)."""
+    """What `train` returns: the run's config and directory, its ``history`` (the records of
+    ``log.jsonl``), the final `TrainState`, the `Program` and ``compile_s``, the seconds of the
+    first train step, which compiles it."""
 
     config: Config
     run_dir: str
@@ -85,10 +84,9 @@ def setup(config: Config) -> tuple[input_pipeline.InputPipeline, Program, dict[s
         raise ConfigError(
             f"cannot build model {config.model!r} with model_kwargs {config.model_kwargs}: {e}"
         ) from None
-    spe = data.steps_per_epoch
     make_tx = functools.partial(
         optim.make_optimizer, config.optimizer, hp, config.real_optimizer, lr, seed=config.seed,
-        steps_per_epoch=spe, total_steps=spe * config.epochs,
+        steps_per_epoch=data.steps_per_epoch, total_steps=data.steps_per_epoch * config.epochs,
     )  # fmt: skip
     distill = _teacher(config, net, data) if config.distill_from is not None else None
     program = make_program(net, make_tx, mesh, init_params=init, distill=distill)
@@ -97,9 +95,8 @@ def setup(config: Config) -> tuple[input_pipeline.InputPipeline, Program, dict[s
 
 
 def _teacher(config: Config, net, data: input_pipeline.InputPipeline) -> Distillation:
-    """The frozen teacher of ``config.distill_from`` (its last checkpoint), checked to be of
-    the same model and dataset, with outputs that line up with the student's; else a
-    `ConfigError` that names ``--distill-from``."""
+    """The frozen teacher of ``config.distill_from`` (its last checkpoint), of the same model
+    and dataset as ``net`` and with outputs that line up with its; else a `ConfigError`."""
     from flax import nnx
 
     from binax.models import distillation_loss
@@ -141,14 +138,9 @@ def _teacher(config: Config, net, data: input_pipeline.InputPipeline) -> Distill
 
 
 def restore(run_dir: str, epoch: int | None = None) -> TrainResult:
-    """A run as its checkpoint of ``epoch`` (the last by default) holds it, without training:
-    what `train` builds from the run's ``config.json`` (loading the dataset for its shapes),
-    restored; ``restore(run_dir).model()`` is the trained model.
-
-    Raises:
-      RunDirError: no readable ``config.json``. CheckpointError: no such checkpoint, or it
-        cannot be read.
-    """
+    """The run in ``run_dir`` as its checkpoint of ``epoch`` (the last by default) holds it,
+    without training; ``restore(run_dir).model()`` is the trained model. Raises `RunDirError`
+    (no readable ``config.json``) or `CheckpointError` (no such checkpoint, or unreadable)."""
     config = dataclasses.replace(rundir.read_config(run_dir), run_dir=run_dir, resume=False)
     data, program, _ = setup(config)
     with contextlib.closing(Checkpoints(os.path.join(run_dir, CHECKPOINT_DIR), create=False)) as c:
@@ -164,10 +156,8 @@ def train(config: Config, *, on_step: Callable[[int, int], None] | None = None) 
     ``config.run_dir`` from its last checkpoint, bit-identically to a run that was never
     interrupted (or from the beginning when it has none); a larger ``epochs`` extends it.
 
-    Args:
-      config: the run (see `Config`).
-      on_step: called as ``on_step(epoch, step_in_epoch)`` (0-based) before each training
-        step; an exception it raises stops training (the last checkpoint stays).
+    ``on_step(epoch, step_in_epoch)`` (0-based), if given, is called before each training
+    step; an exception it raises stops training (the last checkpoint stays).
 
     Raises:
       ConfigError: a bad config field (the message names it).
@@ -290,7 +280,7 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
     test = to_host(test)
     step = int(to_host(state.step))
     flips = {k: int(v) for k, v in m["flips"].items()}
-    sizes = dict(zip(program.flip_names, program.flip_sizes, strict=True))
+    sizes = zip(program.flip_names, program.flip_sizes, strict=True)
     record = {
         "epoch": epoch + 1,
         "step": step,
@@ -299,7 +289,7 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
         "test_loss": float(test["loss"]) / len(data.test_set),
         "test_accuracy": float(test["correct"]) / len(data.test_set),
         "flips": flips,
-        "flip_ratio": {k: flips[k] / (sizes[k] * spe) for k in program.flip_names},
+        "flip_ratio": {k: flips[k] / (n * spe) for k, n in sizes},
         # 0 for a full-precision twin, which has no binary leaf
         "flip_ratio_total": sum(flips.values()) / max(sum(program.flip_sizes) * spe, 1),
         "hparams": {

@@ -1,9 +1,6 @@
-"""The optimizers the training command offers: one `Recipe` each.
-
-The command's flags, help and epilog, the config check and the optimizer the loop builds all
-come from `RECIPES`, so adding an optimizer is a factory in ``binax/optimizers.py``, one recipe
-here and its tests. Real-valued parameters (BatchNorm, real first/last layers) get an ordinary
-Optax optimizer (`REAL_OPTIMIZERS`), joined to the binary one by `binax.partition`.
+"""The optimizers the training command offers: one `Recipe` each, in `RECIPES`, from which the
+command's flags, help, config check and optimizer all come. Real-valued parameters (BatchNorm,
+real first/last layers) get an Optax optimizer (`REAL_OPTIMIZERS`), joined by `binax.partition`.
 """
 
 from __future__ import annotations
@@ -22,10 +19,9 @@ LATENT, FULL_PRECISION = "latent", "full_precision"
 
 @dataclasses.dataclass(frozen=True)
 class Hyperparameter:
-    """A hyperparameter of the binary optimizers: its ``name`` in ``Config.hparams`` (flag
-    ``--name``, ``-`` for ``_``), ``help``, whether it takes a schedule string
-    (`binax.train.schedules`) or a number, the factory's ``arg`` (default ``name``), and for a
-    word, ``choices``: flag value -> factory argument."""
+    """A hyperparameter of the binary optimizers: its ``name`` in ``Config.hparams`` (and
+    `flag`), ``help``, whether it is ``schedulable``, the factory's ``arg`` (default ``name``),
+    and for a word, ``choices``: flag value -> factory argument."""
 
     name: str
     help: str
@@ -87,8 +83,8 @@ class Recipe:
     Attributes:
       name: the ``--optimizer`` value.
       description: one line for ``--help``: what it is, and the paper.
-      factory: builds the optimizer from the hyperparameters' ``arg``\\ s (``None``: the
-        real-valued optimizer trains every parameter).
+      factory: builds the optimizer from the hyperparameters (``None``: the real-valued
+        optimizer trains every parameter).
       defaults: its hyperparameters (`HYPERPARAMETERS` names) and the command's defaults.
       seeded: the factory takes ``seed`` (random initial state).
       baseline: `LATENT` (real latent weights) or `FULL_PRECISION` (a real network); ``None``
@@ -107,9 +103,9 @@ class Recipe:
         return tuple(HYPERPARAMETERS[k] for k in self.defaults)
 
     def resolve(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The hyperparameters, defaults updated by ``overrides``, parsed once (`Schedule`\\ s,
-        words' factory values, floats) and checked by building the optimizer at the first values
-        of the schedules; raises ValueError naming the flag or the optimizer."""
+        """The hyperparameters, defaults updated by ``overrides``, parsed (`Hyperparameter.parse`)
+        and checked by building the optimizer at the schedules' first values; raises ValueError
+        naming the flag or the optimizer."""
         unknown = [k for k in overrides or {} if k not in self.defaults]
         if unknown:
             takes = ", ".join(self.defaults) or "none (it uses --lr for every parameter)"
@@ -133,7 +129,7 @@ class Recipe:
         if self.factory is None:
             return None
         kwargs = {
-            h.arg or h.name: schedules.build(hp[h.name], steps_per_epoch, total_steps)
+            h.arg or h.name: schedules.parse(hp[h.name]).build(steps_per_epoch, total_steps)
             if h.schedulable
             else hp[h.name]
             for h in self.hyperparameters
@@ -146,8 +142,7 @@ def latent_adam(learning_rate: optax.ScalarOrSchedule, clip: float):
     return optax.chain(optax.adam(learning_rate), binax.clip_latent(clip))
 
 
-#: The training command's optimizers (where their defaults come from: ``binax-train --help``,
-#: and the measurements behind Diode's in docs/training.md).
+#: The training command's optimizers (defaults: ``--help``; Diode's measured in docs/training.md).
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
@@ -237,15 +232,13 @@ def make_optimizer(
     steps_per_epoch: int,
     total_steps: int,
 ) -> optax.GradientTransformation:
-    """The whole optimizer: ``optimizer`` (one of `OPTIMIZERS`) with the hyperparameters ``hp``
-    (from `hparams`) on the binary leaves that the label tree ``is_binary`` marks
-    (`binax.nn.binary_labels`), and ``real`` (one of `REAL_OPTIMIZERS`) with the learning rate
-    ``lr`` (number, schedule string or `Schedule`) on the others, joined by `binax.partition`.
-    ``seed`` seeds the optimizers that draw random state (Diode); ``steps_per_epoch`` and
-    ``total_steps`` turn schedules into Optax schedules."""
-    real_tx = _lookup(REAL_OPTIMIZERS, real, "real optimizer")
-    real_tx = real_tx(schedules.build(lr, steps_per_epoch, total_steps))
+    """The whole optimizer: ``optimizer``'s recipe built with ``hp`` (from `hparams`) on the
+    binary leaves that the label tree ``is_binary`` marks (`binax.nn.binary_labels`), ``real``
+    (one of `REAL_OPTIMIZERS`) with the learning rate ``lr`` (number, schedule string or
+    `Schedule`) on the others, joined by `binax.partition`. ``seed`` seeds a random initial
+    state (Diode); the step counts turn schedules into Optax schedules."""
     steps = dict(steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    real_tx = _lookup(REAL_OPTIMIZERS, real, "real optimizer")(schedules.parse(lr).build(**steps))
     binary_tx = recipe(optimizer).build(hp, seed=seed, **steps)
     if binary_tx is None:
         return real_tx

@@ -1,14 +1,7 @@
 """The run directory: checking it, resuming from it, and the log, plots and checkpoints in it.
 
-A run directory holds::
-
-    config.json        the Config (JSON)
-    tokenizer.json     a text run's tokenizer (`binax.train.input_pipeline.glue_datasets`)
-    log.jsonl          one JSON record per epoch (losses, accuracies, flips per binary layer)
-    loss.png, accuracy.png, flip_ratio.png
-    checkpoints/<N>/   the Orbax checkpoint after epoch N (the last ``keep_checkpoints``)
-
-The fields of a ``log.jsonl`` record are listed in ``docs/training.md`` ("The run directory").
+Its files (`CONFIG_FILE`, `LOG_FILE`, the plots, `CHECKPOINT_DIR`, a text run's tokenizer) and
+the fields of a ``log.jsonl`` record are listed in ``docs/training.md`` ("The run directory").
 """
 
 from __future__ import annotations

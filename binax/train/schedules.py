@@ -1,21 +1,10 @@
-"""A small text language for hyperparameter schedules, turned into Optax schedules.
+"""Hyperparameter schedules: a number or a string of one of the `FORMS` (``linear:1e-2,1e-4``),
+parsed once into a `Schedule`, which builds an Optax schedule for a run.
 
-A hyperparameter given on the command line (or in a `binax.train.Config`) is a number or a
-string in one of these forms:
-
-=============================  ======================================================
-``0.01``                       constant
-``constant:0.01``              constant
-``linear:START,END``           linear from START (first step) to END (last step)
-``cosine:START[,END]``         cosine decay from START to END (default 0) over the run
-``step:START,FACTOR,EVERY``    START, multiplied by FACTOR every EVERY epochs
-=============================  ======================================================
-
-Examples: ``--gamma step:1e-4,0.1,100`` is the Bop paper's CIFAR-10 schedule (gamma 1e-4
-multiplied by 0.1 every 100 epochs); ``--lr linear:2.5e-3,5e-6`` its ImageNet Adam schedule.
-Durations are in epochs, so a schedule means the same thing whatever the batch size. The
-schedules are Optax schedules evaluated at the optimizer's step count, as every binax
-optimizer does.
+Durations are in epochs, so a schedule means the same thing whatever the batch size; the Optax
+schedules are evaluated at the optimizer's step count, as every binax optimizer does. Examples:
+``--gamma step:1e-4,0.1,100`` is the Bop paper's CIFAR-10 schedule, ``--lr linear:2.5e-3,5e-6``
+its ImageNet Adam schedule (docs/training.md, "Schedules").
 """
 
 from __future__ import annotations
@@ -25,17 +14,17 @@ from typing import NamedTuple
 
 import optax
 
-#: The kinds of schedule: their forms and how many numbers each takes.
+#: The kinds of schedule: their form, how many numbers each takes, and what it computes.
 FORMS = {
-    "constant": ("constant:VALUE", (1,)),
-    "linear": ("linear:START,END", (2,)),
-    "cosine": ("cosine:START[,END]", (1, 2)),
-    "step": ("step:START,FACTOR,EVERY_EPOCHS", (3,)),
+    "constant": ("constant:VALUE", (1,), "VALUE throughout (as a plain number)"),
+    "linear": ("linear:START,END", (2,), "linear from START (first step) to END (last)"),
+    "cosine": ("cosine:START[,END]", (1, 2), "cosine decay from START to END (default 0)"),
+    "step": ("step:START,FACTOR,EVERY_EPOCHS", (3,), "START, times FACTOR every EVERY_EPOCHS"),
 }
 
 
 class Schedule(NamedTuple):
-    """A parsed schedule: its kind and its numbers (see the module docstring)."""
+    """A parsed schedule: its kind and its numbers (see `FORMS`)."""
 
     kind: str
     values: tuple[float, ...]
@@ -94,7 +83,7 @@ def parse(spec: float | int | str | Schedule) -> Schedule:
         raise ValueError(
             f"schedule {spec!r}: unknown kind {kind!r}; valid kinds: {', '.join(FORMS)}"
         )
-    form, counts = FORMS[kind]
+    form, counts, _ = FORMS[kind]
     if len(values) not in counts:
         raise ValueError(f"schedule {spec!r}: expected {form}")
     if kind == "cosine" and len(values) == 1:
@@ -104,8 +93,3 @@ def parse(spec: float | int | str | Schedule) -> Schedule:
     if kind == "step" and (values[2] <= 0 or values[2] != int(values[2])):
         raise ValueError(f"schedule {spec!r}: EVERY_EPOCHS must be a positive integer")
     return Schedule(kind, values)
-
-
-def build(spec: float | str, steps_per_epoch: int, total_steps: int) -> float | optax.Schedule:
-    """``parse(spec).build(steps_per_epoch, total_steps)``."""
-    return parse(spec).build(steps_per_epoch, total_steps)

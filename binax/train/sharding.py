@@ -94,10 +94,9 @@ def to_host(x: Any) -> Any:
 
 def process_rows(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
     """``(index, count)``: this process supplies block ``index`` of ``count`` equal blocks of a
-    global batch, as ``binax.data.batches(..., process_index=index, process_count=count)``
-    yields them. Read off the sharding, so it is right whatever the order of the devices in the
-    mesh (processes that hold the same rows, as with a ``"model"`` axis across hosts, get the
-    same block)."""
+    global batch (`binax.data.batches`' ``process_index`` and ``process_count``), read off the
+    sharding: right whatever the order of the mesh's devices, and processes that hold the same
+    rows (a ``"model"`` axis across hosts) get the same block."""
     index_map = sharding.addressable_devices_indices_map((global_rows,))
     spans = {(s[0].start or 0, s[0].stop or global_rows) for s in index_map.values()}
     lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
@@ -147,15 +146,13 @@ def initialize_distributed(
     *,
     timeout_s: int = 300,
 ) -> None:
-    """Calls `jax.distributed.initialize` (before anything else touches the devices).
+    """Calls `jax.distributed.initialize` (before anything else touches the devices), after
+    which ``jax.devices()`` lists the devices of every process and `make_mesh` spans them.
 
-    Every process runs the same program with its own ``process_id`` in ``[0, num_processes)``;
-    afterwards ``jax.devices()`` lists the devices of all processes and `make_mesh` spans them.
     Arguments left ``None`` are read from ``$JAX_COORDINATOR_ADDRESS`` (``host:port`` of process
-    0), ``$JAX_NUM_PROCESSES`` and ``$JAX_PROCESS_ID``; when all three are still missing JAX
-    detects the cluster itself (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes). On CPU the
-    collectives go through Gloo, so several CPU processes on one machine can train together, as
-    the tests do. ``timeout_s``: seconds to wait for all processes to connect.
+    0), ``$JAX_NUM_PROCESSES`` and ``$JAX_PROCESS_ID``; without all three JAX detects the
+    cluster (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes). On CPU the collectives go
+    through Gloo. ``timeout_s``: seconds to wait for all processes to connect.
     """
 
     def env(value: int | None, name: str) -> int | None:

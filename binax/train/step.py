@@ -1,10 +1,9 @@
 """The training and evaluation steps, compiled once with `jax.jit` over a device `Mesh`.
 
-The model goes through Flax NNX's functional API: ``nnx.split`` turns it into a static graph
-definition, its parameters (binary kernels included) and the rest (BatchNorm statistics...);
-the step ``nnx.merge``\\ s them back. What the step carries, `TrainState`, is a pytree of
-arrays that is sharded (`binax.train.sharding`), donated and checkpointed as it is. Under `jit`
-a BatchNorm batch mean is over the *global* batch, whatever the number of devices.
+The model is ``nnx.split`` into a static graph definition, its parameters and the rest
+(BatchNorm statistics...), which the step ``nnx.merge``\\ s back; what the step carries,
+`TrainState`, is a pytree of arrays, sharded, donated and checkpointed as it is. Under `jit` a
+BatchNorm batch mean is over the *global* batch, whatever the number of devices.
 """
 
 from __future__ import annotations
@@ -44,9 +43,8 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 class Distillation(NamedTuple):
-    """Knowledge distillation from a frozen teacher (`binax.models.distillation_loss`): its
-    eval-mode ``graphdef``, its arrays (``params``, ``rest``: arguments of the train step, never
-    trained nor checkpointed) and ``options``, `distillation_loss`'s keyword arguments."""
+    """A frozen teacher to distil from: its eval-mode ``graphdef``, its arrays (``params``,
+    ``rest``: never trained nor checkpointed) and `distillation_loss`'s keyword ``options``."""
 
     graphdef: Any
     params: Any
@@ -81,13 +79,12 @@ def train_step(
     binary_mask: Any,
     distill: Distillation | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
-    """One optimizer step on a (global) batch; adds loss, accuracy and flips to ``metrics``.
+    """One optimizer step on a (global) batch; adds loss, accuracy and flips (changes of
+    ``sign0`` per binary leaf) to ``metrics``.
 
     The loss is the mean softmax cross-entropy over the batch (binax's thresholds assume a
-    mean-reduced loss). Flips are counted per binary leaf as changes of ``sign0``. With
-    ``distill`` and ``teacher`` (the teacher's ``(params, rest)``), `distillation_loss` against
-    the teacher is added to the loss and its unweighted terms to ``metrics["distill"]``; the
-    metrics' ``loss`` stays the cross-entropy.
+    mean-reduced loss), plus with ``distill`` the `distillation_loss` against the ``teacher``'s
+    ``(params, rest)``, whose unweighted terms go to ``metrics["distill"]``.
     """
     from binax.models import distillation_loss
 
@@ -106,14 +103,11 @@ def train_step(
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    flips = (
-        binax.flip_metrics(state.params, params, is_binary=binary_mask)
-        if any(jax.tree.leaves(binary_mask))
-        else {}  # a full-precision twin
-    )
     n = labels.shape[0]
     metrics = _add(metrics, loss * n, jnp.argmax(logits, -1) == labels, n)
-    metrics["flips"] = {k: v + flips[f"flips/{k}"] for k, v in metrics["flips"].items()}
+    if metrics["flips"]:  # empty for a full-precision twin, which has no binary leaf
+        flips = binax.flip_metrics(state.params, params, is_binary=binary_mask)
+        metrics["flips"] = {k: v + flips[f"flips/{k}"] for k, v in metrics["flips"].items()}
     if parts:
         metrics["distill"] = {k: v + parts[k] * n for k, v in metrics["distill"].items()}
     return TrainState(params, rest, opt_state, state.step + 1), metrics
@@ -141,8 +135,7 @@ def eval_step(
 
 
 def _add(metrics: dict[str, Any], loss: jax.Array, correct: jax.Array, count: Any) -> dict:
-    """``metrics`` with a batch's summed loss, its correct predictions and its example count
-    added (the other accumulators as they are)."""
+    """``metrics`` with a batch's summed loss, correct predictions and example count added."""
     return metrics | {
         "loss": metrics["loss"] + loss,
         "correct": metrics["correct"] + jnp.sum(correct).astype(jnp.int32),
@@ -159,9 +152,8 @@ class Program:
       binary_mask: bools, ``True`` at the binary leaves of the parameters.
       flip_names, flip_sizes: the binary leaves' key paths (``"layers/0/kernel"``) and sizes.
       batch_sharding: the sharding of a batch (split along ``"data"``).
-      train_step: ``(state, metrics, images, labels) -> (state, metrics)``, jitted; donates
-        ``state`` and ``metrics``. ``eval_step``: ``(state, metrics, images, labels, weights)
-        -> metrics``, jitted.
+      train_step, eval_step: `train_step` and `eval_step` jitted, without their keyword
+        arguments; the train step donates ``state`` and ``metrics``.
       init_state: builds the initial `TrainState`, placed on the mesh.
       distill: the train step distils from a teacher (`Distillation`).
     """
@@ -179,9 +171,8 @@ class Program:
     distill: bool = False
 
     def zero_metrics(self, confusion: int = 0) -> dict[str, Any]:
-        """The per-epoch accumulators the train step adds to (with `distill`, the unweighted
-        distillation terms too), zeros replicated over the mesh; with ``confusion=C`` a ``(C,
-        C)`` confusion matrix as well (`eval_step` fills it)."""
+        """The per-epoch accumulators of the steps, zeros replicated over the mesh; with
+        ``confusion=C`` a ``(C, C)`` confusion matrix as well (`eval_step` fills it)."""
         metrics = {
             "loss": np.float32(0),
             "correct": np.int32(0),
@@ -204,12 +195,9 @@ def make_program(
     distill: Distillation | None = None,
 ) -> Program:
     """Splits ``model`` (Flax NNX, `binax.nn.BinaryParam` kernels), builds the optimizer
-    (``make_tx(binary_labels)``) and the jitted steps over ``mesh``.
-
-    ``init_params``, ``(params, binary_mask) -> params``, is applied before the optimizer state
-    is created (e.g. `binax.train.model.latent_init`). A ``distill`` teacher's arrays are placed
-    on ``mesh`` once and passed to every train step.
-    """
+    (``make_tx(binary_labels)``) and the jitted steps over ``mesh``. ``init_params``,
+    ``(params, binary_mask) -> params``, is applied before the optimizer state is created (e.g.
+    `binax.train.model.latent_init`); a ``distill`` teacher's arrays are placed once."""
     labels = binax.nn.binary_labels(model)
     model.eval()
     eval_graphdef = nnx.graphdef(model)
