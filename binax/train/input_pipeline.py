@@ -1,10 +1,8 @@
 """The input pipeline: the dataset, its batches as global arrays, augmentation and normalisation.
 
-The order of an epoch's batches (`binax.data.batches`) and each example's augmentation (random
-crop and flip of the raw pixels, then normalisation) are pure functions of ``(seed, epoch)``,
-so a resumed run sees exactly the batches it would have seen. Each process reads only the rows
-of a global batch that its devices hold. The evaluation runs over the whole test split in
-batches padded to a fixed size, the padding weighted 0.
+The order of an epoch's batches (`binax.data.batches`) and each example's augmentation are pure
+functions of ``(seed, epoch)``, so a resumed run sees exactly the batches it would have seen.
+Each process reads only the rows of a global batch that its devices hold.
 """
 
 from __future__ import annotations
@@ -121,12 +119,9 @@ def create(config: Config, sharding: NamedSharding) -> InputPipeline:
     """The input pipeline of ``config`` over the batch ``sharding`` (split along ``"data"``).
 
     ``digits`` and ``mnist_subset``, which have no official split, always use the test split of
-    ``binax.data.load(..., seed=0)``, so runs with different seeds are evaluated alike; a GLUE
-    task is its train and dev splits (`glue_datasets`).
-
-    Raises:
-      ConfigError: a batch size the data-parallel devices do not divide, or larger than the
-        training set. binax.data.DatasetNotFoundError, DataFormatError: from `binax.data.load`.
+    ``binax.data.load(..., seed=0)``, so runs with different seeds are evaluated alike. Raises
+    `ConfigError` for a batch size the data-parallel devices do not divide, or larger than the
+    training set, and `binax.data.load`'s errors.
     """
     data_size = sharding.mesh.shape["data"]
     if config.batch_size % data_size:

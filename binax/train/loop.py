@@ -66,7 +66,7 @@ class TrainResult:
 
 def setup(config: Config) -> tuple[input_pipeline.InputPipeline, Program, dict[str, Any]]:
     """The phases after the run directory for a checked config: ``(pipeline, program,
-    scheduled)``, ``scheduled`` mapping each scheduled hyperparameter and ``"lr"`` to its
+    scheduled)``, ``scheduled`` mapping ``"lr"`` and each schedulable hyperparameter to its
     `Schedule`."""
     try:
         mesh = make_mesh(config.num_devices, config.model_parallel)

@@ -29,9 +29,8 @@ def build_model(
 ) -> nnx.Module:
     """A `binax.models` architecture for examples of ``input_shape`` (an image's ``(height,
     width, channels)``, or ``(3, max_length)`` for the encoder), or its full-precision baseline:
-    a model with a full-precision twin (a ``binary`` argument: the transformers) is built as
-    that twin (no binary leaf, so no flips to count); the others with real kernels (still
-    `BinaryParam`\\ s, so flips are counted) and `hard_tanh` in place of the sign activations.
+    a model's full-precision twin (a ``binary`` argument: the transformers), else real kernels
+    (still `BinaryParam`\\ s, so flips are counted) and `hard_tanh` for the sign activations.
     """
     from binax import models
 

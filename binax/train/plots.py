@@ -48,15 +48,12 @@ def figures(history: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def write_plots(history: list[dict[str, Any]], directory: str) -> list[str]:
-    """Writes `PLOTS` into ``directory`` from the per-epoch records; returns their paths."""
+def write_plots(history: list[dict[str, Any]], directory: str) -> None:
+    """Writes `PLOTS` into ``directory`` from the per-epoch records."""
     import matplotlib.pyplot as plt
 
-    paths = []
     for name, fig in figures(history).items():
         path = os.path.join(directory, name)
         fig.savefig(path + ".tmp.png", dpi=100)
         os.replace(path + ".tmp.png", path)  # a reader never sees half a PNG
         plt.close(fig)
-        paths.append(path)
-    return paths

@@ -62,12 +62,9 @@ def default_run_dir(config: Config) -> str:
 
 def check(config: Config) -> Config:
     """``config`` validated (`ConfigError`), with its ``run_dir`` set, once the directory is
-    checked to fit, writing nothing.
-
-    Raises:
-      RunDirError: the directory holds a run and ``resume`` is off, or ``resume`` is on and it
-        holds none, or the config differs from the run's (except `RUNTIME_FIELDS`).
-    """
+    checked to fit, writing nothing: a `RunDirError` if it holds a run and ``resume`` is off, or
+    ``resume`` is on and it holds none, or the config differs from the run's (`RUNTIME_FIELDS`
+    aside)."""
     config.validate()
     run_dir = config.run_dir or default_run_dir(config)
     config = dataclasses.replace(config, run_dir=run_dir)
