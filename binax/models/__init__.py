@@ -21,6 +21,7 @@ from binax.models.transformer import (
     BinaryViT,
     TransformerOutput,
     distillation_loss,
+    outputs,
 )
 from binax.nn import _show_init_signature
 
@@ -35,6 +36,7 @@ __all__ = [
     "distillation_loss",
     "get",
     "names",
+    "outputs",
 ]
 
 for _cls in (BinaryMLP, BinaryNet, BinaryResNet18, BiRealBlock, BinaryEncoder, BinaryViT):

@@ -10,6 +10,7 @@ states and attention of every layer, the quantities BiT distils besides the logi
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -21,7 +22,7 @@ from binax import quantizers as q
 from binax.models import _common
 from binax.nn import Attention, BinaryEmbed, BinaryTransformerBlock, ElasticLinear
 
-__all__ = ["BinaryEncoder", "BinaryViT", "TransformerOutput", "distillation_loss"]
+__all__ = ["BinaryEncoder", "BinaryViT", "TransformerOutput", "distillation_loss", "outputs"]
 
 _EMBED_INIT = nnx.initializers.normal(0.02)
 
@@ -326,6 +327,16 @@ def _masked_mean_sq(a, b, weights):
 def _mean(losses):
     """Their mean; 0 for none (outputs without attention or hidden states: logits only)."""
     return jnp.mean(jnp.stack(losses)) if losses else jnp.zeros((), jnp.float32)
+
+
+def outputs(model: nnx.Module, x: jax.Array, intermediates: bool = True) -> TransformerOutput:
+    """``model``'s `TransformerOutput` on ``x``, what `distillation_loss` compares: with a
+    transformer's hidden states and attention (``return_intermediates``) if ``intermediates``,
+    else (and for any other model) with the logits alone."""
+    params = inspect.signature(type(model).__call__).parameters
+    if intermediates and "return_intermediates" in params:
+        return model(x, return_intermediates=True)
+    return TransformerOutput(model(x), (), ())
 
 
 def distillation_loss(

@@ -25,14 +25,7 @@ from binax.train.checkpoint import CheckpointError, Checkpoints
 from binax.train.config import Config, ConfigError
 from binax.train.rundir import CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, RunDirError  # noqa: F401
 from binax.train.sharding import DATA, is_main, make_mesh, say, sync, to_host
-from binax.train.step import (
-    DISTILL_TERMS,
-    Distillation,
-    Program,
-    TrainState,
-    make_program,
-    outputs,
-)
+from binax.train.step import DISTILL_TERMS, Distillation, Program, TrainState, make_program
 
 
 class TrainingDiverged(RuntimeError):
@@ -99,7 +92,7 @@ def _teacher(config: Config, net, data: input_pipeline.InputPipeline) -> Distill
     and dataset as ``net`` and with outputs that line up with its; else a `ConfigError`."""
     from flax import nnx
 
-    from binax.models import distillation_loss
+    from binax.models import distillation_loss, outputs
 
     where = f"--distill-from {config.distill_from}"
     try:

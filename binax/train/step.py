@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -55,18 +54,6 @@ class Distillation(NamedTuple):
 DISTILL_TERMS = ("logits", "attention", "hidden")
 
 
-def outputs(model: nnx.Module, images: jax.Array, intermediates: bool = True) -> Any:
-    """``model``'s `binax.models.TransformerOutput` on ``images``: with the hidden states and
-    attention of a transformer (``return_intermediates``) if ``intermediates``, else the logits
-    alone."""
-    from binax.models import TransformerOutput
-
-    params = inspect.signature(type(model).__call__).parameters
-    if intermediates and "return_intermediates" in params:
-        return model(images, return_intermediates=True)
-    return TransformerOutput(model(images), (), ())
-
-
 def train_step(
     state: TrainState,
     metrics: dict[str, Any],
@@ -86,7 +73,7 @@ def train_step(
     mean-reduced loss), plus with ``distill`` the `distillation_loss` against the ``teacher``'s
     ``(params, rest)``, whose unweighted terms go to ``metrics["distill"]``.
     """
-    from binax.models import distillation_loss
+    from binax.models import distillation_loss, outputs
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state.rest)
