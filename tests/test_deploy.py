@@ -90,6 +90,19 @@ def test_reference_models_agree_on_every_test_image(name):
         np.testing.assert_allclose(one, ref[7:8], rtol=1e-5, atol=1e-5)
 
 
+def test_resnet_with_the_imagenet_stem_agrees():
+    """The 7x7 stride-2 stem and its overlapping 3x3 stride-2 max pooling (padded) deploy too."""
+    images, _ = digits_test()
+    model = models.get(
+        "resnet18", input_shape=(8, 8, 1), num_classes=10, rngs=nnx.Rngs(1), width=4,
+        stem="imagenet",
+    )  # fmt: skip
+    random_stats(model, seed=2)
+    deployed, _, _ = assert_agree(model, images)
+    pools = [n for n in _nodes(deployed.program) if n["op"] == "maxpool"]
+    assert [(p["window"], p["strides"], p["padding"]) for p in pools] == [([3, 3], [2, 2], "SAME")]
+
+
 def _nodes(program):
     for node in program:
         yield node

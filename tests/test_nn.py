@@ -582,17 +582,47 @@ def test_integer_valued_and_arithmetic_errors():
     np.testing.assert_allclose(layer(x), y_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_max_pool_matches_flax_values_and_gradients_with_ties():
-    x = jnp.round(rand((4, 9, 11, 3)) * 1.5)  # integer values: many ties in each window
-    g = rand((4, 4, 5, 3), 1)
-    ref = functools.partial(nnx.max_pool, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+@pytest.mark.parametrize(
+    "window,strides,padding",
+    [
+        ((2, 2), None, "VALID"),  # non-overlapping: a reshape and a max
+        ((3, 3), (2, 2), "SAME"),  # ResNet's stem pooling: shifted copies
+        ((3, 2), (1, 2), "VALID"),
+        ((2, 2), (1, 1), ((1, 0), (0, 1))),
+        ((3,), (2,), "SAME"),
+    ],
+)
+def test_max_pool_matches_flax_values_and_gradients_with_ties(window, strides, padding):
+    n = len(window)
+    x = jnp.round(rand((4, 9, 11, 3)[: n + 1] + (3,)) * 1.5)  # integers: many ties in windows
+    ref = functools.partial(
+        nnx.max_pool, window_shape=window, strides=strides or window, padding=padding
+    )
     y_ref, vjp_ref = jax.vjp(ref, x)
-    y, vjp = jax.vjp(functools.partial(F.max_pool, window=2), x)
+    pool = functools.partial(F.max_pool, window=window, strides=strides, padding=padding)
+    y, vjp = jax.vjp(pool, x)
     np.testing.assert_array_equal(y, y_ref)
+    g = rand(y.shape, 1)
     np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
     t = rand(x.shape, 2)
-    np.testing.assert_array_equal(
-        jax.jvp(lambda x: F.max_pool(x, (2, 2)), (x,), (t,))[1], jax.jvp(ref, (x,), (t,))[1]
-    )
+    # Forward mode: the transpose of the same choice (<jvp t, g> = <t, vjp g>). JAX's own JVP of
+    # padded overlapping windows breaks ties differently from its VJP, so flax's JVP is the
+    # reference only without ties.
+    y_dot = jax.jvp(pool, (x,), (t,))[1]
+    np.testing.assert_allclose(jnp.vdot(y_dot, g), jnp.vdot(t, vjp(g)[0]), rtol=1e-5)
+    np.testing.assert_array_equal(jax.jvp(pool, (t,), (x,))[1], jax.jvp(ref, (t,), (x,))[1])
+    # int8 (the deployed networks' hidden activations) pads with its lowest value.
+    x8 = x.astype(jnp.int8)
+    np.testing.assert_array_equal(pool(x8), y_ref.astype(jnp.int8))
+    if strides is not None:  # overlapping windows: no select_and_scatter in the backward pass
+        assert "select_and_scatter" not in jax.jit(vjp).lower(g).as_text()
+
+
+def test_max_pool_errors():
+    x = rand((2, 6, 6, 3))
     with pytest.raises(ValueError, match="window"):
         F.max_pool(x, (2, 2, 2))
+    with pytest.raises(ValueError, match="strides"):
+        F.max_pool(x, 2, strides=0)
+    with pytest.raises(ValueError, match="padding"):
+        F.max_pool(x, 2, padding="CIRCULAR")

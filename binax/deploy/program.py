@@ -148,16 +148,9 @@ def _border(w: jax.Array, spec: F._Spec, x: jax.Array) -> jax.Array | None:
 
 
 def _maxpool(x, node):
-    window, strides = tuple(node["window"]), tuple(node["strides"])
-    if window == strides and node["padding"] in ("VALID", [[0, 0]] * len(window)):
-        return F.max_pool(x, window)  # a reshape and a max, fused with what comes before
-    init = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
     padding = node["padding"]
-    if not isinstance(padding, str):
-        padding = ((0, 0), *(tuple(p) for p in padding), (0, 0))
-    return lax.reduce_window(
-        x, jnp.asarray(init, x.dtype), lax.max, (1, *window, 1), (1, *strides, 1), padding
-    )
+    padding = padding if isinstance(padding, str) else [tuple(p) for p in padding]
+    return F.max_pool(x, tuple(node["window"]), tuple(node["strides"]), padding)
 
 
 # A dense product without options (XLA's default precision), as the float layers compute it.

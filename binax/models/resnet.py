@@ -12,6 +12,7 @@ from flax import nnx
 from binax import quantizers as q
 from binax.models import _common
 from binax.nn import BinaryConv
+from binax.nn import functional as F
 
 STAGES = (1, 2, 4, 8)  # stage widths, in units of ``width``
 BLOCKS_PER_STAGE = 2
@@ -174,7 +175,7 @@ class BinaryResNet18(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.stem_bn(self.stem(x))
         if self.stem_type == "imagenet":
-            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+            x = F.max_pool(x, 3, strides=2, padding="SAME")
         for block in self.blocks:
             x = block(x)
         x = jnp.mean(x, axis=(1, 2))

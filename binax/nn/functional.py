@@ -747,21 +747,65 @@ def _max_pool_jvp(window, primals, tangents):
 _max_pool.defjvp(_max_pool_jvp)
 
 
-def max_pool(x: jax.Array, window: int | Sequence[int]) -> jax.Array:
-    """Max pooling over non-overlapping windows (stride = window, ``'VALID'``), channels-last.
+def _lowest(dtype) -> Any:
+    return -jnp.inf if jnp.issubdtype(dtype, jnp.floating) else jnp.iinfo(dtype).min
 
-    The same values and gradients as ``flax.nnx.max_pool(x, window, strides=window,
-    padding='VALID')`` (the gradient goes to the first maximum of each window in row-major
-    order, as XLA's ``select_and_scatter`` picks it; ties are common after integer
-    convolutions), computed with a mask instead of ``select_and_scatter``, which XLA:CPU
-    expands into a slow scatter. Forward- and reverse-mode differentiation both work.
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _window_max(x, window: tuple[int, ...], spec: _Spec):
+    pieces, _ = shifted_windows(x, window, spec, _lowest(x.dtype), axis=1)
+    return functools.reduce(jnp.maximum, pieces)
+
+
+def _window_max_jvp(window, spec, primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    pieces, _ = shifted_windows(x, window, spec, _lowest(x.dtype), axis=1)
+    y = functools.reduce(jnp.maximum, pieces)
+    t, seen = jnp.zeros_like(y), jnp.zeros(y.shape, bool)
+    pieces_dot, _ = shifted_windows(x_dot, window, spec, 0, axis=1)
+    for piece, piece_dot in zip(pieces, pieces_dot, strict=True):
+        first = (piece == y) & ~seen
+        t, seen = jnp.where(first, piece_dot, t), seen | first
+    return y, t
+
+
+_window_max.defjvp(_window_max_jvp)
+
+
+def max_pool(
+    x: jax.Array,
+    window: int | Sequence[int],
+    strides: int | Sequence[int] | None = None,
+    padding: Padding = "VALID",
+) -> jax.Array:
+    """Max pooling, channels-last: windows of ``window`` every ``strides`` (default: the window,
+    non-overlapping), over ``x`` padded as ``padding`` says (``'VALID'``, ``'SAME'``, an int,
+    or ``(low, high)`` pairs, as for convolutions) with the lowest value of its dtype.
+
+    The same values and gradients as ``flax.nnx.max_pool`` (the gradient goes to the first
+    maximum of each window in row-major order, as XLA's ``select_and_scatter`` picks it; ties
+    are common after integer convolutions), computed with a mask instead of
+    ``select_and_scatter``, which XLA:CPU expands into a slow scatter: non-overlapping windows
+    as a reshape and a max, others as the maximum of the window positions' shifted copies
+    (ResNet's 3x3 stride-2 pooling: BENCHMARKS.md section 7). Forward- and reverse-mode
+    differentiation both work.
 
     Args:
       x: ``(batch, *spatial, channels)``.
-      window: an int or one int per spatial axis; trailing rows that do not fill a window are
-        dropped.
+      window: an int or one int per spatial axis.
+      strides: ``None`` (the window), an int or one int per spatial axis.
+      padding: as for `binary_conv`; with ``'VALID'`` and non-overlapping windows, trailing rows
+        that do not fill a window are dropped.
     """
-    window = ntuple(window, x.ndim - 2, "window")
+    n = x.ndim - 2
+    window = ntuple(window, n, "window")
+    strides = window if strides is None else ntuple(strides, n, "strides")
     if not all(w >= 1 for w in window):
         raise ValueError(f"window must be positive, got {window!r}")
-    return _max_pool(x, window)
+    if not all(s >= 1 for s in strides):
+        raise ValueError(f"strides must be positive, got {strides!r}")
+    pads = conv_padding(padding, x.shape[1:-1], window, strides, (1,) * n)
+    if strides == window and not any(lo or hi for lo, hi in pads):
+        return _max_pool(x, window)
+    spec = _Spec(False, None, None, strides=strides, pads=tuple(pads), dilation=(1,) * n)
+    return _window_max(x, window, spec)
