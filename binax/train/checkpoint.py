@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from binax._hashing import mix32
-from binax.train.sharding import to_host
 
 
 class CheckpointError(RuntimeError):
@@ -71,7 +70,7 @@ class Checkpoints:
 
     def save(self, epoch: int, state: Any, meta: dict[str, Any]) -> None:
         """Saves ``state`` (arrays) and ``meta`` (JSON) as the checkpoint of ``epoch``."""
-        meta = dict(meta, epoch=int(epoch), fingerprint=int(to_host(fingerprint(state))))
+        meta = dict(meta, epoch=int(epoch), fingerprint=int(fingerprint(state)))
         self.manager.save(
             int(epoch),
             args=ocp.args.Composite(
@@ -125,7 +124,7 @@ class Checkpoints:
                 f"optimizer?). {advice}."
             )
         expected = meta.get("fingerprint")
-        actual = int(to_host(fingerprint(state)))
+        actual = int(fingerprint(state))
         if expected != actual:
             raise CheckpointError(
                 f"the checkpoint {where} is corrupt: its arrays do not match the fingerprint "

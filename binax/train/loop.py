@@ -24,7 +24,7 @@ from binax.train import input_pipeline, model, optim, rundir, schedules
 from binax.train.checkpoint import CheckpointError, Checkpoints
 from binax.train.config import Config, ConfigError
 from binax.train.rundir import CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, RunDirError  # noqa: F401
-from binax.train.sharding import DATA, is_main, make_mesh, say, sync, to_host
+from binax.train.sharding import DATA, is_main, make_mesh, say, sync
 from binax.train.step import DISTILL_TERMS, Distillation, Program, TrainState, make_program
 
 
@@ -260,18 +260,18 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
             t0 = time.perf_counter()
         bar.update(1)
         if show and ((i + 1) % config.log_every == 0 or i + 1 == spe):
-            m = to_host(metrics)
+            m = jax.device_get(metrics)
             bar.set_postfix(
                 loss=f"{m['loss'] / m['count']:.4f}", acc=f"{m['correct'] / m['count']:.3f}"
             )
-    m, time_s = to_host(metrics), time.perf_counter() - t0
+    m, time_s = jax.device_get(metrics), time.perf_counter() - t0
     bar.close()
     glue = config.glue_task  # scores from the confusion matrix
     test = program.zero_metrics(confusion=data.test_set.num_classes if glue else 0)
     for images, labels, weights in data.eval_batches():
         test = program.eval_step(state, test, images, labels, weights)
-    test = to_host(test)
-    step = int(to_host(state.step))
+    test = jax.device_get(test)
+    step = int(state.step)
     flips = {k: int(v) for k, v in m["flips"].items()}
     sizes = zip(program.flip_names, program.flip_sizes, strict=True)
     record = {

@@ -14,12 +14,13 @@ import time
 from typing import Any
 
 import numpy as np
+from jax.experimental import multihost_utils
 
 import binax
 from binax.train import plots
 from binax.train.checkpoint import Checkpoints
 from binax.train.config import Config, ConfigError
-from binax.train.sharding import broadcast, is_main, say
+from binax.train.sharding import is_main, say
 
 CONFIG_FILE, LOG_FILE, CHECKPOINT_DIR = "config.json", "log.jsonl", "checkpoints"
 
@@ -53,7 +54,7 @@ def read_config(run_dir: str) -> Config:
 def default_run_dir(config: Config) -> str:
     """``runs/<model>-<dataset>-<optimizer>-<date>-<time>`` (process 0's time on every host)."""
     t = time.localtime()
-    day, now = broadcast(
+    day, now = multihost_utils.broadcast_one_to_all(
         np.array([int(time.strftime(f, t)) for f in ("%Y%m%d", "%H%M%S")], np.int32)
     )
     dataset = config.dataset.replace("/", "-")  # glue/sst2

@@ -81,17 +81,6 @@ def state_shardings(
     )
 
 
-def to_host(x: Any) -> Any:
-    """A replicated array (or tree of them) as NumPy, also when other processes share it."""
-
-    def one(a):
-        if isinstance(a, jax.Array) and not a.is_fully_addressable:
-            return np.asarray(a.addressable_data(0))
-        return np.asarray(a)
-
-    return jax.tree.map(one, x)
-
-
 def process_rows(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
     """``(index, count)``: this process supplies block ``index`` of ``count`` equal blocks of a
     global batch (`binax.data.batches`' ``process_index`` and ``process_count``), read off the
@@ -128,15 +117,6 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def broadcast(value: np.ndarray) -> np.ndarray:
-    """Process 0's ``value`` on every process (``value`` itself in a single-process run)."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.broadcast_one_to_all(value))
 
 
 def initialize_distributed(
