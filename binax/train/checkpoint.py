@@ -29,8 +29,7 @@ def _bits(x: jax.Array) -> jax.Array:
         return x.astype(jnp.uint32)
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
-    width = x.dtype.itemsize * 8
-    unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[width]
+    unsigned = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
