@@ -14,6 +14,7 @@ Usage::
 
     python benchmarks/small_conv.py
     python benchmarks/small_conv.py --layers 2x2x256x256s1 4x4x128x256s2 --rounds 9
+    python benchmarks/small_conv.py --quick
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def main(argv=None):
     p.add_argument("--arithmetic", default="auto", help="binary_conv's arithmetic")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--quick", action="store_true", help="batch 32, two layers, 3 rounds")
     args = p.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.rounds, args.layers = 32, 3, ["4x4x128x256s2", "2x2x256x256s1"]
 
     import jax
     import numpy as np
