@@ -477,6 +477,58 @@ def test_small_convolutions_are_patch_products_with_exact_values(
     assert "convolution" in jax.jit(wide).lower(rand((4, *(3,) * n, 6)), k).as_text()
 
 
+@pytest.mark.parametrize(
+    "kernel,strides,shape,padding,dilation",
+    [
+        ((7, 7), 2, (3, 12, 12, 3), "SAME", 1),  # ResNet's ImageNet stem
+        ((1, 1), 1, (3, 2, 2, 8), "SAME", 1),  # a shortcut at 2x2: a patch product
+        ((3, 3), 2, (2, 9, 9, 4), "VALID", 2),
+        ((3, 3), 1, (2, 9, 9, 4), "CIRCULAR", 1),  # Flax pads first, then VALID
+        ((3,), 1, (2, 9, 4), ((2, 0),), 1),
+    ],
+)
+def test_conv_general_dilated_drop_in_for_flax_conv(kernel, strides, shape, padding, dilation):
+    """As Flax's ``Conv(conv_general_dilated=...)``: lax's values and gradients (up to the float
+    summation order), with the kernel gradient as a patch product, not a convolution."""
+    kw = dict(strides=strides, padding=padding, kernel_dilation=dilation, rngs=rngs())
+    ref = nnx.Conv(shape[-1], 5, kernel, **kw)
+    conv = nnx.Conv(shape[-1], 5, kernel, conv_general_dilated=F.conv_general_dilated, **kw)
+    conv.kernel[...] = ref.kernel[...]
+    x = rand(shape)
+    np.testing.assert_allclose(conv(x), ref(x), rtol=1e-5, atol=1e-5)
+
+    def grads(m):
+        return nnx.grad(lambda m, x: (m(x) ** 2).sum(), argnums=(0, 1))(m, x)
+
+    (dm, dx), (dm_ref, dx_ref) = grads(conv), grads(ref)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dm.kernel[...], dm_ref.kernel[...], rtol=1e-4, atol=1e-4)
+    layout, s = F._dimension_numbers(x.ndim), (strides,) * len(kernel)
+
+    def loss(k):
+        return (conv.conv_general_dilated(x, k, s, "VALID", dimension_numbers=layout) ** 2).sum()
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(conv.kernel[...]))
+    # At most the forward pass is a convolution; the kernel gradient is a product of patches.
+    assert jaxpr.count("conv_general_dilated") <= 1 and "dot_general" in jaxpr
+
+
+def test_conv_general_dilated_leaves_the_rest_to_lax():
+    x, k = rand((2, 6, 6, 3)), rand((3, 3, 3, 4), 1)
+    nhwc = dict(dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    cases = [
+        (x, k, ((1, 1), (1, 1)), dict(lhs_dilation=(2, 2), **nhwc)),
+        (x, k, "SAME", dict(preferred_element_type=jnp.float32, **nhwc)),
+        (x.transpose(0, 3, 1, 2), k.transpose(3, 2, 0, 1), "SAME", {}),  # lax's default NCHW
+        (x.astype(jnp.int8), k.astype(jnp.int8), "VALID", nhwc),
+    ]
+    for a, b, padding, kw in cases:
+        np.testing.assert_array_equal(
+            F.conv_general_dilated(a, b, (1, 1), padding, **kw),
+            jax.lax.conv_general_dilated(a, b, (1, 1), padding, **kw),
+        )
+
+
 def test_patch_chunk_size_is_the_largest_divisor_within_the_budget():
     assert F.patch_chunk_size(256, 10, budget=45) == 4
     assert F.patch_chunk_size(256, 10, budget=10_000) == 256

@@ -15,6 +15,9 @@ from binax.nn import BinaryConv
 from binax.nn import functional as F
 
 STAGES = (1, 2, 4, 8)  # stage widths, in units of ``width``
+# The real-valued convolutions (stem, shortcuts) take binax's gradients: on the CPU a kernel
+# gradient by patch products instead of XLA:CPU's slower kernel-gradient convolution.
+_REAL_CONV = dict(conv_general_dilated=F.conv_general_dilated)
 BLOCKS_PER_STAGE = 2
 
 
@@ -58,7 +61,9 @@ class BiRealBlock(nnx.Module):
         self.conv2 = BinaryConv(out_features, out_features, (3, 3), **conv)
         self.bn2 = _common.batch_norm(out_features, **bn)
         if stride != 1 or in_features != out_features:
-            self.downsample = nnx.Conv(in_features, out_features, (1, 1), use_bias=False, rngs=rngs)
+            self.downsample = nnx.Conv(
+                in_features, out_features, (1, 1), use_bias=False, rngs=rngs, **_REAL_CONV
+            )
             self.downsample_bn = _common.batch_norm(out_features, **bn)
         else:
             self.downsample = None
@@ -141,10 +146,10 @@ class BinaryResNet18(nnx.Module):
         self.stem_type = stem
         if stem == "imagenet":
             self.stem = nnx.Conv(
-                channels, width, (7, 7), strides=2, padding="SAME", use_bias=False, rngs=rngs
+                channels, width, (7, 7), strides=2, use_bias=False, rngs=rngs, **_REAL_CONV
             )
         else:
-            self.stem = nnx.Conv(channels, width, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+            self.stem = nnx.Conv(channels, width, (3, 3), use_bias=False, rngs=rngs, **_REAL_CONV)
         self.stem_bn = _common.batch_norm(width, use_scale=True, momentum=bn_momentum, rngs=rngs)
 
         blocks = []

@@ -43,6 +43,7 @@ __all__ = [
     "binary_init",
     "check_kernel_grad",
     "check_layer_config",
+    "conv_general_dilated",
     "conv_padding",
     "integer_valued",
     "map_chunks",
@@ -700,6 +701,67 @@ def binary_conv(
     x, kernel, scale, bias = _promote(dtype, x, kernel, scale, bias)
     y = _scale_and_bias(_conv(x, kernel, spec), scale, bias)
     return y.reshape((*batch_shape, *y.shape[1:]))
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    out_sharding: Any = None,
+) -> jax.Array:
+    """`jax.lax.conv_general_dilated` with `binary_conv`'s gradients, for real-valued layers.
+
+    A drop-in for Flax's ``Conv(conv_general_dilated=...)``: a channels-last convolution of float
+    operands (Flax's layout) is `binary_conv` without quantizers, zero-padded, so on the CPU its
+    kernel gradient is the patch product instead of XLA:CPU's kernel-gradient convolution
+    (several times slower: BENCHMARKS.md section 7), and a convolution at most
+    `SMALL_CONV_WIDTH` wide is one matrix product. The values are lax's (up to the order of the
+    float summation where a patch product replaces XLA's convolution). Anything else (input
+    dilation, batch groups, another layout, integer operands, ``preferred_element_type``,
+    ``out_sharding``, padding other than ``'SAME'``/``'VALID'``/pairs) goes to lax unchanged.
+    """
+    n = rhs.ndim - 2
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+    kwargs = dict(
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    layout = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    plain = (
+        layout == _dimension_numbers(lhs.ndim)
+        and all(d == 1 for d in lhs_dilation or ())
+        and batch_group_count == 1
+        and preferred_element_type is None
+        and out_sharding is None
+        and all(jnp.issubdtype(a.dtype, jnp.floating) for a in (lhs, rhs))
+        and (not isinstance(padding, str) or padding.upper() in ("SAME", "VALID"))
+    )
+    if not plain:
+        if out_sharding is not None:
+            kwargs["out_sharding"] = out_sharding
+        return lax.conv_general_dilated(*args, **kwargs)
+    return binary_conv(
+        lhs,
+        rhs,
+        strides=tuple(window_strides),
+        padding=padding if isinstance(padding, str) else [tuple(p) for p in padding],
+        kernel_dilation=tuple(rhs_dilation or (1,) * n),
+        feature_group_count=feature_group_count,
+        input_quantizer=None,
+        kernel_quantizer=None,
+        pad_value=None,
+        precision=precision,
+    )
 
 
 # --- pooling --------------------------------------------------------------------------------------
