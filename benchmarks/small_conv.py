@@ -1,7 +1,7 @@
 """Convolutions at most 2 wide, and overlapping max pooling: XLA:CPU's own against binax's.
 
 XLA:CPU's convolution takes 10-50x longer than its FLOPs warrant when the input or the output
-is at most 2 wide in a spatial axis (a ResNet's last stages on 32x32 images; the input gradient
+is at most 2 wide in every spatial axis (a ResNet's last stages on 32x32 images; the input gradient
 of a stride-2 layer whose output is 2x2), so `binax.nn.functional.binary_conv` computes those as
 one matrix product of patches (`binax.nn.functional.SMALL_CONV_WIDTH`). This times, per layer
 (3x3 kernel, +1 padding, ``ste_sign`` on input and kernel, ``--arithmetic``), the forward pass

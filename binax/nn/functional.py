@@ -119,13 +119,14 @@ def check_layer_config(
 
 
 def ntuple(value: int | Sequence[int], n: int, argname: str) -> tuple[int, ...]:
-    """``value`` as ``n`` ints (an int is repeated); ValueError naming ``argname`` otherwise."""
-    if isinstance(value, int):
-        return (value,) * n
+    """``value`` as ``n`` ints (an int is repeated; NumPy integers are taken as ints);
+    ValueError naming ``argname`` otherwise."""
+    if isinstance(value, (int, np.integer)):
+        return (int(value),) * n
     value = tuple(value)
-    if len(value) != n or not all(isinstance(v, int) for v in value):
+    if len(value) != n or not all(isinstance(v, (int, np.integer)) for v in value):
         raise ValueError(f"{argname} must be an int or {n} ints, got {value!r}")
-    return value
+    return tuple(int(v) for v in value)
 
 
 def conv_padding(
@@ -374,7 +375,7 @@ def _dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
     return lax.ConvDimensionNumbers(lhs, rhs, lhs)
 
 
-#: A convolution whose input or output is at most this wide in some spatial axis is computed
+#: A convolution whose input or output is at most this wide in every spatial axis is computed
 #: on the CPU as one matrix product of the input's patches (`_small_conv`): XLA:CPU's own
 #: convolution takes 10-50x longer than its FLOPs warrant there (3x3 kernel, 128-256 channels,
 #: batch 256, on a 2-core Xeon: a 2x2 input 68 ms, the input gradient of a 2x2 output 60-140 ms,
@@ -394,7 +395,9 @@ def _small_conv(x, w, spec: _Spec, pads) -> bool:
             spatial, pads, w.shape[:-2], spec.dilation, spec.strides, strict=True
         )
     ]
-    return min(*spatial, *out) <= SMALL_CONV_WIDTH
+    if min(out) < 1:  # an empty output: lax's
+        return False
+    return max(spatial) <= SMALL_CONV_WIDTH or max(out) <= SMALL_CONV_WIDTH
 
 
 def _conv_op(x, w, spec: _Spec, padding, out_dtype=None):
@@ -492,13 +495,17 @@ def shifted_windows(
         cfg[axis + i] = (lo, hi, 0)
     xp = lax.pad(x, jnp.asarray(value, x.dtype), cfg)
     geometry = list(zip(kernel_size, spec.dilation, spec.strides, strict=True))
-    out = [(xp.shape[axis + i] - (k - 1) * d - 1) // s + 1 for i, (k, d, s) in enumerate(geometry)]
+    out = [
+        max(0, (xp.shape[axis + i] - (k - 1) * d - 1) // s + 1)
+        for i, (k, d, s) in enumerate(geometry)
+    ]
     pieces = []
     for kidx in np.ndindex(*kernel_size):
         start, limit, step = [0] * x.ndim, list(xp.shape), [1] * x.ndim
         for i, (k, (_, d, s)) in enumerate(zip(kidx, geometry, strict=True)):
-            start[axis + i], step[axis + i] = k * d, s
-            limit[axis + i] = k * d + (out[i] - 1) * s + 1
+            first = k * d if out[i] else 0  # no output along this axis: an empty slice
+            start[axis + i], step[axis + i] = first, s
+            limit[axis + i] = first + (out[i] - 1) * s + 1 if out[i] else 0
         pieces.append(lax.slice(xp, start, limit, step))
     return pieces, out
 
@@ -631,8 +638,8 @@ def binary_conv(
       (``kernel_grad='patches'``, the default on CPU) or as XLA's kernel-gradient convolution
       (``'xla'``). The two differ only in the order of the float summation. Forward-mode
       differentiation works too;
-    - on the CPU, a convolution whose input or output is at most `SMALL_CONV_WIDTH` wide in a
-      spatial axis (and its input gradient) is one matrix product of the input's patches,
+    - on the CPU, a convolution whose input or output is at most `SMALL_CONV_WIDTH` wide in
+      every spatial axis (and its input gradient) is one matrix product of the input's patches,
       where XLA:CPU's convolution is 10-50x slower (the same values; gradients up to the order
       of the float summation).
 
@@ -725,7 +732,7 @@ def conv_general_dilated(
     (several times slower: BENCHMARKS.md section 7), and a convolution at most
     `SMALL_CONV_WIDTH` wide is one matrix product. The values are lax's (up to the order of the
     float summation where a patch product replaces XLA's convolution). Anything else (input
-    dilation, batch groups, another layout, integer operands, ``preferred_element_type``,
+    dilation, batch groups, another layout, integer or mixed operands, ``preferred_element_type``,
     ``out_sharding``, padding other than ``'SAME'``/``'VALID'``/pairs) goes to lax unchanged.
     """
     n = rhs.ndim - 2
@@ -743,7 +750,8 @@ def conv_general_dilated(
         and batch_group_count == 1
         and preferred_element_type is None
         and out_sharding is None
-        and all(jnp.issubdtype(a.dtype, jnp.floating) for a in (lhs, rhs))
+        and jnp.issubdtype(lhs.dtype, jnp.floating)
+        and lhs.dtype == rhs.dtype
         and (not isinstance(padding, str) or padding.upper() in ("SAME", "VALID"))
     )
     if not plain:
