@@ -863,7 +863,8 @@ def max_pool(
     ``select_and_scatter``, which XLA:CPU expands into a slow scatter: non-overlapping windows
     as a reshape and a max, others as the maximum of the window positions' shifted copies
     (ResNet's 3x3 stride-2 pooling: BENCHMARKS.md section 7). Forward- and reverse-mode
-    differentiation both work.
+    differentiation both work. A window holding a NaN gives NaN and passes no gradient (XLA's
+    ``select_and_scatter`` passes it to one element of the window).
 
     Args:
       x: ``(batch, *spatial, channels)``.
