@@ -617,14 +617,15 @@ def test_integer_valued_and_arithmetic_errors():
     assert F.integer_valued("ste_heaviside")
     assert not F.integer_valued("magnitude_aware_sign") and not F.integer_valued(None)
     assert not F.integer_valued(jnp.tanh)
-    # auto: integer on the CPU only when both operands are integer-valued.
+    # auto: integer on the CPU only when both operands are integer-valued (a
+    # magnitude_aware_sign kernel: its sign, the scale applied to the product).
     assert F.resolve_arithmetic("auto", "ste_sign", "ste_sign")
-    assert not F.resolve_arithmetic("auto", "ste_sign", "magnitude_aware_sign")
+    assert F.resolve_arithmetic("auto", "ste_sign", "magnitude_aware_sign")
+    assert not F.resolve_arithmetic("auto", "magnitude_aware_sign", "ste_sign")
+    assert not F.resolve_arithmetic("auto", None, "magnitude_aware_sign")
     assert not F.resolve_arithmetic("float", "ste_sign", "ste_sign")
     with pytest.raises(ValueError, match="arithmetic='integer' needs integer-valued"):
-        bnn.BinaryConv(
-            4, 4, (3, 3), kernel_quantizer="magnitude_aware_sign", arithmetic="integer", rngs=rngs()
-        )
+        bnn.BinaryConv(4, 4, (3, 3), input_quantizer=jnp.tanh, arithmetic="integer", rngs=rngs())
     with pytest.raises(ValueError, match="BinaryLinear: arithmetic must be one of"):
         bnn.BinaryLinear(4, 4, arithmetic="int8", rngs=rngs())
     with pytest.raises(ValueError, match="BinaryConv: kernel_grad must be one of"):
@@ -633,20 +634,46 @@ def test_integer_valued_and_arithmetic_errors():
         bnn.BinaryConv(4, 4, (3, 3), backward_dtype=jnp.int8, rngs=rngs())
     with pytest.raises(ValueError, match="backward_dtype"):
         F.binary_dense(rand((2, 3)), rand((3, 2)), backward_dtype="int32")
-    # magnitude_aware_sign kernels take the float path and still compute the formula.
-    layer = bnn.BinaryConv(
-        4, 4, (3, 3), kernel_quantizer="magnitude_aware_sign", use_bias=False, rngs=rngs()
-    )
-    layer.kernel[...] = rand((3, 3, 4, 4), 1)
+    # magnitude_aware_sign kernels compute the formula on both paths.
     x = rand((2, 5, 5, 4))
     a = jnp.pad(
         jnp.asarray(sign0(x), jnp.float32), [(0, 0), (1, 1), (1, 1), (0, 0)], constant_values=1.0
     )
-    k = layer.kernel[...]
-    y_ref = np_conv(
-        np.asarray(a), np.asarray(sign0(k) * np.mean(np.abs(k), axis=(0, 1, 2))), (1, 1), (1, 1)
-    )
-    np.testing.assert_allclose(layer(x), y_ref, rtol=1e-5, atol=1e-5)
+    for arithmetic in ("auto", "float"):
+        layer = bnn.BinaryConv(
+            4, 4, (3, 3), kernel_quantizer="magnitude_aware_sign", use_bias=False,
+            arithmetic=arithmetic, rngs=rngs(),
+        )  # fmt: skip
+        layer.kernel[...] = rand((3, 3, 4, 4), 1)
+        k = layer.kernel[...]
+        y_ref = np_conv(
+            np.asarray(a), np.asarray(sign0(k) * np.mean(np.abs(k), axis=(0, 1, 2))), (1, 1), (1, 1)
+        )
+        np.testing.assert_allclose(layer(x), y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", ["dense", "conv"])
+def test_magnitude_aware_kernels_multiply_in_integers(layer):
+    """With a magnitude_aware_sign kernel the integer path multiplies the signs in int8 and
+    scales the product per channel: the float path's values and gradients up to float
+    rounding; an all-zero channel gives zeros and finite gradients."""
+    if layer == "dense":
+        f, x, k = F.binary_dense, rand((6, 40)), rand((40, 5), 1)
+    else:
+        f, x, k = F.binary_conv, rand((3, 6, 6, 4)), rand((3, 3, 4, 5), 1)
+    k = k.at[..., 2].set(0.0)
+    g = rand(jax.eval_shape(f, x, k).shape, 2)
+    out = {}
+    for arithmetic in ("integer", "float"):
+        fn = functools.partial(f, kernel_quantizer=q.magnitude_aware_sign, arithmetic=arithmetic)
+        y, vjp = jax.vjp(fn, x, k)
+        out[arithmetic] = (y, *vjp(g))
+        hlo = jax.jit(fn).lower(x, k).as_text()
+        assert ("xi8>" in hlo) == (arithmetic == "integer")
+    for a, b in zip(out["integer"], out["float"], strict=True):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["integer"][0][..., 2], 0.0)
 
 
 @pytest.mark.parametrize(

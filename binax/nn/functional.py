@@ -252,19 +252,51 @@ def resolve_arithmetic(
     ``'auto'`` takes the integer path when both quantizers are `integer_valued` and JAX's default
     backend is the CPU (where XLA runs int8 products with int32 accumulation several times
     faster than float32); ``'integer'`` requires it (ValueError if an operand is not known to be
-    integer-valued); ``'float'`` always multiplies in the computation dtype.
+    integer-valued); ``'float'`` always multiplies in the computation dtype. A
+    ``magnitude_aware_sign`` kernel counts as integer-valued: its per-channel scale multiplies
+    the integer product (`_quantize_kernel`; equal to the float product up to float rounding).
     """
     _check_choice(arithmetic, ARITHMETICS, argname)
-    exact = integer_valued(input_quantizer) and integer_valued(kernel_quantizer)
+    exact = integer_valued(input_quantizer) and (
+        integer_valued(kernel_quantizer) or _channel_scaled(kernel_quantizer)
+    )
     if arithmetic == "integer" and not exact:
         raise ValueError(
             f"{argname}='integer' needs integer-valued input and kernel quantizers (ste_sign, "
-            f"approx_sign, swish_sign, ste_heaviside), got input_quantizer={input_quantizer!r}, "
+            f"approx_sign, swish_sign, ste_heaviside; magnitude_aware_sign for the kernel), got "
+            f"input_quantizer={input_quantizer!r}, "
             f"kernel_quantizer={kernel_quantizer!r}; use 'auto' or 'float'"
         )
     if arithmetic == "auto":
         return exact and jax.default_backend() == "cpu"
     return arithmetic == "integer"
+
+
+def _channel_scaled(quantizer: q.QuantizerLike) -> bool:
+    """Whether ``quantizer`` is `binax.quantizers.magnitude_aware_sign` (or a partial of it): a
+    per-output-channel scale, not differentiated, times a sign."""
+    f: Any = q.get(quantizer)
+    while isinstance(f, functools.partial):
+        f = f.func
+    return f is q.magnitude_aware_sign
+
+
+def _quantize_kernel(kernel, kernel_quantizer, integer: bool):
+    """``(quantized kernel, factor)``. On the integer path a `magnitude_aware_sign` kernel is
+    split into its sign (exactly ``+-1``) and its per-channel scale ``s``,
+    the ``factor`` that multiplies the product: ``conv(x, s * sign(W)) = s * conv(x, sign(W))``,
+    so the product itself is int8. Otherwise ``factor`` is None."""
+    if kernel_quantizer is None:
+        return kernel, None
+    quantized = kernel_quantizer(kernel)
+    if not (integer and _channel_scaled(kernel_quantizer)):
+        return quantized, None
+    axes = tuple(range(kernel.ndim - 1))
+    factor = lax.stop_gradient(jnp.mean(jnp.abs(kernel), axis=axes))  # as the quantizer's
+    ratio = quantized / jnp.where(factor == 0, 1, factor)
+    # XLA may sum the two means in different orders: round the sign to exactly +-1 (or 0 for an
+    # all-zero channel), keeping the gradient of the ratio.
+    return ratio + lax.stop_gradient(jnp.round(ratio) - ratio), factor
 
 
 class _Spec(NamedTuple):
@@ -359,10 +391,10 @@ def binary_dense(
     spec = _Spec(integer, _check_backward_dtype(backward_dtype, "backward_dtype"), precision)
     if input_quantizer is not None:
         x = input_quantizer(x)
-    if kernel_quantizer is not None:
-        kernel = kernel_quantizer(kernel)
-    x, kernel, scale, bias = _promote(dtype, x, kernel, scale, bias)
-    return _scale_and_bias(_dense(x, kernel, spec), scale, bias)
+    kernel, factor = _quantize_kernel(kernel, kernel_quantizer, integer)
+    x, kernel, scale, bias, factor = _promote(dtype, x, kernel, scale, bias, factor)
+    y = _dense(x, kernel, spec)
+    return _scale_and_bias(y if factor is None else y * factor, scale, bias)
 
 
 # --- convolution --------------------------------------------------------------------------------
@@ -703,10 +735,10 @@ def binary_conv(
     )
     if input_quantizer is not None:
         x = input_quantizer(x)
-    if kernel_quantizer is not None:
-        kernel = kernel_quantizer(kernel)
-    x, kernel, scale, bias = _promote(dtype, x, kernel, scale, bias)
-    y = _scale_and_bias(_conv(x, kernel, spec), scale, bias)
+    kernel, factor = _quantize_kernel(kernel, kernel_quantizer, spec.integer)
+    x, kernel, scale, bias, factor = _promote(dtype, x, kernel, scale, bias, factor)
+    y = _conv(x, kernel, spec)
+    y = _scale_and_bias(y if factor is None else y * factor, scale, bias)
     return y.reshape((*batch_shape, *y.shape[1:]))
 
 
