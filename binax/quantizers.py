@@ -32,6 +32,7 @@ __all__ = [
     "elastic_sign",
     "get",
     "magnitude_aware_sign",
+    "magnitude_scale",
     "names",
     "precision",
     "sign0",
@@ -173,9 +174,12 @@ def magnitude_aware_sign(x: jax.Array, clip_value: float | None = 1.0) -> jax.Ar
       Liu et al., "Bi-Real Net", ECCV 2018, section 3.3 ("magnitude-aware gradient").
     """
     x = jnp.asarray(x)
-    axes = tuple(range(x.ndim - 1))
-    scale = jax.lax.stop_gradient(jnp.mean(jnp.abs(x), axis=axes))
-    return scale * ste_sign(x, clip_value)
+    return magnitude_scale(x) * ste_sign(x, clip_value)
+
+
+def magnitude_scale(x: jax.Array) -> jax.Array:
+    """`magnitude_aware_sign`'s scale: ``stop_gradient(mean(|x|))`` over all axes but the last."""
+    return jax.lax.stop_gradient(jnp.mean(jnp.abs(x), axis=tuple(range(x.ndim - 1))))
 
 
 # --- straight-through Heaviside ---------------------------------------------------------------

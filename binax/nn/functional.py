@@ -291,8 +291,7 @@ def _quantize_kernel(kernel, kernel_quantizer, integer: bool):
     quantized = kernel_quantizer(kernel)
     if not (integer and _channel_scaled(kernel_quantizer)):
         return quantized, None
-    axes = tuple(range(kernel.ndim - 1))
-    factor = lax.stop_gradient(jnp.mean(jnp.abs(kernel), axis=axes))  # as the quantizer's
+    factor = q.magnitude_scale(kernel)
     ratio = quantized / jnp.where(factor == 0, 1, factor)
     # XLA may sum the two means in different orders: round the sign to exactly +-1 (or 0 for an
     # all-zero channel), keeping the gradient of the ratio.
@@ -416,17 +415,18 @@ def _dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
 SMALL_CONV_WIDTH = 2
 
 
+def _out_shape(spatial: Sequence[int], kernel_size: Sequence[int], spec: _Spec) -> list[int]:
+    """The spatial shape of a convolution's (or pooling's) output, 0 where it is empty."""
+    geometry = zip(spatial, spec.pads, kernel_size, spec.dilation, spec.strides, strict=True)
+    return [max(0, (n + lo + hi - (k - 1) * d - 1) // s + 1) for n, (lo, hi), k, d, s in geometry]
+
+
 def _small_conv(x, w, spec: _Spec, pads) -> bool:
     """Whether `_conv_op` computes this convolution as a patch product (see `SMALL_CONV_WIDTH`)."""
     if spec.groups != 1 or jax.default_backend() != "cpu":
         return False
     spatial = x.shape[1:-1]
-    out = [
-        (n + lo + hi - (k - 1) * d - 1) // s + 1
-        for n, (lo, hi), k, d, s in zip(
-            spatial, pads, w.shape[:-2], spec.dilation, spec.strides, strict=True
-        )
-    ]
+    out = _out_shape(spatial, w.shape[:-2], spec._replace(pads=pads))
     if min(out) < 1:  # an empty output: lax's
         return False
     return max(spatial) <= SMALL_CONV_WIDTH or max(out) <= SMALL_CONV_WIDTH
@@ -527,10 +527,7 @@ def shifted_windows(
         cfg[axis + i] = (lo, hi, 0)
     xp = lax.pad(x, jnp.asarray(value, x.dtype), cfg)
     geometry = list(zip(kernel_size, spec.dilation, spec.strides, strict=True))
-    out = [
-        max(0, (xp.shape[axis + i] - (k - 1) * d - 1) // s + 1)
-        for i, (k, d, s) in enumerate(geometry)
-    ]
+    out = _out_shape(x.shape[axis : axis + len(kernel_size)], kernel_size, spec)
     pieces = []
     for kidx in np.ndindex(*kernel_size):
         start, limit, step = [0] * x.ndim, list(xp.shape), [1] * x.ndim
