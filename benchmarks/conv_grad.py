@@ -4,7 +4,8 @@ Times, for each layer shape (3x3, ``'SAME'``, +1 padding, ``ste_sign`` on input 
 batch ``--batch-size``), the jitted forward pass (int8 and float32), the input gradient alone
 and the kernel gradient alone (the patch product with each ``--chunk-mib`` budget of
 `binax.nn.functional.PATCH_CHUNK_BYTES`, and XLA's kernel-gradient convolution), all
-interleaved round by round; prints the median CPU time (``process_time``) of each, in ms. The
+interleaved round by round; prints the median CPU time (``process_time``) of each, in ms, and
+how many cores each kept busy (median CPU time over median wall time: 1.0 is one thread). The
 CPU time is the steadier measure on a shared machine; the ratios between columns are what to
 compare.
 
@@ -64,7 +65,7 @@ def main(argv=None):
     print(f"Command: `{_common.command()}`\n{_common.machine()}\n")
     print(f"Batch {args.batch_size}; median CPU ms of {args.rounds} interleaved rounds\n")
     rng = np.random.default_rng(0)
-    rows = []
+    rows, cores = [], []
     for shape in args.shapes:
         h, w, ci, co = (int(s) for s in shape.split("x"))
         x = rng.standard_normal((args.batch_size, h, w, ci)).astype(np.float32)
@@ -75,14 +76,20 @@ def main(argv=None):
             fns[name] = jax.jit(f)
             jax.block_until_ready(fns[name](x, k, g))  # compile (traces with its budget)
         cpu = {name: [] for name in fns}
+        wall = {name: [] for name in fns}
         for _ in range(args.rounds):
             for name, f in fns.items():
-                t0 = time.process_time()
+                t0, w0 = time.process_time(), time.perf_counter()
                 jax.block_until_ready(f(x, k, g))
                 cpu[name].append(time.process_time() - t0)
-        rows.append([shape, *(f"{1e3 * _common.median_iqr(cpu[n])[0]:.0f}" for n in fns)])
+                wall[name].append(time.perf_counter() - w0)
+        med = {n: (_common.median_iqr(cpu[n])[0], _common.median_iqr(wall[n])[0]) for n in fns}
+        rows.append([shape, *(f"{1e3 * med[n][0]:.0f}" for n in fns)])
+        cores.append([shape, *(f"{med[n][0] / med[n][1]:.2f}" for n in fns)])
     F.PATCH_CHUNK_BYTES = default
     print(_common.md_table(("layer HxWxCinxCout", *cases), rows))
+    print("\nCores busy (median CPU time / median wall time):\n")
+    print(_common.md_table(("layer HxWxCinxCout", *cases), cores))
 
 
 if __name__ == "__main__":
