@@ -212,12 +212,18 @@ def integer_valued(quantizer: q.QuantizerLike) -> bool:
     ``magnitude_aware_sign`` (a real scale times a sign). The product of two integer-valued
     operands is computed exactly in integer arithmetic (``arithmetic='auto'``).
     """
-    f: Any = q.get(quantizer)
-    while isinstance(f, functools.partial):
-        f = f.func
+    f = _unwrapped(quantizer)
     if f is None:
         return False
     return f in _INTEGER_QUANTIZERS or getattr(f, "integer_valued", False) is True
+
+
+def _unwrapped(quantizer: q.QuantizerLike) -> Any:
+    """The function behind ``quantizer`` (a name, a callable, or `functools.partial` over one)."""
+    f: Any = q.get(quantizer)
+    while isinstance(f, functools.partial):
+        f = f.func
+    return f
 
 
 def _check_choice(value, choices, argname):
@@ -275,10 +281,7 @@ def resolve_arithmetic(
 def _channel_scaled(quantizer: q.QuantizerLike) -> bool:
     """Whether ``quantizer`` is `binax.quantizers.magnitude_aware_sign` (or a partial of it): a
     per-output-channel scale, not differentiated, times a sign."""
-    f: Any = q.get(quantizer)
-    while isinstance(f, functools.partial):
-        f = f.func
-    return f is q.magnitude_aware_sign
+    return _unwrapped(quantizer) is q.magnitude_aware_sign
 
 
 def _quantize_kernel(kernel, kernel_quantizer, integer: bool):
