@@ -4,13 +4,9 @@
 >>> result = train(Config(model="mlp", dataset="digits", optimizer="bop", epochs=20))
 >>> result.final["test_accuracy"]  # doctest: +SKIP
 
-`train` is a short sequence of phases, each in its module: the run directory (`rundir`),
-devices and hosts (`sharding`), the input pipeline (`input_pipeline`), the model (`model`) and
-its optimizer (`optim`, one recipe per optimizer), the jitted steps (`step`). The step is one
-`jax.jit` over a device mesh; it runs unchanged on one CPU, several GPUs, a TPU slice or several
-hosts after `initialize_distributed`. See ``docs/training.md``.
-
-Needs the ``train`` extra: ``python -m pip install 'binax[train]'``.
+`train` is a short sequence of phases, a module each (`rundir`, `sharding`, `input_pipeline`,
+`model`, `optim`, `step`), and runs on one CPU as on several GPUs, a TPU slice or several hosts
+(see ``docs/training.md``). Needs the ``train`` extra: ``python -m pip install 'binax[train]'``.
 """
 
 import importlib.util

@@ -14,8 +14,13 @@ import sys
 import textwrap
 from typing import Any
 
-from binax.train import optim, schedules
+from binax._malloc import restart_with_huge_pages
+from binax.data import DOWNLOADABLE, DataFormatError, DatasetNotFoundError
+from binax.train import loop, optim, schedules
+from binax.train.checkpoint import CheckpointError
 from binax.train.config import Config, ConfigError
+from binax.train.rundir import RunDirError, read_config
+from binax.train.sharding import initialize_distributed
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
@@ -197,8 +202,6 @@ def _error(message: str) -> int:
 
 def run() -> None:
     """The ``binax-train`` executable: `main` on ``sys.argv``, with huge pages (`binax._malloc`)."""
-    from binax._malloc import restart_with_huge_pages
-
     restart_with_huge_pages(["-m", "binax.train", *sys.argv[1:]])
     sys.exit(main())
 
@@ -207,12 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the command; returns its exit status."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    # Imported late: the parser must work before JAX is started.
-    from binax.data import DOWNLOADABLE, DataFormatError, DatasetNotFoundError
-    from binax.train.checkpoint import CheckpointError
-    from binax.train.loop import TrainingDiverged, train
-    from binax.train.rundir import RunDirError, read_config
-
     try:
         base = None
         if args.get("resume"):
@@ -222,10 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args, base).validate()
         dist = ("coordinator_address", "num_processes", "process_id")
         if args.get("distributed") or any(k in args for k in dist):
-            from binax.train.sharding import initialize_distributed
-
             initialize_distributed(*(args.get(k) for k in dist))
-        train(config)
+        loop.train(config)
     except KeyboardInterrupt:
         print("binax-train: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -235,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(e))
     except (ConfigError, RunDirError, CheckpointError, DataFormatError) as e:
         return _error(str(e))
-    except TrainingDiverged as e:
+    except loop.TrainingDiverged as e:
         print(f"binax-train: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     return EXIT_OK

@@ -1,9 +1,6 @@
-"""The input pipeline: the dataset, its batches as global arrays, augmentation and normalisation.
-
-The order of an epoch's batches (`binax.data.batches`) and each example's augmentation are pure
-functions of ``(seed, epoch)``, so a resumed run sees exactly the batches it would have seen.
-Each process reads only the rows of a global batch that its devices hold.
-"""
+"""The input pipeline: the dataset, its batches as global arrays (each process reads the rows
+its devices hold), augmentation and normalisation; batches and augmentation are pure functions
+of ``(seed, epoch)``, so a resumed run sees exactly the batches it would have seen."""
 
 from __future__ import annotations
 

@@ -16,10 +16,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
 from binax import data as bdata
+from binax.models import distillation_loss, outputs
 from binax.train import input_pipeline, model, optim, rundir, schedules
 from binax.train.checkpoint import CheckpointError, Checkpoints
 from binax.train.config import Config, ConfigError
@@ -52,8 +55,6 @@ class TrainResult:
 
     def model(self):
         """The trained model (Flax NNX, in eval mode)."""
-        from flax import nnx
-
         return nnx.merge(self.program.eval_graphdef, self.state.params, self.state.rest)
 
 
@@ -90,10 +91,6 @@ def setup(config: Config) -> tuple[input_pipeline.InputPipeline, Program, dict[s
 def _teacher(config: Config, net, data: input_pipeline.InputPipeline) -> Distillation:
     """The frozen teacher of ``config.distill_from`` (its last checkpoint), of the same model
     and dataset as ``net`` and with outputs that line up with its; else a `ConfigError`."""
-    from flax import nnx
-
-    from binax.models import distillation_loss, outputs
-
     where = f"--distill-from {config.distill_from}"
     try:
         teacher = restore(config.distill_from)
@@ -142,24 +139,18 @@ def restore(run_dir: str, epoch: int | None = None) -> TrainResult:
 
 
 def train(config: Config, *, on_step: Callable[[int, int], None] | None = None) -> TrainResult:
-    """Trains a binary network as ``config`` says, on all devices of all processes.
-
-    Runs ``config.epochs`` epochs of the jitted, sharded step, evaluating, logging, plotting
-    and checkpointing after each. With ``config.resume`` it continues the run in
-    ``config.run_dir`` from its last checkpoint, bit-identically to a run that was never
-    interrupted (or from the beginning when it has none); a larger ``epochs`` extends it.
-
-    ``on_step(epoch, step_in_epoch)`` (0-based), if given, is called before each training
-    step; an exception it raises stops training (the last checkpoint stays).
+    """Trains a binary network as ``config`` says, on all devices of all processes, for
+    ``config.epochs`` epochs, evaluating, logging, plotting and checkpointing after each. With
+    ``config.resume`` it continues the run in ``config.run_dir`` from its last checkpoint (or
+    its beginning), bit-identically to a run never interrupted; a larger ``epochs`` extends it.
+    ``on_step(epoch, step_in_epoch)`` (0-based), if given, is called before each training step;
+    an exception it raises stops training (the last checkpoint stays).
 
     Raises:
-      ConfigError: a bad config field (the message names it).
-      RunDirError: the run directory exists without ``resume``, or ``resume`` finds no run.
-      binax.data.DatasetNotFoundError: the dataset's files are missing (the message says how
-        to get them).
-      CheckpointError: resuming from an unreadable or corrupt checkpoint (nothing is changed).
-      TrainingDiverged: the training loss became NaN or infinite (the checkpoints of the
-        epochs before stay).
+      ConfigError, RunDirError, CheckpointError, binax.data.DatasetNotFoundError: a bad config
+        field, a run directory that exists without ``resume`` (or ``resume`` of none), an
+        unreadable checkpoint (nothing is changed), missing data; the message says what to do.
+      TrainingDiverged: the loss became NaN or infinite (the earlier checkpoints stay).
       KeyboardInterrupt: passed on after saying which checkpoint is the last complete one.
     """
     config = rundir.check(config)
@@ -239,8 +230,6 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
     """One epoch of training and the evaluation after it: ``(state, record, compile_s)``; in
     the ``first`` epoch of a process the first step, which compiles the step, is announced and
     timed apart (``compile_s``, not in the record's ``time_s``)."""
-    from tqdm import tqdm
-
     spe, metrics = data.steps_per_epoch, program.zero_metrics()
     show = config.progress and is_main() and sys.stderr.isatty()  # no redraws in a log file
     desc = f"epoch {epoch + 1}/{config.epochs}"

@@ -1,8 +1,5 @@
-"""The run directory: checking it, resuming from it, and the log, plots and checkpoints in it.
-
-Its files (`CONFIG_FILE`, `LOG_FILE`, the plots, `CHECKPOINT_DIR`, a text run's tokenizer) and
-the fields of a ``log.jsonl`` record are listed in ``docs/training.md`` ("The run directory").
-"""
+"""The run directory: checking it, resuming from it, and the log, plots and checkpoints in it
+(its files and the fields of a ``log.jsonl`` record: ``docs/training.md``)."""
 
 from __future__ import annotations
 
@@ -147,11 +144,10 @@ def open_run(config: Config, state: Any) -> tuple[RunDir, Any]:
                 say(f"resumed {path} after epoch {meta['epoch']} (step {meta['step']})")
     if config.resume and not history:
         say(f"{path} has no complete checkpoint: starting the run from the beginning")
-    if is_main():
-        os.makedirs(path, exist_ok=True)
     ckpts = Checkpoints(directory, config.keep_checkpoints) if config.checkpoint else None
     run = RunDir(path, config, history, ckpts)
     if is_main():
+        os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump(config.to_dict(), f, indent=2, sort_keys=True)
         run.write_log()

@@ -1,10 +1,6 @@
 """Hyperparameter schedules: a number or a string of one of the `FORMS` (``linear:1e-2,1e-4``),
-parsed once into a `Schedule`, which builds an Optax schedule for a run.
-
-Durations are in epochs, so a schedule means the same thing whatever the batch size; the Optax
-schedules are evaluated at the optimizer's step count, as every binax optimizer does. Examples:
-``--gamma step:1e-4,0.1,100`` is the Bop paper's CIFAR-10 schedule, ``--lr linear:2.5e-3,5e-6``
-its ImageNet Adam schedule (docs/training.md, "Schedules").
+parsed once into a `Schedule`, which builds an Optax schedule for a run. Durations are in
+epochs, so a schedule means the same whatever the batch size (docs/training.md, "Schedules").
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""Devices and hosts: the mesh, the shardings, and moving data between processes and devices.
-
-The batch is split along the mesh's ``"data"`` axis, kernels optionally along ``"model"``
-(`tree_shardings`), the optimizer state as its parameters (`state_shardings`); XLA inserts the
-gradient all-reduce. Several hosts: `initialize_distributed` first; then each process supplies
-its own rows of a global batch (`process_rows`), and process 0 alone writes and prints (`say`).
-"""
+"""Devices and hosts: the ``("data", "model")`` mesh, the shardings of batches, parameters and
+optimizer state, the rows each process reads, and process 0 alone writing and printing."""
 
 from __future__ import annotations
 
@@ -15,8 +10,10 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
 DATA, MODEL = "data", "model"
 
@@ -106,16 +103,12 @@ def is_main() -> bool:
 def say(text: str) -> None:
     """Prints ``text`` on process 0 (through tqdm, so that an open progress bar stays intact)."""
     if is_main():
-        from tqdm import tqdm
-
         tqdm.write(text, file=sys.stdout)
 
 
 def sync(name: str) -> None:
     """A barrier over all processes (nothing to do in a single-process run)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -127,12 +120,10 @@ def initialize_distributed(
     timeout_s: int = 300,
 ) -> None:
     """Calls `jax.distributed.initialize` (before anything else touches the devices), after
-    which ``jax.devices()`` lists the devices of every process and `make_mesh` spans them.
-
-    Arguments left ``None`` are read from ``$JAX_COORDINATOR_ADDRESS`` (``host:port`` of process
-    0), ``$JAX_NUM_PROCESSES`` and ``$JAX_PROCESS_ID``; without all three JAX detects the
-    cluster (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes). On CPU the collectives go
-    through Gloo. ``timeout_s``: seconds to wait for all processes to connect.
+    which `make_mesh` spans the devices of every process. Arguments left ``None`` come from
+    ``$JAX_COORDINATOR_ADDRESS`` (process 0's ``host:port``), ``$JAX_NUM_PROCESSES`` and
+    ``$JAX_PROCESS_ID``; without all three JAX detects the cluster (Cloud TPU pod slices,
+    SLURM, Open MPI, Kubernetes). ``timeout_s``: seconds to wait for every process to connect.
     """
 
     def env(value: int | None, name: str) -> int | None:

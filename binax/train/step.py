@@ -1,10 +1,6 @@
-"""The training and evaluation steps, compiled once with `jax.jit` over a device `Mesh`.
-
-The model is ``nnx.split`` into a static graph definition, its parameters and the rest
-(BatchNorm statistics...), which the step ``nnx.merge``\\ s back; what the step carries,
-`TrainState`, is a pytree of arrays, sharded, donated and checkpointed as it is. Under `jit` a
-BatchNorm batch mean is over the *global* batch, whatever the number of devices.
-"""
+"""The training and evaluation steps, compiled once with `jax.jit` over a device `Mesh`, on
+the model ``nnx.split`` into a static graph and arrays (`TrainState`: sharded, donated and
+checkpointed as it is)."""
 
 from __future__ import annotations
 
@@ -23,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 import binax
 from binax._ops import path_str
+from binax.models import distillation_loss, outputs
 from binax.train.sharding import DATA, state_shardings, tree_shardings
 
 
@@ -73,7 +70,6 @@ def train_step(
     mean-reduced loss), plus with ``distill`` the `distillation_loss` against the ``teacher``'s
     ``(params, rest)``, whose unweighted terms go to ``metrics["distill"]``.
     """
-    from binax.models import distillation_loss, outputs
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state.rest)
@@ -192,16 +188,14 @@ def make_program(
     train_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
     # a full-precision twin (the "real" baseline of a transformer) has no binary leaf
-    has_binary = any(jax.tree.leaves(labels))
-    mask = (
-        binax.binary_mask(labels, params) if has_binary else jax.tree.map(lambda _: False, params)
-    )
+    mask = jax.tree.map(lambda _: False, params)
+    if any(jax.tree.leaves(labels)):
+        mask = binax.binary_mask(labels, params)
     if init_params is not None:
         params = init_params(params, mask)
     tx = make_tx(labels)
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    masks = jax.tree.leaves(mask)
-    binary = [(path_str(p), int(np.size(x))) for (p, x), m in zip(leaves, masks, strict=True) if m]
+    leaves = zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(mask), strict=True)
+    binary = {path_str(p): int(np.size(x)) for (p, x), m in leaves if m}  # flip names: sizes
 
     replicated, batch_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA))
     param_sh = tree_shardings(params, mesh)
@@ -236,8 +230,8 @@ def make_program(
         eval_graphdef=eval_graphdef,
         tx=tx,
         binary_mask=mask,
-        flip_names=tuple(name for name, _ in binary),
-        flip_sizes=tuple(size for _, size in binary),
+        flip_names=tuple(binary),
+        flip_sizes=tuple(binary.values()),
         batch_sharding=batch_sh,
         train_step=train,
         eval_step=evaluate,
