@@ -54,9 +54,8 @@ def setting(name: str, batch: int, steps: int):
         test = train
         net, kw, augment = "binarynet", {"width_multiplier": 0.25}, True
     data = input_pipeline.InputPipeline(train, test, augment, batch, batch, steps, 0, sharding)
-    recipe = optim.recipe("bop")
-    m, _ = model.for_recipe(recipe, net, kw, train.images.shape[1:], 10, 0)
-    hp = recipe.resolve()
+    m = model.build_model(net, kw, train.images.shape[1:], 10, 0)
+    hp = optim.recipe("bop").resolve()
     program = make_program(
         m,
         lambda labels: optim.make_optimizer(

@@ -57,7 +57,7 @@ import _common  # noqa: E402
 from binax.models import _common as layout  # noqa: E402
 from binax.models.binarynet import CONV_PLAN, DENSE_PLAN  # noqa: E402
 from binax.models.resnet import BLOCKS_PER_STAGE, STAGES  # noqa: E402
-from binax.train import make_mesh, make_program, optim  # noqa: E402
+from binax.train import Config, make_mesh, make_program, optim  # noqa: E402
 from binax.train import model as train_model  # noqa: E402
 
 CANDIDATES = ("bop", "bop2nd_order", "sgdat", "diode", "cema", "latent", "real")
@@ -211,9 +211,9 @@ def build(model: str, kwargs: dict, optimizer: str, batch: int, seed: int = 0):
         program, state, metrics = float_program(net, seed)
         return [program, state, metrics, jnp.asarray(images), jnp.asarray(labels)]
     mesh = make_mesh(1)
-    recipe = optim.recipe(optimizer)
-    net, init_params = train_model.for_recipe(recipe, model, kwargs, INPUT_SHAPE, NUM_CLASSES, seed)
-    hp = recipe.resolve()
+    config = Config(model=model, model_kwargs=kwargs, optimizer=optimizer, seed=seed)
+    net, init_params = train_model.create(config, INPUT_SHAPE, NUM_CLASSES)
+    hp = optim.recipe(optimizer).resolve()
     program = make_program(
         net,
         lambda labels: optim.make_optimizer(

@@ -138,8 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
             kw.setdefault("metavar", "N")
         if kw.get("type") == "schedule":
             kw.update(type=_schedule, metavar="SCHEDULE")
-        if callable(kw.get("choices")):
-            kw["choices"] = kw["choices"]()
         group.add_argument(flag, dest=f.name, help=f.metadata["help"], **kw)
         if f.name == "model":
             for name, (owner, kind, metavar, text) in _MODEL_FLAGS.items():

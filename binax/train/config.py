@@ -7,6 +7,7 @@ import dataclasses
 import json
 from typing import Any
 
+from binax import models
 from binax.data import DATASET_NAMES, GLUE_DATASETS
 from binax.train import optim, schedules
 
@@ -36,12 +37,6 @@ _ON, _OFF = dict(runtime=True, action="store_true"), dict(runtime=True, action="
 _DISTILL, _WEIGHT = "distillation", dict(type=float, positive=False)
 
 
-def _model_names() -> tuple[str, ...]:
-    from binax import models
-
-    return models.names()
-
-
 @dataclasses.dataclass
 class Config:
     """A training run: one field per ``binax-train`` flag (``_`` as ``-``), saved as JSON.
@@ -52,7 +47,7 @@ class Config:
     recipe's defaults (`binax.train.optim.RECIPES`; numbers or schedule strings).
     """
 
-    model: str = _field("mlp", "architecture", _MODEL, choices=_model_names)
+    model: str = _field("mlp", "architecture", _MODEL, choices=models.names())
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     dataset: str = _field(
         "digits",
@@ -129,7 +124,6 @@ class Config:
         for f in dataclasses.fields(self):
             value, flag = getattr(self, f.name), f.metadata.get("flag", {})
             choices = flag.get("choices")
-            choices = choices() if callable(choices) else choices
             if choices is not None and value not in choices:
                 raise ConfigError(
                     f"{f.name}: unknown {f.name.replace('_', ' ')} {value!r}; valid choices: "

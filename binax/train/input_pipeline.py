@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from binax import data as bdata
+from binax.data import text
 from binax.train.config import Config, ConfigError
 from binax.train.sharding import is_main, process_rows
 
@@ -77,8 +78,6 @@ def glue_datasets(config: Config) -> tuple[bdata.Dataset, bdata.Dataset]:
     else the teacher's (``distill_from``, so that token ids agree), else a WordPiece vocabulary
     of ``vocab_size`` trained on the train split and saved in the run directory.
     """
-    from binax.data import text
-
     task = config.glue_task
     vocab_size = config.model_kwargs.get("vocab_size", text.DEFAULT_VOCAB_SIZE)
     max_length = config.model_kwargs.get("max_length", text.DEFAULT_MAX_LENGTH)

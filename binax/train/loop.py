@@ -67,17 +67,9 @@ def setup(config: Config) -> tuple[input_pipeline.InputPipeline, Program, dict[s
     except ValueError as e:
         raise ConfigError(str(e)) from None
     data = input_pipeline.create(config, NamedSharding(mesh, P(DATA)))
-    recipe = optim.recipe(config.optimizer)
-    hp, lr = recipe.resolve(config.hparams), schedules.parse(config.lr)
-    shape, classes = data.train_set.images.shape[1:], data.train_set.num_classes
-    try:
-        net, init = model.for_recipe(
-            recipe, config.model, config.model_kwargs, shape, classes, config.seed
-        )
-    except (TypeError, ValueError) as e:
-        raise ConfigError(
-            f"cannot build model {config.model!r} with model_kwargs {config.model_kwargs}: {e}"
-        ) from None
+    hp = optim.recipe(config.optimizer).resolve(config.hparams)
+    lr = schedules.parse(config.lr)
+    net, init = model.create(config, data.train_set.images.shape[1:], data.train_set.num_classes)
     make_tx = functools.partial(
         optim.make_optimizer, config.optimizer, hp, config.real_optimizer, lr, seed=config.seed,
         steps_per_epoch=data.steps_per_epoch, total_steps=data.steps_per_epoch * config.epochs,

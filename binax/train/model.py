@@ -10,7 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from binax import models
+from binax.data import text
 from binax.train import optim
+from binax.train.config import Config, ConfigError
 
 
 def hard_tanh(x: jax.Array) -> jax.Array:
@@ -32,8 +35,6 @@ def build_model(
     a model's full-precision twin (a ``binary`` argument: the transformers), else real kernels
     (still `BinaryParam`\\ s, so flips are counted) and `hard_tanh` for the sign activations.
     """
-    from binax import models
-
     kwargs = dict(model_kwargs)
     cls = models._REGISTRY.get(name)  # an unknown name: models.get says so
     if full_precision and cls is not None and "binary" in inspect.signature(cls).parameters:
@@ -41,32 +42,29 @@ def build_model(
     elif full_precision:
         kwargs.update(kernel_quantizer=None, input_quantizer=hard_tanh)
     if name == "encoder":  # rows of (ids, types, mask), binax.data.text.glue_dataset's
-        from binax.data import text
-
         kwargs = {"vocab_size": text.DEFAULT_VOCAB_SIZE, **kwargs, "max_length": input_shape[-1]}
     else:
         kwargs["input_shape"] = tuple(input_shape)
     return models.get(name, num_classes=num_classes, rngs=nnx.Rngs(seed), **kwargs)
 
 
-def for_recipe(
-    recipe: optim.Recipe,
-    name: str,
-    model_kwargs: dict[str, Any],
-    input_shape: tuple[int, int, int],
-    num_classes: int,
-    seed: int,
-):
-    """``(model, init_params)``: the model ``recipe`` trains (`build_model`) and, for the
-    baselines, `latent_init` as `binax.train.make_program` takes it (flip rules keep the
-    model's exactly binary kernels: ``None``)."""
-    full_precision = recipe.baseline == optim.FULL_PRECISION
-    model = build_model(
-        name, model_kwargs, input_shape, num_classes, seed, full_precision=full_precision
-    )
-    if recipe.baseline is None:
+def create(config: Config, input_shape: tuple[int, ...], num_classes: int):
+    """``(model, init_params)``: the model ``config``'s optimizer trains (`build_model`; else a
+    `ConfigError`) and, for the baselines, `latent_init` as `binax.train.make_program` takes it
+    (flip rules keep the exactly binary kernels: ``None``)."""
+    baseline, kw = optim.recipe(config.optimizer).baseline, config.model_kwargs
+    full = baseline == optim.FULL_PRECISION
+    try:
+        model = build_model(
+            config.model, kw, input_shape, num_classes, config.seed, full_precision=full
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"cannot build model {config.model!r} with model_kwargs {kw}: {e}"
+        ) from None
+    if baseline is None:
         return model, None
-    key = jax.random.key(seed + 1)
+    key = jax.random.key(config.seed + 1)
     # One compiled program for every leaf (drawing eagerly compiles one per shape).
     return model, lambda params, mask: jax.jit(lambda p: latent_init(p, mask, key))(params)
 
