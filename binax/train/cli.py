@@ -130,9 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         if not f.metadata:
             continue  # model_kwargs, hparams: the flags below
-        if f.metadata["group"] not in groups:
-            groups[f.metadata["group"]] = p.add_argument_group(f.metadata["group"])
-        group, kw = groups[f.metadata["group"]], dict(f.metadata["flag"])
+        title, kw = f.metadata["group"], dict(f.metadata["flag"])
+        group = groups[title] = groups.get(title) or p.add_argument_group(title)
         flag = kw.pop("flag", "--" + f.name.replace("_", "-"))
         if kw.get("type") is int:
             kw.setdefault("metavar", "N")

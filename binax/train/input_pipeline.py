@@ -138,13 +138,7 @@ def create(config: Config, sharding: NamedSharding) -> InputPipeline:
             f"batch_size={config.batch_size} is larger than the training set ({len(train_set)})"
         )
     spe = min(spe, config.steps_per_epoch or spe)
+    eval_batch_size = math.ceil(config.eval_batch_size / data_size) * data_size
     return InputPipeline(
-        train_set=train_set,
-        test_set=test_set,
-        augment=augment,
-        batch_size=config.batch_size,
-        eval_batch_size=math.ceil(config.eval_batch_size / data_size) * data_size,
-        steps_per_epoch=spe,
-        seed=config.seed,
-        sharding=sharding,
+        train_set, test_set, augment, config.batch_size, eval_batch_size, spe, config.seed, sharding
     )

@@ -160,14 +160,12 @@ def table(history: list[dict[str, Any]]) -> str:
         f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test loss':>9}  "
         f"{'test acc':>8}  {'flip ratio':>10}"
     )
-    rows = [head, "-" * len(head)]
-    for r in history:
-        rows.append(
-            f"{r['epoch']:>5}  {r['train_loss']:>10.4f}  {100 * r['train_accuracy']:>8.2f}%  "
-            f"{r['test_loss']:>9.4f}  {100 * r['test_accuracy']:>7.2f}%  "
-            f"{r['flip_ratio_total']:>10.2e}"
-        )
-    return "\n".join(rows)
+    rows = [
+        f"{r['epoch']:>5}  {r['train_loss']:>10.4f}  {100 * r['train_accuracy']:>8.2f}%  "
+        f"{r['test_loss']:>9.4f}  {100 * r['test_accuracy']:>7.2f}%  {r['flip_ratio_total']:>10.2e}"
+        for r in history
+    ]
+    return "\n".join([head, "-" * len(head), *rows])
 
 
 def epochs(n: int) -> str:

@@ -65,14 +65,12 @@ def parse(spec: float | int | str | Schedule) -> Schedule:
     """Parses a number or a schedule string; raises ValueError saying what is expected."""
     if isinstance(spec, Schedule):
         return spec
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        return Schedule("constant", (_number(str(spec), str(spec)),))
-    if not isinstance(spec, str):
+    if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
         raise ValueError(f"expected a number or a schedule string, got {spec!r}")
-    text = spec.strip()
+    text = str(spec).strip()
     kind, sep, rest = text.partition(":")
-    if not sep:
-        return Schedule("constant", (_number(text, spec),))
+    if not sep:  # a number, or a string without a kind
+        return Schedule("constant", (_number(text, str(spec)),))
     kind = kind.strip().lower()
     values = tuple(_number(v.strip(), spec) for v in rest.split(",")) if rest.strip() else ()
     if kind not in FORMS:

@@ -225,16 +225,7 @@ def make_program(
         out_shardings=replicated,
         donate_argnums=(1,),
     )
+    names, sizes, distills = tuple(binary), tuple(binary.values()), distill is not None
     return Program(
-        mesh=mesh,
-        eval_graphdef=eval_graphdef,
-        tx=tx,
-        binary_mask=mask,
-        flip_names=tuple(binary),
-        flip_sizes=tuple(binary.values()),
-        batch_sharding=batch_sh,
-        train_step=train,
-        eval_step=evaluate,
-        init_state=init_state,
-        distill=distill is not None,
+        mesh, eval_graphdef, tx, mask, names, sizes, batch_sh, train, evaluate, init_state, distills
     )
