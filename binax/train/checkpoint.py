@@ -80,12 +80,8 @@ class Checkpoints:
     def restore(self, target: Any, epoch: int | None = None) -> tuple[Any, dict[str, Any]]:
         """The state and record of the checkpoint of ``epoch`` (the latest by default), the
         arrays sharded as ``target`` (a tree like the saved state, of arrays or
-        `jax.ShapeDtypeStruct`\\ s).
-
-        Raises:
-          CheckpointError: there is none, it cannot be read, or its contents do not match the
-            fingerprint saved with it. Nothing on disk is changed.
-        """
+        `jax.ShapeDtypeStruct`\\ s); a `CheckpointError` if there is none, it cannot be read, or
+        its arrays do not match the fingerprint saved with them (nothing on disk is changed)."""
         epochs = self.epochs()
         if not epochs:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")

@@ -112,13 +112,10 @@ def glue_datasets(config: Config) -> tuple[bdata.Dataset, bdata.Dataset]:
 
 
 def create(config: Config, sharding: NamedSharding) -> InputPipeline:
-    """The input pipeline of ``config`` over the batch ``sharding`` (split along ``"data"``).
-
-    ``digits`` and ``mnist_subset``, which have no official split, always use the test split of
-    ``binax.data.load(..., seed=0)``, so runs with different seeds are evaluated alike. Raises
+    """The input pipeline of ``config`` over the batch ``sharding`` (split along ``"data"``),
+    with the test split of ``binax.data.load(..., seed=0)`` whatever the seed. Raises
     `ConfigError` for a batch size the data-parallel devices do not divide, or larger than the
-    training set, and `binax.data.load`'s errors.
-    """
+    training set, and `binax.data.load`'s errors."""
     data_size = sharding.mesh.shape["data"]
     if config.batch_size % data_size:
         raise ConfigError(

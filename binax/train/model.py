@@ -79,9 +79,8 @@ def latent_init(params: Any, mask: Any, key: jax.Array) -> Any:
     out = []
     for w, m, k in zip(leaves, masks, keys, strict=True):
         if m and w.ndim >= 2:
-            receptive = int(np.prod(w.shape[:-2]))
-            fan_in, fan_out = w.shape[-2] * receptive, w.shape[-1] * receptive
-            limit = float(np.sqrt(6.0 / (fan_in + fan_out)))
+            fans = (w.shape[-2] + w.shape[-1]) * int(np.prod(w.shape[:-2]))  # fan_in + fan_out
+            limit = float(np.sqrt(6.0 / fans))
             # In (0, limit]: never exactly zero, so the sign is kept.
             mag = limit * (1.0 - jax.random.uniform(k, w.shape, w.dtype))
             w = jnp.where(w >= 0, mag, -mag).astype(w.dtype)
