@@ -175,8 +175,7 @@ _HOST_FLAGS = {
 def config_from_args(args: dict[str, Any], base: Config | None = None) -> Config:
     """The Config of the flags given in ``args`` (over ``base``, or the defaults)."""
     config = base or Config()
-    fields = {f.name for f in dataclasses.fields(Config)}
-    updates = {k: v for k, v in args.items() if k in fields}
+    updates = {f.name: args[f.name] for f in dataclasses.fields(Config) if f.name in args}
     hparams = {**config.hparams, **{k: args[k] for k in optim.HYPERPARAMETERS if k in args}}
     model_kwargs = dict(config.model_kwargs)
     model = updates.get("model", config.model)

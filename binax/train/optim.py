@@ -78,18 +78,12 @@ HYPERPARAMETERS = {
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """How the training command builds one optimizer of the binary weights.
-
-    Attributes:
-      name: the ``--optimizer`` value.
-      description: one line for ``--help``: what it is, and the paper.
-      factory: builds the optimizer from the hyperparameters (``None``: the real-valued
-        optimizer trains every parameter).
-      defaults: its hyperparameters (`HYPERPARAMETERS` names) and the command's defaults.
-      seeded: the factory takes ``seed`` (random initial state).
-      baseline: `LATENT` (real latent weights) or `FULL_PRECISION` (a real network); ``None``
-        for a flip rule on exactly binary weights.
-    """
+    """How the training command builds one optimizer of the binary weights: its ``--optimizer``
+    ``name``, a one-line ``description`` for ``--help`` (what it is, the paper), the ``factory``
+    (``None``: the real-valued optimizer trains every parameter), the command's ``defaults`` of
+    its hyperparameters (`HYPERPARAMETERS` names), whether it is ``seeded`` (the factory takes a
+    ``seed``), and its ``baseline``: `LATENT` (real latent weights), `FULL_PRECISION` (a real
+    network) or ``None`` (a flip rule on exactly binary weights)."""
 
     name: str
     description: str

@@ -64,12 +64,9 @@ def train_step(
     distill: Distillation | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step on a (global) batch; adds loss, accuracy and flips (changes of
-    ``sign0`` per binary leaf) to ``metrics``.
-
-    The loss is the mean softmax cross-entropy over the batch (binax's thresholds assume a
-    mean-reduced loss), plus with ``distill`` the `distillation_loss` against the ``teacher``'s
-    ``(params, rest)``, whose unweighted terms go to ``metrics["distill"]``.
-    """
+    ``sign0`` per binary leaf) to ``metrics``. The loss is the batch's mean softmax cross-entropy
+    (binax's thresholds assume a mean), plus with ``distill`` the `distillation_loss` against the
+    ``teacher``'s ``(params, rest)``, whose unweighted terms go to ``metrics["distill"]``."""
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state.rest)
@@ -128,17 +125,12 @@ def _add(metrics: dict[str, Any], loss: jax.Array, correct: jax.Array, count: An
 
 @dataclasses.dataclass
 class Program:
-    """A model, its optimizer and the compiled steps, over one mesh.
-
-    Attributes:
-      eval_graphdef: the model's static structure in eval mode.
-      binary_mask: bools, ``True`` at the binary leaves of the parameters.
-      flip_names, flip_sizes: the binary leaves' key paths (``"layers/0/kernel"``) and sizes.
-      batch_sharding: the sharding of a batch (split along ``"data"``).
-      train_step, eval_step: `train_step` and `eval_step` jitted, without their keyword
-        arguments; the train step donates ``state`` and ``metrics``.
-      init_state: builds the initial `TrainState`, placed on the mesh.
-      distill: the train step distils from a teacher (`Distillation`).
+    """A model, its optimizer ``tx`` and the compiled steps, over one ``mesh``: the model's
+    ``eval_graphdef`` (eval mode), ``binary_mask`` (``True`` at the binary parameter leaves),
+    their key paths and sizes (``flip_names``: ``"layers/0/kernel"``..., ``flip_sizes``), the
+    ``batch_sharding`` (along ``"data"``), `train_step` and `eval_step` jitted without their
+    keyword arguments (the train step donates ``state`` and ``metrics``), ``init_state()`` (the
+    initial `TrainState`, on the mesh), and ``distill``: the train step distils (`Distillation`).
     """
 
     mesh: Mesh
