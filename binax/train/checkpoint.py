@@ -68,13 +68,8 @@ class Checkpoints:
     def save(self, epoch: int, state: Any, meta: dict[str, Any]) -> None:
         """Saves ``state`` (arrays) and ``meta`` (JSON) as the checkpoint of ``epoch``."""
         meta = dict(meta, epoch=int(epoch), fingerprint=int(fingerprint(state)))
-        self.manager.save(
-            int(epoch),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self.manager.save(int(epoch), args=args, force=True)
         self.manager.wait_until_finished()
 
     def restore(self, target: Any, epoch: int | None = None) -> tuple[Any, dict[str, Any]]:
@@ -96,14 +91,11 @@ class Checkpoints:
             if len(epochs) > 1
             else f"Nothing was changed. Delete {where} (or the run directory) to start again"
         )
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        )
         try:
-            restored = self.manager.restore(
-                epoch,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target),
-                    meta=ocp.args.JsonRestore(),
-                ),
-            )
+            restored = self.manager.restore(epoch, args=args)
             state, meta = restored.state, dict(restored.meta)
         except Exception as e:  # many types for damaged files; ValueError for another structure
             first_line = (str(e).strip().splitlines() or [""])[0][:300]

@@ -204,14 +204,11 @@ def run() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; returns its exit status."""
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    args = vars(build_parser().parse_args(argv))
     try:
-        base = None
-        if args.get("resume"):
-            if "run_dir" not in args:
-                return _error("--resume needs --run-dir (the directory of the run to continue)")
-            base = read_config(args["run_dir"])
+        if args.get("resume") and "run_dir" not in args:
+            return _error("--resume needs --run-dir (the directory of the run to continue)")
+        base = read_config(args["run_dir"]) if args.get("resume") else None
         config = config_from_args(args, base).validate()
         dist = ("coordinator_address", "num_processes", "process_id")
         if args.get("distributed") or any(k in args for k in dist):

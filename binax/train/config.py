@@ -39,11 +39,9 @@ _DISTILL, _WEIGHT = "distillation", dict(type=float, positive=False)
 
 @dataclasses.dataclass
 class Config:
-    """A training run: one field per ``binax-train`` flag (``_`` as ``-``), saved as JSON.
-
-    The fields (and what ``binax-train --help`` says of them) are listed below. Besides,
-    ``model_kwargs`` holds the model's extra keyword arguments (``--hidden-sizes``,
-    ``--model-arg``...) and ``hparams`` the binary optimizer's hyperparameters, overriding its
+    """A training run: one field per ``binax-train`` flag (``_`` as ``-``; below, with its help),
+    saved as JSON; and ``model_kwargs``, the model's other keyword arguments (``--hidden-sizes``,
+    ``--model-arg``...), and ``hparams``, the binary optimizer's hyperparameters over its
     recipe's defaults (`binax.train.optim.RECIPES`; numbers or schedule strings).
     """
 

@@ -72,12 +72,9 @@ class InputPipeline:
 
 def glue_datasets(config: Config) -> tuple[bdata.Dataset, bdata.Dataset]:
     """The train and dev splits of a GLUE task as token ids (`binax.data.text.glue_dataset`) of
-    ``max_length`` tokens (a model argument, as ``vocab_size``).
-
-    The tokenizer is the run's own `TOKENIZER_FILE` when the run exists (resumed or restored),
-    else the teacher's (``distill_from``, so that token ids agree), else a WordPiece vocabulary
-    of ``vocab_size`` trained on the train split and saved in the run directory.
-    """
+    ``max_length`` tokens (a model argument, as ``vocab_size``), with the run's own tokenizer
+    (`TOKENIZER_FILE`) when the run exists, else the teacher's (``distill_from``: token ids agree),
+    else a WordPiece vocabulary of ``vocab_size`` trained on the train split and saved there."""
     task = config.glue_task
     vocab_size = config.model_kwargs.get("vocab_size", text.DEFAULT_VOCAB_SIZE)
     max_length = config.model_kwargs.get("max_length", text.DEFAULT_MAX_LENGTH)

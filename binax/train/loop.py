@@ -224,10 +224,10 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
     timed apart (``compile_s``, not in the record's ``time_s``)."""
     spe, metrics = data.steps_per_epoch, program.zero_metrics()
     show = config.progress and is_main() and sys.stderr.isatty()  # no redraws in a log file
-    desc = f"epoch {epoch + 1}/{config.epochs}"
-    bar = tqdm(total=spe, desc=desc, leave=False, dynamic_ncols=True, disable=not show)
+    desc, batches = f"epoch {epoch + 1}/{config.epochs}", data.train_batches(epoch)
+    bar = tqdm(batches, desc=desc, total=spe, leave=False, dynamic_ncols=True, disable=not show)
     compile_s, t0 = 0.0, time.perf_counter()
-    for i, (images, labels) in enumerate(data.train_batches(epoch)):
+    for i, (images, labels) in enumerate(bar):
         stop_if_interrupted()
         if on_step is not None:
             on_step(epoch, i)
@@ -239,14 +239,12 @@ def _epoch(config, data, program, state, epoch, scheduled, first, stop_if_interr
             compile_s = time.perf_counter() - t0
             say(f"compiled: the first step took {compile_s:.1f}s (not counted in time_s)")
             t0 = time.perf_counter()
-        bar.update(1)
         if show and ((i + 1) % config.log_every == 0 or i + 1 == spe):
             m = jax.device_get(metrics)
             bar.set_postfix(
                 loss=f"{m['loss'] / m['count']:.4f}", acc=f"{m['correct'] / m['count']:.3f}"
             )
     m, time_s = jax.device_get(metrics), time.perf_counter() - t0
-    bar.close()
     glue = config.glue_task  # scores from the confusion matrix
     test = program.zero_metrics(confusion=data.test_set.num_classes if glue else 0)
     for images, labels, weights in data.eval_batches():
@@ -295,11 +293,9 @@ def _check_finite(record: dict[str, Any], run: rundir.RunDir) -> None:
 
 @contextlib.contextmanager
 def _deferred_interrupts() -> Iterator[Callable[[], None]]:
-    """Ctrl-C (SIGINT) waits for a safe point: yields a function that raises `KeyboardInterrupt`
-    if one arrived. Training calls it between steps, so an interrupt never lands inside a step
-    (whose buffers are donated) or inside a checkpoint save; a second Ctrl-C raises at once.
-    Outside the main thread (where Python cannot install handlers) interrupts are not changed.
-    """
+    """Ctrl-C (SIGINT) waits for a safe point, between steps (never inside a donating step or a
+    checkpoint save): yields a function that raises `KeyboardInterrupt` if one arrived; a second
+    Ctrl-C raises at once. Outside the main thread (no handlers there) nothing is changed."""
     pending: list[int] = []
 
     def stop_if_interrupted():

@@ -32,9 +32,8 @@ def build_model(
 ) -> nnx.Module:
     """A `binax.models` architecture for examples of ``input_shape`` (an image's ``(height,
     width, channels)``, or ``(3, max_length)`` for the encoder), or its full-precision baseline:
-    a model's full-precision twin (a ``binary`` argument: the transformers), else real kernels
-    (still `BinaryParam`\\ s, so flips are counted) and `hard_tanh` for the sign activations.
-    """
+    its full-precision twin (the transformers' ``binary=False``), else real kernels (still
+    `BinaryParam`\\ s, so flips are counted) and `hard_tanh` for the sign activations."""
     kwargs = dict(model_kwargs)
     cls = models._REGISTRY.get(name)  # an unknown name: models.get says so
     if full_precision and cls is not None and "binary" in inspect.signature(cls).parameters:
