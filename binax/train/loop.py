@@ -59,9 +59,8 @@ class TrainResult:
 
 
 def setup(config: Config) -> tuple[input_pipeline.InputPipeline, Program, dict[str, Any]]:
-    """The phases after the run directory for a checked config: ``(pipeline, program,
-    scheduled)``, ``scheduled`` mapping ``"lr"`` and each schedulable hyperparameter to its
-    `Schedule`."""
+    """The phases after the run directory, for a checked config: ``(pipeline, program,
+    scheduled)``, ``scheduled`` giving ``"lr"``'s and the hyperparameters' `Schedule`\\ s."""
     try:
         mesh = make_mesh(config.num_devices, config.model_parallel)
     except ValueError as e:
@@ -113,10 +112,9 @@ def _teacher(config: Config, net, data: input_pipeline.InputPipeline) -> Distill
         jax.eval_shape(loss, student_state, params, rest, batch)
     except ValueError as e:
         raise ConfigError(f"{where}: the teacher does not fit this model: {e}") from None
-    weights = {f"{k}_weight": getattr(config, f"distill_{k}") for k in DISTILL_TERMS}
-    return Distillation(
-        graphdef, params, rest, dict(weights, temperature=config.distill_temperature)
-    )
+    options = {f"{k}_weight": getattr(config, f"distill_{k}") for k in DISTILL_TERMS}
+    options["temperature"] = config.distill_temperature
+    return Distillation(graphdef, params, rest, options)
 
 
 def restore(run_dir: str, epoch: int | None = None) -> TrainResult:
@@ -162,10 +160,9 @@ def train(config: Config, *, on_step: Callable[[int, int], None] | None = None) 
         try:
             start, compile_total = run.epoch, 0.0
             for epoch in range(start, config.epochs):
-                first = epoch == start  # the first step of a process compiles the step
                 state, record, compile_s = _epoch(
-                    config, data, program, state, epoch, scheduled, first, stop_if_interrupted,
-                    on_step,
+                    config, data, program, state, epoch, scheduled, epoch == start,
+                    stop_if_interrupted, on_step,
                 )  # fmt: skip
                 compile_total += compile_s
                 _check_finite(record, run)

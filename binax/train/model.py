@@ -73,10 +73,9 @@ def latent_init(params: Any, mask: Any, key: jax.Array) -> Any:
     their signs, so that every optimizer starts from the same binary network: for the
     baselines, whose real kernels would take ~1/lr steps to leave the models' exact +1/-1."""
     leaves, treedef = jax.tree.flatten(params)
-    masks = jax.tree.leaves(mask)
     keys = jax.random.split(key, len(leaves))
     out = []
-    for w, m, k in zip(leaves, masks, keys, strict=True):
+    for w, m, k in zip(leaves, jax.tree.leaves(mask), keys, strict=True):
         if m and w.ndim >= 2:
             fans = (w.shape[-2] + w.shape[-1]) * int(np.prod(w.shape[:-2]))  # fan_in + fan_out
             limit = float(np.sqrt(6.0 / fans))

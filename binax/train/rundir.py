@@ -156,10 +156,7 @@ def open_run(config: Config, state: Any) -> tuple[RunDir, Any]:
 
 def table(history: list[dict[str, Any]]) -> str:
     """The history as a table, accuracies in percent."""
-    head = (
-        f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test loss':>9}  "
-        f"{'test acc':>8}  {'flip ratio':>10}"
-    )
+    head = "epoch  train loss  train acc  test loss  test acc  flip ratio"
     rows = [
         f"{r['epoch']:>5}  {r['train_loss']:>10.4f}  {100 * r['train_accuracy']:>8.2f}%  "
         f"{r['test_loss']:>9.4f}  {100 * r['test_accuracy']:>7.2f}%  {r['flip_ratio_total']:>10.2e}"

@@ -78,9 +78,8 @@ def train_step(
         new_rest = nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
         return task + extra, (task, out.logits, parts, new_rest)
 
-    (_, (loss, logits, parts, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params
-    )
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, (loss, logits, parts, rest)), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     n = labels.shape[0]
