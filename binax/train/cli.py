@@ -1,9 +1,6 @@
-"""``binax-train``: train a binary network from the command line.
-
-Also ``python -m binax.train``. ``binax-train --help`` explains every flag; ``main`` returns
-the exit status (0 done, 2 bad input / missing data / unusable checkpoint, 3 the loss became
-NaN or infinite, 130 interrupted).
-"""
+"""``binax-train`` (also ``python -m binax.train``), whose ``--help`` explains every flag: `main`
+runs it and returns the exit status (0 done, 2 bad input, missing data or an unusable
+checkpoint, 3 the loss became NaN or infinite, 130 interrupted)."""
 
 from __future__ import annotations
 

@@ -59,12 +59,10 @@ def default_run_dir(config: Config) -> str:
 
 
 def check(config: Config) -> Config:
-    """``config`` validated (`ConfigError`), with its ``run_dir`` set, once the directory is
-    checked to fit, writing nothing: a `RunDirError` if it holds a run and ``resume`` is off, or
-    ``resume`` is on and it holds none, or the config differs from the run's (`RUNTIME_FIELDS`
-    aside)."""
-    config.validate()
-    run_dir = config.run_dir or default_run_dir(config)
+    """``config`` validated (`ConfigError`) and with its ``run_dir`` set, once the directory is
+    checked to fit, writing nothing: a `RunDirError` if it holds a run without ``resume``, none
+    with ``resume``, or a run whose config differs from this one (`RUNTIME_FIELDS` aside)."""
+    run_dir = config.validate().run_dir or default_run_dir(config)
     config = dataclasses.replace(config, run_dir=run_dir)
     if config.resume:
         diff = config.differences(read_config(run_dir))

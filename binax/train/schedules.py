@@ -38,12 +38,8 @@ class Schedule(NamedTuple):
             start, end = self.values
             return optax.cosine_decay_schedule(start, decay_steps=span, alpha=end / start)
         start, factor, every = self.values
-        return optax.exponential_decay(
-            start,
-            transition_steps=max(int(every) * steps_per_epoch, 1),
-            decay_rate=factor,
-            staircase=True,
-        )
+        steps = max(int(every) * steps_per_epoch, 1)  # transition steps: EVERY_EPOCHS
+        return optax.exponential_decay(start, steps, factor, staircase=True)
 
     def value(self, count: int, steps_per_epoch: int, total_steps: int) -> float:
         """The value at optimizer step ``count`` (0-based), as a float."""

@@ -33,12 +33,8 @@ def make_mesh(num_devices: int | None = None, model_parallel: int = 1) -> Mesh:
             f"model_parallel must be a positive divisor of the number of devices ({n}), "
             f"got {model_parallel!r}"
         )
-    return jax.make_mesh(
-        (n // model_parallel, model_parallel),
-        (DATA, MODEL),
-        axis_types=(AxisType.Auto, AxisType.Auto),
-        devices=devices[:n],
-    )
+    shape = (n // model_parallel, model_parallel)
+    return jax.make_mesh(shape, (DATA, MODEL), axis_types=(AxisType.Auto,) * 2, devices=devices[:n])
 
 
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:

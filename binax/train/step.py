@@ -210,12 +210,9 @@ def make_program(
         step, in_shardings=in_sh, out_shardings=(state_sh, replicated), donate_argnums=(0, 1)
     )
     train = jitted if distill is None else lambda *batch: jitted(*batch, teacher)
-    evaluate = jax.jit(
-        functools.partial(eval_step, graphdef=eval_graphdef),
-        in_shardings=(state_sh, replicated, batch_sh, batch_sh, batch_sh),
-        out_shardings=replicated,
-        donate_argnums=(1,),
-    )
+    eval_sh = (state_sh, replicated, batch_sh, batch_sh, batch_sh)
+    evaluate = functools.partial(eval_step, graphdef=eval_graphdef)
+    evaluate = jax.jit(evaluate, in_shardings=eval_sh, out_shardings=replicated, donate_argnums=1)
     names, sizes, distills = tuple(binary), tuple(binary.values()), distill is not None
     return Program(
         mesh, eval_graphdef, tx, mask, names, sizes, batch_sh, train, evaluate, init_state, distills
