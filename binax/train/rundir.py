@@ -23,8 +23,7 @@ CONFIG_FILE, LOG_FILE, CHECKPOINT_DIR = "config.json", "log.jsonl", "checkpoints
 
 
 class RunDirError(ValueError):
-    """The run directory does not fit the request (exists without ``resume``, missing, or its
-    ``config.json`` is unreadable)."""
+    """The run directory does not fit: a run without ``resume``, none, or an unreadable config."""
 
 
 def read_config(run_dir: str) -> Config:

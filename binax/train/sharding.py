@@ -131,9 +131,6 @@ def initialize_distributed(
         except ValueError:
             raise ValueError(f"${name} must be an integer, got {text!r}") from None
 
-    jax.distributed.initialize(  # it checks the ranges, and reads $JAX_COORDINATOR_ADDRESS
-        coordinator_address,
-        env(num_processes, "JAX_NUM_PROCESSES"),
-        env(process_id, "JAX_PROCESS_ID"),
-        initialization_timeout=timeout_s,
-    )
+    count, index = env(num_processes, "JAX_NUM_PROCESSES"), env(process_id, "JAX_PROCESS_ID")
+    # JAX checks the ranges, and reads $JAX_COORDINATOR_ADDRESS itself.
+    jax.distributed.initialize(coordinator_address, count, index, initialization_timeout=timeout_s)

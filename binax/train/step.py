@@ -24,9 +24,9 @@ from binax.train.sharding import DATA, state_shardings, tree_shardings
 
 
 class TrainState(NamedTuple):
-    """Everything training changes, as arrays, what a checkpoint holds: the model's ``params``
-    (its ``nnx.Param`` leaves) and ``rest`` (BatchNorm statistics, RNG streams if any), the
-    ``opt_state`` and the ``step``, the number of optimizer steps taken (int32 scalar)."""
+    """Everything training changes, as arrays (what a checkpoint holds): ``params`` (the model's
+    ``nnx.Param`` leaves), ``rest`` (BatchNorm statistics, RNG streams), ``opt_state`` and
+    ``step`` (optimizer steps taken, an int32 scalar)."""
 
     params: Any
     rest: Any
@@ -108,8 +108,7 @@ def eval_step(
     predicted = jnp.argmax(logits, -1)
     out = _add(metrics, jnp.sum(losses), (predicted == labels) * weights, weights)
     if "confusion" in metrics:
-        counts = weights.astype(jnp.int32)
-        out["confusion"] = metrics["confusion"].at[labels, predicted].add(counts)
+        out["confusion"] = metrics["confusion"].at[labels, predicted].add(weights.astype(jnp.int32))
     return out
 
 
@@ -147,12 +146,8 @@ class Program:
     def zero_metrics(self, confusion: int = 0) -> dict[str, Any]:
         """The per-epoch accumulators of the steps, zeros replicated over the mesh; with
         ``confusion=C`` a ``(C, C)`` confusion matrix as well (`eval_step` fills it)."""
-        metrics = {
-            "loss": np.float32(0),
-            "correct": np.int32(0),
-            "count": np.int32(0),
-            "flips": {name: np.int32(0) for name in self.flip_names},
-        }
+        metrics = {"loss": np.float32(0), "correct": np.int32(0), "count": np.int32(0)}
+        metrics["flips"] = {name: np.int32(0) for name in self.flip_names}
         if self.distill:
             metrics["distill"] = {k: np.float32(0) for k in DISTILL_TERMS}
         if confusion:
@@ -206,9 +201,8 @@ def make_program(
         teacher = jax.device_put((distill.params, distill.rest), teacher_sh)
         step = functools.partial(step, distill=distill._replace(params=None, rest=None))
         in_sh += (teacher_sh,)
-    jitted = jax.jit(
-        step, in_shardings=in_sh, out_shardings=(state_sh, replicated), donate_argnums=(0, 1)
-    )
+    out_sh = (state_sh, replicated)
+    jitted = jax.jit(step, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0, 1))
     train = jitted if distill is None else lambda *batch: jitted(*batch, teacher)
     eval_sh = (state_sh, replicated, batch_sh, batch_sh, batch_sh)
     evaluate = functools.partial(eval_step, graphdef=eval_graphdef)
