@@ -1,8 +1,7 @@
 """Checkpoints with Orbax: one per epoch, atomic, checked when read back.
 
 A checkpoint holds the whole `binax.train.step.TrainState` and a JSON record (epoch, config,
-history, and the state's `fingerprint`, which catches bytes that changed but still parse).
-"""
+history, and the state's `fingerprint`, which catches bytes that changed but still parse)."""
 
 from __future__ import annotations
 
@@ -45,9 +44,8 @@ def fingerprint(tree: Any) -> jax.Array:
 
 
 class Checkpoints:
-    """The checkpoints in ``directory`` (``<run_dir>/checkpoints``), one per epoch; the last
-    ``keep`` are kept (older ones deleted once a newer one is complete). ``create``: create the
-    directory (never when only reading)."""
+    """The checkpoints in ``directory``, one per epoch, the last ``keep`` kept (older ones deleted
+    once a newer one is complete); ``create``: make the directory (never when only reading)."""
 
     def __init__(self, directory: str, keep: int = 2, *, create: bool = True):
         self.directory = os.path.abspath(directory)

@@ -37,9 +37,8 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass
 class TrainResult:
-    """What `train` returns: the run's config and directory, its ``history`` (the records of
-    ``log.jsonl``), the final `TrainState`, the `Program` and ``compile_s``, the seconds of the
-    first train step, which compiles it."""
+    """What `train` returns: the run's config, directory and ``history`` (``log.jsonl``'s records),
+    the final `TrainState`, the `Program`, and ``compile_s``, the first step's (compiling) time."""
 
     config: Config
     run_dir: str

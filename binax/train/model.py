@@ -51,21 +51,18 @@ def create(config: Config, input_shape: tuple[int, ...], num_classes: int):
     """``(model, init_params)``: the model ``config``'s optimizer trains (`build_model`; else a
     `ConfigError`) and, for the baselines, `latent_init` as `binax.train.make_program` takes it
     (flip rules keep the exactly binary kernels: ``None``)."""
-    baseline, kw = optim.recipe(config.optimizer).baseline, config.model_kwargs
-    full = baseline == optim.FULL_PRECISION
+    baseline = optim.recipe(config.optimizer).baseline
+    args = (config.model, config.model_kwargs, input_shape, num_classes, config.seed)
     try:
-        model = build_model(
-            config.model, kw, input_shape, num_classes, config.seed, full_precision=full
-        )
+        net = build_model(*args, full_precision=baseline == optim.FULL_PRECISION)
     except (TypeError, ValueError) as e:
-        raise ConfigError(
-            f"cannot build model {config.model!r} with model_kwargs {kw}: {e}"
-        ) from None
+        what = f"model {config.model!r} with model_kwargs {config.model_kwargs}"
+        raise ConfigError(f"cannot build {what}: {e}") from None
     if baseline is None:
-        return model, None
+        return net, None
     key = jax.random.key(config.seed + 1)
     # One compiled program for every leaf (drawing eagerly compiles one per shape).
-    return model, lambda params, mask: jax.jit(lambda p: latent_init(p, mask, key))(params)
+    return net, lambda params, mask: jax.jit(lambda p: latent_init(p, mask, key))(params)
 
 
 def latent_init(params: Any, mask: Any, key: jax.Array) -> Any:

@@ -1,7 +1,6 @@
 """The optimizers the training command offers: one `Recipe` each, in `RECIPES`, from which the
-command's flags, help, config check and optimizer all come. Real-valued parameters (BatchNorm,
-real first/last layers) get an Optax optimizer (`REAL_OPTIMIZERS`), joined by `binax.partition`.
-"""
+command's flags, help, config check and optimizer all come. The real-valued parameters
+(BatchNorm, real first/last layers) get an Optax optimizer (`REAL_OPTIMIZERS`) beside them."""
 
 from __future__ import annotations
 

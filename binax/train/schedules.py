@@ -1,7 +1,6 @@
 """Hyperparameter schedules: a number or a string of one of the `FORMS` (``linear:1e-2,1e-4``),
 parsed once into a `Schedule`, which builds an Optax schedule for a run. Durations are in
-epochs, so a schedule means the same whatever the batch size (docs/training.md, "Schedules").
-"""
+epochs, so a schedule means the same whatever the batch size (docs/training.md, "Schedules")."""
 
 from __future__ import annotations
 

@@ -119,8 +119,7 @@ def initialize_distributed(
     which `make_mesh` spans the devices of every process. Arguments left ``None`` come from
     ``$JAX_COORDINATOR_ADDRESS`` (process 0's ``host:port``), ``$JAX_NUM_PROCESSES`` and
     ``$JAX_PROCESS_ID``; without all three JAX detects the cluster (Cloud TPU pod slices,
-    SLURM, Open MPI, Kubernetes). ``timeout_s``: seconds to wait for every process to connect.
-    """
+    SLURM, Open MPI, Kubernetes). ``timeout_s``: seconds to wait for every process to connect."""
 
     def env(value: int | None, name: str) -> int | None:
         text = os.environ.get(name)

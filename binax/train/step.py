@@ -128,8 +128,7 @@ class Program:
     their key paths and sizes (``flip_names``: ``"layers/0/kernel"``..., ``flip_sizes``), the
     ``batch_sharding`` (along ``"data"``), `train_step` and `eval_step` jitted without their
     keyword arguments (the train step donates ``state`` and ``metrics``), ``init_state()`` (the
-    initial `TrainState`, on the mesh), and ``distill``: the train step distils (`Distillation`).
-    """
+    initial `TrainState`, on the mesh), and ``distill``: the step distils (`Distillation`)."""
 
     mesh: Mesh
     eval_graphdef: Any
