@@ -164,6 +164,61 @@ def test_sequential_with_pooling_negative_scales_strides_and_padding():
         chunked(x[:3])
 
 
+@pytest.mark.parametrize("channels", [1, 31, 32, 33, 70])
+def test_pack_unpack_roundtrip(channels):
+    x = jnp.asarray(np.random.default_rng(channels).choice([-1, 1], (3, 5, channels)), jnp.int8)
+    p = P.pack(x > 0)
+    assert p.words.shape == (3, 5, -(-channels // 32)) and p.words.dtype == jnp.uint32
+    np.testing.assert_array_equal(np.asarray(P.unpack(p)), np.asarray(x))
+    used = channels % 32
+    if used:  # the bits past the last channel are set (+1), as in the kernels' words
+        np.testing.assert_array_equal(np.asarray(p.words[..., -1]) >> used, (1 << 32 - used) - 1)
+
+
+@pytest.mark.parametrize(
+    "channels, pad_value, padding, strides, dilation, pool",
+    [
+        ((40, 70, 33), 1.0, "SAME", 1, 1, ((2, 2), None, "VALID")),
+        ((32, 64, 5), -1.0, "SAME", 2, 1, ((3, 3), (2, 2), "SAME")),
+        ((13, 36, 9), -1.0, [[2, 0], [1, 1]], 1, 2, ((2, 2), (2, 2), "VALID")),
+        ((7, 96, 32), 1.0, "VALID", (2, 1), 1, ((3, 2), (2, 1), [[1, 1], [0, 1]])),
+    ],
+)
+def test_packed_convolutions_equal_the_int8_path(
+    channels, pad_value, padding, strides, dilation, pool
+):
+    """Binary convolutions followed by a threshold run as XOR + popcount on words of 32
+    channels on the CPU: the same logits as the int8 path and the float model, bit for bit,
+    for channel counts that do not fill whole words and span several, every padding constant,
+    strides, dilation, and max pooling (overlapping, padded) of decreasing channels."""
+    c1, c2, c3 = channels
+    rngs = nnx.Rngs(3)
+    kw = dict(use_bias=False, padding=padding, pad_value=pad_value, rngs=rngs)
+    window, pool_strides, pool_padding = pool
+    model = nnx.Sequential(
+        BinaryConv(3, c1, (3, 3), input_quantizer=None, pad_value=None, use_bias=False, rngs=rngs),
+        nnx.BatchNorm(c1, rngs=rngs),
+        BinaryConv(c1, c2, (3, 3), strides=strides, kernel_dilation=dilation, **kw),
+        functools.partial(
+            nnx.max_pool, window_shape=window, strides=pool_strides, padding=pool_padding
+        ),
+        nnx.BatchNorm(c2, rngs=rngs),
+        BinaryConv(c2, c3, (3, 3), **kw),
+        nnx.BatchNorm(c3, rngs=rngs),
+        BinaryConv(c3, 4, (3, 3), padding="VALID", rngs=rngs),
+    )
+    random_stats(model, seed=4)
+    x = jax.random.normal(jax.random.key(3), (9, 15, 14, 3))
+    deployed, out, ref = assert_agree(model, x)
+    np.testing.assert_array_equal(out, ref)
+    program, arrays = deployed.program, deployed.arrays
+    packed = [i for i in range(len(program)) if P._packed_applies(program, i, arrays)]
+    assert len(packed) == 2 and "pool" in program[packed[0] + 1]
+    assert program[packed[0] + 1]["pool"]["flip"]  # decreasing channels were exercised
+    int8_path = jax.jit(lambda a, x: P.run(program, a, x, {}, packed=False))
+    np.testing.assert_array_equal(np.asarray(int8_path(deployed._device_arrays, x)), out)
+
+
 @pytest.mark.parametrize(
     "window, strides, dilation, padding, image",
     [

@@ -284,12 +284,14 @@ def _lower_sequential(model) -> tuple[list, list]:
         if isinstance(layer, nnx.Module):
             parts.append(lower(layer))
         elif f is nnx.max_pool and isinstance(layer, functools.partial):
-            kw = dict(layer.keywords)
-            args = list(layer.args)
-            window = kw.get("window_shape", args[0] if args else None)
+            # nnx.max_pool(inputs, window_shape, strides=None, padding="VALID"); its default
+            # strides are 1, not the window.
+            names = ("window_shape", "strides", "padding")[: len(layer.args)]
+            kw = dict(zip(names, layer.args, strict=True)) | layer.keywords
+            window = kw.get("window_shape")
             if window is None:
                 raise ValueError(f"Sequential layer {i}: max_pool needs window_shape")
-            strides = kw.get("strides") or window
+            strides = kw.get("strides") or (1,) * len(window)
             parts.append(_maxpool(window, strides, _json_padding(kw.get("padding", "VALID"))))
         else:
             raise ValueError(

@@ -9,7 +9,8 @@ values; arrays are NumPy arrays. The kinds, with the dtype they take and give:
 ``int_dense``  int8 -> int32    ``x @ W``, ``W`` ±1 unpacked from bits, int32 accumulation
                                 (XOR + popcount on the bits for 1-2 rows)
 ``int_conv``   int8 -> int32    ``conv(pad(x, pad_value), W)``, exactly: zero padding plus a
-                                batch-independent border term
+                                batch-independent border term (on the CPU, followed by a
+                                ``threshold``: XOR + popcount on packed words, see `Packed`)
 ``threshold``  int32 -> int8    ``+1`` where ``s * y >= t`` (per channel), else ``-1``;
                                 optionally max pooled (exactly, see `_threshold`)
 ``dense``      float -> float   ``x @ W`` (W float, or ±1 from bits)
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -48,11 +49,14 @@ from jax import lax
 from binax.nn import functional as F
 
 __all__ = [
+    "Packed",
     "activation_nbytes",
     "fold_thresholds",
+    "pack",
     "pack_kernel",
     "run",
     "threshold_from_decisions",
+    "unpack",
     "unpack_kernel",
 ]
 
@@ -95,6 +99,110 @@ def _kernel(node: dict, arrays: dict, dtype: Any) -> jax.Array:
     if "bits" in arrays:
         return unpack_kernel(arrays["bits"], tuple(node["kernel_shape"]), dtype)
     return arrays["kernel"].astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Binary activations packed 32 channels to a word
+
+
+class Packed(NamedTuple):
+    """Binary activations ``(batch, *spatial, channels)`` of ±1, 32 channels to a ``uint32`` word.
+
+    Bit ``j`` of word ``d`` is channel ``32 * d + j``, set for ``+1``. The bits past the last
+    channel are set too (``+1``), as they are in the kernels' words (`_kernel_words`), so that
+    they always agree and add nothing to a popcount of the XOR.
+    """
+
+    words: jax.Array  # (batch, *spatial, ceil(channels / 32)) uint32
+    channels: int
+
+
+def pack(on: jax.Array, fill: bool = True) -> Packed:
+    """`Packed` from booleans ``on`` (``True``: ``+1``) along the last axis; ``fill`` for the
+    bits past the last channel."""
+    c = on.shape[-1]
+    words = -(-c // 32)
+    on = jnp.pad(on, [(0, 0)] * (on.ndim - 1) + [(0, 32 * words - c)], constant_values=fill)
+    bits = on.reshape(*on.shape[:-1], words, 32).astype(jnp.uint32)
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    return Packed(jnp.sum(bits << shifts, axis=-1, dtype=jnp.uint32), c)
+
+
+def unpack(x: Packed) -> jax.Array:
+    """The int8 ±1 activations of `Packed` ``x``."""
+    bits = (x.words[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
+    bits = bits.reshape(*x.words.shape[:-1], -1)[..., : x.channels]
+    return (2 * bits.astype(jnp.int8) - 1).astype(jnp.int8)
+
+
+def _kernel_words(node: dict, a: dict) -> jax.Array:
+    """The ±1 kernel ``(*window, in, out)`` as words ``(*window, out, ceil(in / 32))``."""
+    w = unpack_kernel(a["bits"], tuple(node["kernel_shape"]), jnp.int8)
+    return pack(jnp.moveaxis(w, -1, -2) > 0).words
+
+
+def _xnor_conv(x: Packed, w_words: jax.Array, spec: F._Spec) -> jax.Array:
+    """``conv(pad(x, +1), W)`` in int32 from the packed words of ``x`` and of ``W``.
+
+    Each kernel position and word adds ``popcount(x_word XOR w_word)``, the disagreements, and
+    ``x . w = fan_in - 2 * disagreements``. Elementwise work that XLA fuses with the threshold
+    and the packing after it into one pass that writes 32 channels per word: on a 2-core Xeon
+    2-20x faster than XLA:CPU's int8 convolution at BinaryNet's layers (BENCHMARKS.md section 5).
+    """
+    window = w_words.shape[:-2]
+    ones = np.uint32(0xFFFFFFFF)
+    pieces, _ = F.shifted_windows(x.words, window, spec, ones, axis=1)
+    disagree = None
+    for k, piece in zip(np.ndindex(*window), pieces, strict=True):
+        for d in range(w_words.shape[-1]):
+            term = lax.population_count(piece[..., d, None] ^ w_words[(*k, slice(None), d)])
+            term = term.astype(jnp.int32)
+            disagree = term if disagree is None else disagree + term
+    return math.prod(window) * x.channels - 2 * disagree
+
+
+def _or_pool(x: Packed, pool: dict) -> Packed:
+    """Max pooling of ±1 activations: the OR of the windows' words (padding adds ``-1``)."""
+    n = x.words.ndim - 2
+    window, strides = tuple(pool["window"]), tuple(pool["strides"])
+    pads = F.conv_padding(
+        _padding_spec(pool["padding"]), x.words.shape[1:-1], window, strides, (1,) * n
+    )
+    spec = F._Spec(False, None, None, strides=strides, pads=tuple(pads), dilation=(1,) * n)
+    pieces, _ = F.shifted_windows(x.words, window, spec, np.uint32(0), axis=1)
+    return x._replace(words=functools.reduce(jnp.bitwise_or, pieces))
+
+
+def _packed_applies(program: list, i: int, arrays: list) -> bool:
+    """Whether ``program[i]`` runs as `_xnor_conv` with the threshold after it, on packed words."""
+    node = program[i]
+    return (
+        jax.default_backend() == "cpu"
+        and node["op"] == "int_conv"
+        and i + 1 < len(program)
+        and program[i + 1]["op"] == "threshold"
+        and "bits" in arrays[i]
+        and node["groups"] == 1
+        and node["pad_value"] in (None, 0, 1, -1)
+    )
+
+
+def _packed_conv(x, node: dict, a: dict, after: dict, after_a: dict, borders: dict, where: str):
+    """``int_conv`` (``node``, ``a``) and the ``threshold`` after it on packed words: `Packed`."""
+    if not isinstance(x, Packed):
+        x = pack(x > 0)
+    image = jax.ShapeDtypeStruct((1, *x.words.shape[1:-1], x.channels), jnp.int8)
+    spec = _spec(node, image, integer=True)
+    # _xnor_conv pads with +1; padding with v instead adds (v - 1) * conv(B, W) (B: 1 on the
+    # border), which does not depend on the batch.
+    key = f"{where}:packed"
+    if key not in borders:
+        w = _kernel(node, a, jnp.int8)
+        borders[key] = _border(w, spec._replace(pad_value=spec.pad_value - 1), image)
+    y = _xnor_conv(x, _kernel_words(node, a), spec)
+    if borders[key] is not None:
+        y = y + borders[key]
+    return _threshold(y, after_a, after.get("pool"), packed=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,15 +272,30 @@ def run(
     borders: dict,
     path: str = "",
     seen: list | None = None,
+    packed: bool = True,
 ) -> jax.Array:
     """Runs ``program`` on ``x`` (jittable; ``program`` static, ``arrays`` its arrays by node).
 
     ``borders`` maps an ``int_conv`` node's path to its border term; a missing one is computed
     and stored into ``borders`` (`Deployed` does this once per input shape, outside the batch).
-    With ``seen``, each node's output is appended to it (see `activation_nbytes`).
+    With ``seen``, each node's output is appended to it (see `activation_nbytes`). With
+    ``packed=False``, binary convolutions stay int8 products where `_packed_applies` would
+    take them to packed words (for comparisons).
     """
+    skip = False
     for i, (node, a) in enumerate(zip(program, arrays, strict=True)):
         op, where = node["op"], f"{path}{i}"
+        if skip:  # the threshold that `_packed_conv` applied
+            skip = False
+            continue
+        if packed and _packed_applies(program, i, arrays):
+            x = _packed_conv(x, node, a, program[i + 1], arrays[i + 1], borders, where)
+            skip = True
+            if seen is not None:
+                seen.append(x.words)
+            continue
+        if isinstance(x, Packed):
+            x = unpack(x)
         if op == "sign":
             x = jnp.where(x >= 0, jnp.int8(1), jnp.int8(-1))
         elif op == "int_dense":
@@ -213,14 +336,14 @@ def run(
         elif op == "mean":
             x = jnp.mean(_float(x), axis=tuple(range(1, x.ndim - 1)))
         elif op == "residual":
-            body = run(node["body"], a["body"], x, borders, f"{where}b", seen)
-            short = run(node["shortcut"], a["shortcut"], x, borders, f"{where}s", seen)
+            body = run(node["body"], a["body"], x, borders, f"{where}b", seen, packed)
+            short = run(node["shortcut"], a["shortcut"], x, borders, f"{where}s", seen, packed)
             x = body + short
         else:
             raise ValueError(f"unknown deployed op {op!r} at node {where}")
         if seen is not None:
             seen.append(x)
-    return x
+    return unpack(x) if isinstance(x, Packed) else x
 
 
 def activation_nbytes(program: list, arrays: list, x: jax.Array, borders: dict) -> int:
@@ -294,20 +417,29 @@ def _int_dense(x: jax.Array, node: dict, a: dict) -> jax.Array:
     return fan_in - 2 * jnp.sum(diff, axis=-2, dtype=jnp.int32)
 
 
-def _threshold(y: jax.Array, a: dict, pool: dict | None) -> jax.Array:
-    """``+1`` where ``s * y >= t``, else ``-1`` (int8); with ``pool``, max pooling of ``y`` first.
+def _threshold(y: jax.Array, a: dict, pool: dict | None, packed: bool = False):
+    """``+1`` where ``s * y >= t``, else ``-1`` (int8, or `Packed` if ``packed``); with ``pool``,
+    max pooling of ``y`` first.
 
-    Pooling is done after the comparison, on int8, which is exact: a channel with ``s = +1``
-    decides increasingly in ``y``, so the decision at ``max(y)`` is the max of the decisions;
-    one with ``s = -1`` decides decreasingly, so it is their min, taken here as the max of the
-    flipped decisions, flipped back (``s = 0`` is constant: either way).
+    Pooling is done after the comparison, on the decisions, which is exact: a channel with
+    ``s = +1`` decides increasingly in ``y``, so the decision at ``max(y)`` is the max of the
+    decisions; one with ``s = -1`` decides decreasingly, so it is their min, taken here as the
+    max of the flipped decisions, flipped back (``s = 0`` is constant: either way). On packed
+    words the max of ±1 decisions is the OR of their bits (`_or_pool`).
     """
     on = a["s"] * y >= a["t"]
+    flip = a["s"] < 0 if pool is not None and pool["flip"] else None
+    if packed:
+        if pool is None:
+            return pack(on)
+        if flip is None:
+            return _or_pool(pack(on), pool)
+        x = _or_pool(pack(on != flip), pool)
+        return x._replace(words=x.words ^ pack(flip, fill=False).words)
     if pool is None:
         return jnp.where(on, jnp.int8(1), jnp.int8(-1))
-    if not pool["flip"]:  # no decreasing channel
+    if flip is None:  # no decreasing channel
         return _maxpool(jnp.where(on, jnp.int8(1), jnp.int8(-1)), pool)
-    flip = a["s"] < 0
     x = _maxpool(jnp.where(on != flip, jnp.int8(1), jnp.int8(-1)), pool)
     return jnp.where(flip, -x, x)
 
