@@ -215,8 +215,11 @@ def test_packed_convolutions_equal_the_int8_path(
     packed = [i for i in range(len(program)) if P._packed_applies(program, i, arrays)]
     assert len(packed) == 2 and "pool" in program[packed[0] + 1]
     assert program[packed[0] + 1]["pool"]["flip"]  # decreasing channels were exercised
-    int8_path = jax.jit(lambda a, x: P.run(program, a, x, {}, packed=False))
-    np.testing.assert_array_equal(np.asarray(int8_path(deployed._device_arrays, x)), out)
+    deployed.packed = False  # int8 products instead
+    np.testing.assert_array_equal(np.asarray(deployed(x)), out)
+    deployed.batch_chunk = 4  # in chunks, the remainder chunk too (packed again)
+    deployed.packed = True
+    np.testing.assert_array_equal(np.asarray(deployed(x)), out)
 
 
 @pytest.mark.parametrize(

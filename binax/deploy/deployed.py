@@ -50,7 +50,10 @@ class Deployed:
       arrays: their arrays (NumPy), one dict per node.
       meta: free JSON metadata stored in the file (e.g. the training config).
       batch_chunk: images per chunk; None (the default) chooses the largest power of two whose
-        largest activation fits in ``CHUNK_NBYTES``. Set it before the first call of a shape.
+        largest activation fits in ``CHUNK_NBYTES``.
+      packed: whether binary convolutions followed by a threshold run on packed words (XOR +
+        popcount, `binax.deploy.program.Packed`) where they can (the default, on the CPU);
+        ``False`` keeps them int8 products. The same values either way.
     """
 
     def __init__(self, program: list, arrays: list, meta: dict[str, Any] | None = None):
@@ -58,13 +61,16 @@ class Deployed:
         self.arrays = arrays
         self.meta = dict(meta or {})
         self.batch_chunk: int | None = None
+        self.packed = True
         self._device_arrays = jax.tree.map(jnp.asarray, arrays)
         self._borders: dict[tuple, dict] = {}
         self._compiled: dict[tuple, Any] = {}
         prog = program
         self._forward = jax.jit(
-            lambda a, b, x, chunk: F.map_chunks(lambda x: P.run(prog, a, x, dict(b)), x, chunk),
-            static_argnums=3,
+            lambda a, b, x, chunk, packed: F.map_chunks(
+                lambda x: P.run(prog, a, x, dict(b), packed=packed), x, chunk
+            ),
+            static_argnums=(3, 4),
         )
         self._collect = jax.jit(lambda a, x: _collect_borders(prog, a, x))
 
@@ -101,14 +107,17 @@ class Deployed:
         """Logits for a batch ``x`` (the float model's input layout, e.g. NHWC float images)."""
         if not (isinstance(x, jax.Array) and x.dtype == jnp.float32):
             x = jnp.asarray(x, jnp.float32)
-        run = self._compiled.get(x.shape)
+        key = (x.shape, self.batch_chunk, bool(self.packed))
+        run = self._compiled.get(key)
         if run is None:  # compiled once per input shape (a direct call dispatches faster)
             if x.ndim < 2:
                 raise ValueError(f"x must be a batch (batch, ...), got shape {x.shape}")
             borders = self.borders(x.shape[1:])
             chunk = self.chunk(x.shape[1:])
-            compiled = self._forward.lower(self._device_arrays, borders, x, chunk).compile()
-            run = self._compiled[x.shape] = lambda x: compiled(self._device_arrays, borders, x)
+            compiled = self._forward.lower(
+                self._device_arrays, borders, x, chunk, self.packed
+            ).compile()
+            run = self._compiled[key] = lambda x: compiled(self._device_arrays, borders, x)
         return run(x)
 
     def summary(self) -> str:
@@ -140,7 +149,8 @@ class Deployed:
 
 def _collect_borders(program, arrays, x):
     borders: dict = {}
-    P.run(program, arrays, x, borders)
+    for packed in (True, False):  # their terms differ (`binax.deploy.program._packed_conv`)
+        P.run(program, arrays, x, borders, packed=packed)
     return borders
 
 

@@ -188,7 +188,8 @@ def _packed_applies(program: list, i: int, arrays: list) -> bool:
 
 
 def _packed_conv(x, node: dict, a: dict, after: dict, after_a: dict, borders: dict, where: str):
-    """``int_conv`` (``node``, ``a``) and the ``threshold`` after it on packed words: `Packed`."""
+    """``int_conv`` (``node``, ``a``) and the ``threshold`` after it on packed words: the
+    product (int32) and the thresholded activations (`Packed`)."""
     if not isinstance(x, Packed):
         x = pack(x > 0)
     image = jax.ShapeDtypeStruct((1, *x.words.shape[1:-1], x.channels), jnp.int8)
@@ -202,7 +203,7 @@ def _packed_conv(x, node: dict, a: dict, after: dict, after_a: dict, borders: di
     y = _xnor_conv(x, _kernel_words(node, a), spec)
     if borders[key] is not None:
         y = y + borders[key]
-    return _threshold(y, after_a, after.get("pool"), packed=True)
+    return y, _threshold(y, after_a, after.get("pool"), packed=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,10 +290,10 @@ def run(
             skip = False
             continue
         if packed and _packed_applies(program, i, arrays):
-            x = _packed_conv(x, node, a, program[i + 1], arrays[i + 1], borders, where)
+            y, x = _packed_conv(x, node, a, program[i + 1], arrays[i + 1], borders, where)
             skip = True
-            if seen is not None:
-                seen.append(x.words)
+            if seen is not None:  # the product (fused away, but counted) and the threshold
+                seen += [y, x.words]
             continue
         if isinstance(x, Packed):
             x = unpack(x)
