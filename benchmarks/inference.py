@@ -5,9 +5,13 @@ kernels everywhere, float first-layer input) is timed, side by side and interlea
 round, as:
 
 - ``binax float``: the NNX model in eval mode, jitted (`nnx.split` + `jax.jit`), float32;
-- ``binax deployed``: `binax.deploy.compile(model)`: kernels bit-packed, int8 products with
-  int32 accumulation, BatchNorm + sign folded into integer thresholds; a large batch runs in
-  cache-sized chunks (`binax.deploy.Deployed.batch_chunk`);
+- ``binax deployed``: `binax.deploy.compile(model)`: kernels bit-packed, BatchNorm + sign
+  folded into integer thresholds, binary convolutions as XOR + popcount on activations packed
+  32 channels to a word (`binax.deploy.program.Packed`), the dense layers as int8 products with
+  int32 accumulation; a large batch runs in cache-sized chunks
+  (`binax.deploy.Deployed.batch_chunk`);
+- ``binax deployed, int8 convs``: the same with ``Deployed.packed = False``: the convolutions
+  as int8 products too (the default until session 7);
 - ``binax float, chunked``: the float forward run in the same chunks
   (`binax.nn.functional.map_chunks`): how much of the deployed network's lead at batch 256
   comes from chunking alone, which helps XLA:CPU's float convolutions too;
@@ -380,6 +384,8 @@ def main(argv=None) -> int:
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     deployed = binax.deploy.compile(model)
+    int8_convs = binax.deploy.compile(model)
+    int8_convs.packed = False
     images = np.asarray(jax.random.normal(jax.random.key(7), (256, *INPUT_SHAPE)), np.float32)
 
     tmp = tempfile.mkdtemp(prefix="binax-inference-")
@@ -390,9 +396,8 @@ def main(argv=None) -> int:
     float_bytes = os.path.getsize(ckpt)
     reference = np.asarray(forward(state, images))
     agree = {
-        "binax deployed": float(
-            np.mean(np.asarray(deployed(images)).argmax(-1) == reference.argmax(-1))
-        )
+        name: float(np.mean(np.asarray(d(images)).argmax(-1) == reference.argmax(-1)))
+        for name, d in (("binax deployed", deployed), ("binax deployed, int8 convs", int8_convs))
     }
     n_binary = sum(
         int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, binax.nn.BinaryParam))
@@ -406,6 +411,7 @@ def main(argv=None) -> int:
     engines = {
         "binax float": lambda x: forward(state, x),
         "binax deployed": deployed,
+        "binax deployed, int8 convs": int8_convs,
         "binax float, chunked": lambda x: chunked(state, x),
     }
     peer = None
@@ -470,6 +476,12 @@ def main(argv=None) -> int:
         f"batch 256 {dep256 / flt[256]['images_s']:.2f}x (/ the float forward chunked alike: "
         f"{dep256 / chunked256:.2f}x); file {float_bytes / deployed_bytes:.1f}x "
         "smaller than the float32 .npz"
+    )
+    int8_256 = results["binax deployed, int8 convs"][256]["images_s"]
+    print(
+        f"deployed (packed convs) / deployed with int8 convs: batch 1 "
+        f"{dep1 / results['binax deployed, int8 convs'][1]['images_s']:.2f}x, "
+        f"batch 256 {dep256 / int8_256:.2f}x"
     )
     if peer is not None:
         lce = results["LCE interpreter"]

@@ -173,6 +173,11 @@ def _or_pool(x: Packed, pool: dict) -> Packed:
     return x._replace(words=functools.reduce(jnp.bitwise_or, pieces))
 
 
+# Binary convolutions whose input has at most this many words (32 channels each) per position
+# run on packed words (`_packed_applies`); wider ones as int8 products, which are faster there.
+PACKED_MAX_WORDS = 1
+
+
 def _packed_applies(program: list, i: int, arrays: list) -> bool:
     """Whether ``program[i]`` runs as `_xnor_conv` with the threshold after it, on packed words."""
     node = program[i]
@@ -183,6 +188,7 @@ def _packed_applies(program: list, i: int, arrays: list) -> bool:
         and program[i + 1]["op"] == "threshold"
         and "bits" in arrays[i]
         and node["groups"] == 1
+        and node["kernel_shape"][-2] <= 32 * PACKED_MAX_WORDS
         and node["pad_value"] in (None, 0, 1, -1)
     )
 
@@ -191,7 +197,7 @@ def _packed_conv(x, node: dict, a: dict, after: dict, after_a: dict, borders: di
     """``int_conv`` (``node``, ``a``) and the ``threshold`` after it on packed words: the
     product (int32) and the thresholded activations (`Packed`)."""
     if not isinstance(x, Packed):
-        x = pack(x > 0)
+        x = _materialized(pack(x > 0))
     image = jax.ShapeDtypeStruct((1, *x.words.shape[1:-1], x.channels), jnp.int8)
     spec = _spec(node, image, integer=True)
     # _xnor_conv pads with +1; padding with v instead adds (v - 1) * conv(B, W) (B: 1 on the
@@ -203,7 +209,14 @@ def _packed_conv(x, node: dict, a: dict, after: dict, after_a: dict, borders: di
     y = _xnor_conv(x, _kernel_words(node, a), spec)
     if borders[key] is not None:
         y = y + borders[key]
-    return y, _threshold(y, after_a, after.get("pool"), packed=True)
+    return y, _materialized(_threshold(y, after_a, after.get("pool"), packed=True))
+
+
+def _materialized(x: Packed) -> Packed:
+    """``x``, written out: XLA would otherwise fuse the work that makes the words (packing,
+    pooling, flips) into the pass of the product that reads them, and redo it for every kernel
+    position and output channel (2-3x slower)."""
+    return x._replace(words=lax.optimization_barrier(x.words))
 
 
 # ---------------------------------------------------------------------------------------------
