@@ -185,13 +185,12 @@ def test_pack_unpack_roundtrip(channels):
     ],
 )
 def test_packed_convolutions_equal_the_int8_path(
-    channels, pad_value, padding, strides, dilation, pool, monkeypatch
+    channels, pad_value, padding, strides, dilation, pool
 ):
     """Binary convolutions followed by a threshold run as XOR + popcount on words of 32
     channels on the CPU: the same logits as the int8 path and the float model, bit for bit,
     for channel counts that do not fill whole words and span several, every padding constant,
     strides, dilation, and max pooling (overlapping, padded) of decreasing channels."""
-    monkeypatch.setattr(P, "PACKED_MAX_WORDS", 4)  # inputs of several words take it too
     c1, c2, c3 = channels
     rngs = nnx.Rngs(3)
     kw = dict(use_bias=False, padding=padding, pad_value=pad_value, rngs=rngs)

@@ -1,7 +1,7 @@
 """Inference for trained binary networks: packed kernels, integer products, BN as thresholds.
 
 >>> deployed = binax.deploy.compile(model)      # a trained NNX model of binax layers
->>> logits = deployed(images)                   # int8 products, thresholds, float first/last
+>>> logits = deployed(images)                   # XOR+popcount / int8 products, thresholds
 >>> deployed.save("model.bnx"); deployed = binax.deploy.load("model.bnx")
 
 The ``binax-deploy RUN_DIR OUT`` command does the same for a ``binax-train`` run directory.

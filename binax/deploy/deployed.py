@@ -35,22 +35,27 @@ class DeployFileError(ValueError):
 class Deployed:
     """A binary network compiled for inference: ``deployed(x)`` gives the logits.
 
-    Binary kernels are held bit-packed (1 bit per weight, along the reduction axis); products
-    of binary activations and binary kernels run in int8 with int32 accumulation; BatchNorm
-    followed by a sign is a per-channel integer threshold, so hidden activations stay int8
-    ``±1`` from layer to layer; real-valued layers run in float32. See `binax.deploy.program`.
+    Binary kernels are held bit-packed (1 bit per weight, along the reduction axis); BatchNorm
+    followed by a sign is a per-channel integer threshold, so hidden activations stay binary
+    from layer to layer; real-valued layers run in float32. On the CPU a binary convolution
+    followed by such a threshold runs as XOR + popcount on activations packed 32 channels to a
+    word (the kernels' words are held too, 1 bit per weight); other products of binary
+    activations and binary kernels run in int8 with int32 accumulation. Both are exact. See
+    `binax.deploy.program`.
 
     Build with `binax.deploy.compile`, read with `binax.deploy.load`.
 
     A large batch runs in chunks of `batch_chunk` images, one after the other, so that each
-    layer's operands stay in the CPU caches (`binax.deploy.program.CHUNK_NBYTES`).
+    layer's operands stay in the CPU caches (`binax.deploy.program.CHUNK_NBYTES`,
+    ``PACKED_CHUNK_NBYTES``).
 
     Attributes:
       program: the list of nodes (JSON values).
       arrays: their arrays (NumPy), one dict per node.
       meta: free JSON metadata stored in the file (e.g. the training config).
       batch_chunk: images per chunk; None (the default) chooses the largest power of two whose
-        largest activation fits in ``CHUNK_NBYTES``.
+        largest activation fits in ``CHUNK_NBYTES`` (``PACKED_CHUNK_NBYTES`` with packed
+        convolutions).
       packed: whether binary convolutions followed by a threshold run on packed words (XOR +
         popcount, `binax.deploy.program.Packed`) where they can (the default, on the CPU);
         ``False`` keeps them int8 products. The same values either way.
@@ -62,7 +67,7 @@ class Deployed:
         self.meta = dict(meta or {})
         self.batch_chunk: int | None = None
         self.packed = True
-        self._device_arrays = jax.tree.map(jnp.asarray, arrays)
+        self._device_arrays = jax.tree.map(jnp.asarray, P.with_kernel_words(program, arrays))
         self._borders: dict[tuple, dict] = {}
         self._compiled: dict[tuple, Any] = {}
         prog = program
@@ -101,7 +106,9 @@ class Deployed:
         per_image = P.activation_nbytes(
             self.program, self._device_arrays, x, self.borders(image_shape)
         )
-        return 1 << max(0, (P.CHUNK_NBYTES // per_image).bit_length() - 1)
+        packed = self.packed and P.has_kernel_words(self._device_arrays)
+        budget = P.PACKED_CHUNK_NBYTES if packed else P.CHUNK_NBYTES
+        return 1 << max(0, (budget // per_image).bit_length() - 1)
 
     def __call__(self, x: Any) -> jax.Array:
         """Logits for a batch ``x`` (the float model's input layout, e.g. NHWC float images)."""

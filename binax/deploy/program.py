@@ -52,12 +52,15 @@ __all__ = [
     "Packed",
     "activation_nbytes",
     "fold_thresholds",
+    "has_kernel_words",
+    "kernel_words",
     "pack",
     "pack_kernel",
     "run",
     "threshold_from_decisions",
     "unpack",
     "unpack_kernel",
+    "with_kernel_words",
 ]
 
 OPS = (
@@ -109,7 +112,7 @@ class Packed(NamedTuple):
     """Binary activations ``(batch, *spatial, channels)`` of ±1, 32 channels to a ``uint32`` word.
 
     Bit ``j`` of word ``d`` is channel ``32 * d + j``, set for ``+1``. The bits past the last
-    channel are set too (``+1``), as they are in the kernels' words (`_kernel_words`), so that
+    channel are set too (``+1``), as they are in the kernels' words (`kernel_words`), so that
     they always agree and add nothing to a popcount of the XOR.
     """
 
@@ -135,10 +138,29 @@ def unpack(x: Packed) -> jax.Array:
     return (2 * bits.astype(jnp.int8) - 1).astype(jnp.int8)
 
 
-def _kernel_words(node: dict, a: dict) -> jax.Array:
-    """The ±1 kernel ``(*window, in, out)`` as words ``(*window, out, ceil(in / 32))``."""
+def kernel_words(node: dict, a: dict) -> jax.Array:
+    """The ±1 kernel ``(*window, in, out)`` of a conv node, from its ``bits``, as `Packed` words
+    along the input channels, ``(*window, ceil(in / 32), out)``.
+
+    `Deployed` computes them once, outside its jitted call (`with_kernel_words`): computed
+    inside, XLA:CPU's product pass over them runs 1.8x slower with 2-4 words per position.
+    """
     w = unpack_kernel(a["bits"], tuple(node["kernel_shape"]), jnp.int8)
-    return pack(jnp.moveaxis(w, -1, -2) > 0).words
+    return jnp.moveaxis(pack(jnp.moveaxis(w, -1, -2) > 0).words, -1, -2)
+
+
+def with_kernel_words(program: list, arrays: list) -> list:
+    """``arrays`` with the `kernel_words` of every node that `_packed_applies` to, as
+    ``"words"``, computed now (NumPy)."""
+    out = []
+    for i, (node, a) in enumerate(zip(program, arrays, strict=True)):
+        if node["op"] == "residual":
+            body = with_kernel_words(node["body"], a["body"])
+            a = {"body": body, "shortcut": with_kernel_words(node["shortcut"], a["shortcut"])}
+        elif _packed_applies(program, i, arrays):
+            a = {**a, "words": np.asarray(kernel_words(node, a))}
+        out.append(a)
+    return out
 
 
 def _xnor_conv(x: Packed, w_words: jax.Array, spec: F._Spec) -> jax.Array:
@@ -154,8 +176,8 @@ def _xnor_conv(x: Packed, w_words: jax.Array, spec: F._Spec) -> jax.Array:
     pieces, _ = F.shifted_windows(x.words, window, spec, ones, axis=1)
     disagree = None
     for k, piece in zip(np.ndindex(*window), pieces, strict=True):
-        for d in range(w_words.shape[-1]):
-            term = lax.population_count(piece[..., d, None] ^ w_words[(*k, slice(None), d)])
+        for d in range(w_words.shape[-2]):
+            term = lax.population_count(piece[..., d, None] ^ w_words[(*k, d)])
             term = term.astype(jnp.int32)
             disagree = term if disagree is None else disagree + term
     return math.prod(window) * x.channels - 2 * disagree
@@ -173,11 +195,6 @@ def _or_pool(x: Packed, pool: dict) -> Packed:
     return x._replace(words=functools.reduce(jnp.bitwise_or, pieces))
 
 
-# Binary convolutions whose input has at most this many words (32 channels each) per position
-# run on packed words (`_packed_applies`); wider ones as int8 products, which are faster there.
-PACKED_MAX_WORDS = 1
-
-
 def _packed_applies(program: list, i: int, arrays: list) -> bool:
     """Whether ``program[i]`` runs as `_xnor_conv` with the threshold after it, on packed words."""
     node = program[i]
@@ -188,7 +205,6 @@ def _packed_applies(program: list, i: int, arrays: list) -> bool:
         and program[i + 1]["op"] == "threshold"
         and "bits" in arrays[i]
         and node["groups"] == 1
-        and node["kernel_shape"][-2] <= 32 * PACKED_MAX_WORDS
         and node["pad_value"] in (None, 0, 1, -1)
     )
 
@@ -206,7 +222,7 @@ def _packed_conv(x, node: dict, a: dict, after: dict, after_a: dict, borders: di
     if key not in borders:
         w = _kernel(node, a, jnp.int8)
         borders[key] = _border(w, spec._replace(pad_value=spec.pad_value - 1), image)
-    y = _xnor_conv(x, _kernel_words(node, a), spec)
+    y = _xnor_conv(x, a["words"] if "words" in a else kernel_words(node, a), spec)
     if borders[key] is not None:
         y = y + borders[key]
     return y, _materialized(_threshold(y, after_a, after.get("pool"), packed=True))
@@ -411,6 +427,19 @@ def _shifted_sum(x: jax.Array, w: jax.Array, spec: F._Spec) -> jax.Array:
 # convolutions slow down 2-4x when their operands outgrow the caches (measured on a 2-core Xeon,
 # BinaryNet widths 0.25-1: the best chunks hold 2-4 MiB, a whole batch of 256 holds 25-100 MiB).
 CHUNK_NBYTES = 4 * 2**20
+# The same with binary convolutions on packed words, whose int32 products are never written out
+# (BinaryNet widths 0.25-1 on a 2-core Xeon: chunks of 64-256 images beat 16-32 by 10-25%).
+PACKED_CHUNK_NBYTES = 16 * 2**20
+
+
+def has_kernel_words(arrays: list) -> bool:
+    """Whether a node of ``arrays`` (from `with_kernel_words`) runs on packed words."""
+    return any(
+        "words" in a
+        or has_kernel_words(a.get("body", []))
+        or has_kernel_words(a.get("shortcut", []))
+        for a in arrays
+    )
 
 
 # At most this many rows, a dense product runs as XOR + popcount on the packed words (no
