@@ -81,7 +81,11 @@ class Deployed:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every array held (packed kernels, thresholds, float parameters)."""
+        """Bytes of the arrays a saved file holds (packed kernels, thresholds, float parameters).
+
+        In memory, the kernels of convolutions that run on packed words are held once more as
+        words (1 bit per weight, the input channels padded to whole words of 32).
+        """
         return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(self.arrays)))
 
     def borders(self, image_shape: tuple[int, ...]) -> dict:
