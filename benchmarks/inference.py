@@ -11,7 +11,7 @@ round, as:
   int32 accumulation; a large batch runs in cache-sized chunks
   (`binax.deploy.Deployed.batch_chunk`);
 - ``binax deployed, int8 convs``: the same with ``Deployed.packed = False``: the convolutions
-  as int8 products too (the default until session 7);
+  as int8 products too (as before packed convolutions);
 - ``binax float, chunked``: the float forward run in the same chunks
   (`binax.nn.functional.map_chunks`): how much of the deployed network's lead at batch 256
   comes from chunking alone, which helps XLA:CPU's float convolutions too;

@@ -39,7 +39,7 @@ class Deployed:
     followed by a sign is a per-channel integer threshold, so hidden activations stay binary
     from layer to layer; real-valued layers run in float32. On the CPU a binary convolution
     followed by such a threshold runs as XOR + popcount on activations packed 32 channels to a
-    word (the kernels' words are held too, 1 bit per weight); other products of binary
+    word (the kernels are held as such words too); other products of binary
     activations and binary kernels run in int8 with int32 accumulation. Both are exact. See
     `binax.deploy.program`.
 

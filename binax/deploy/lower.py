@@ -286,11 +286,13 @@ def _lower_sequential(model) -> tuple[list, list]:
         elif f is nnx.max_pool and isinstance(layer, functools.partial):
             # nnx.max_pool(inputs, window_shape, strides=None, padding="VALID"); its default
             # strides are 1, not the window.
-            names = ("window_shape", "strides", "padding")[: len(layer.args)]
-            kw = dict(zip(names, layer.args, strict=True)) | layer.keywords
+            kw = layer.keywords
             window = kw.get("window_shape")
-            if window is None:
-                raise ValueError(f"Sequential layer {i}: max_pool needs window_shape")
+            if layer.args or window is None:
+                raise ValueError(
+                    f"Sequential layer {i}: give max_pool's window_shape (and strides, padding) "
+                    "by keyword: functools.partial(nnx.max_pool, window_shape=...)"
+                )
             strides = kw.get("strides") or (1,) * len(window)
             parts.append(_maxpool(window, strides, _json_padding(kw.get("padding", "VALID"))))
         else:

@@ -135,7 +135,7 @@ def unpack(x: Packed) -> jax.Array:
     """The int8 ±1 activations of `Packed` ``x``."""
     bits = (x.words[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
     bits = bits.reshape(*x.words.shape[:-1], -1)[..., : x.channels]
-    return (2 * bits.astype(jnp.int8) - 1).astype(jnp.int8)
+    return 2 * bits.astype(jnp.int8) - 1
 
 
 def kernel_words(node: dict, a: dict) -> jax.Array:
@@ -163,13 +163,14 @@ def with_kernel_words(program: list, arrays: list) -> list:
     return out
 
 
-def _xnor_conv(x: Packed, w_words: jax.Array, spec: F._Spec) -> jax.Array:
+def _popcount_conv(x: Packed, w_words: jax.Array, spec: F._Spec) -> jax.Array:
     """``conv(pad(x, +1), W)`` in int32 from the packed words of ``x`` and of ``W``.
 
     Each kernel position and word adds ``popcount(x_word XOR w_word)``, the disagreements, and
     ``x . w = fan_in - 2 * disagreements``. Elementwise work that XLA fuses with the threshold
-    and the packing after it into one pass that writes 32 channels per word: on a 2-core Xeon
-    2-20x faster than XLA:CPU's int8 convolution at BinaryNet's layers (BENCHMARKS.md section 5).
+    and the packing after it into one pass that writes 32 channels per word, where XLA:CPU's
+    int8 convolution writes 32-bit sums: ``binax deployed`` against ``binax deployed, int8
+    convs`` in benchmarks/inference.py (BENCHMARKS.md section 5).
     """
     window = w_words.shape[:-2]
     ones = np.uint32(0xFFFFFFFF)
@@ -185,18 +186,32 @@ def _xnor_conv(x: Packed, w_words: jax.Array, spec: F._Spec) -> jax.Array:
 
 def _or_pool(x: Packed, pool: dict) -> Packed:
     """Max pooling of ±1 activations: the OR of the windows' words (padding adds ``-1``)."""
-    n = x.words.ndim - 2
-    window, strides = tuple(pool["window"]), tuple(pool["strides"])
-    pads = F.conv_padding(
-        _padding_spec(pool["padding"]), x.words.shape[1:-1], window, strides, (1,) * n
-    )
-    spec = F._Spec(False, None, None, strides=strides, pads=tuple(pads), dilation=(1,) * n)
-    pieces, _ = F.shifted_windows(x.words, window, spec, np.uint32(0), axis=1)
+    spec = _pool_spec(x.words.shape[1:-1], pool)
+    pieces, _ = F.shifted_windows(x.words, tuple(pool["window"]), spec, np.uint32(0), axis=1)
     return x._replace(words=functools.reduce(jnp.bitwise_or, pieces))
 
 
+def _pool_spec(spatial, pool: dict) -> F._Spec:
+    """`binax.nn.functional.pool_spec` of a pooling of binary activations.
+
+    Raises:
+      ValueError: a window that holds only padding (explicit padding at least the window):
+        it has no binary value (the float model would see ``-inf`` there).
+    """
+    window, strides = tuple(pool["window"]), tuple(pool["strides"])
+    spec = F.pool_spec(spatial, window, strides, _padding_spec(pool["padding"]))
+    out = F._out_shape(spatial, window, spec)
+    for n, w, s, (lo, _), m in zip(spatial, window, strides, spec.pads, out, strict=True):
+        if m and (lo >= w or (m - 1) * s - lo >= n):
+            raise ValueError(
+                f"max pooling of binary activations with padding {pool['padding']!r} has windows "
+                "that hold only padding (no binary value); pad less than the window"
+            )
+    return spec
+
+
 def _packed_applies(program: list, i: int, arrays: list) -> bool:
-    """Whether ``program[i]`` runs as `_xnor_conv` with the threshold after it, on packed words."""
+    """Whether ``program[i]`` and the threshold after it run on packed words (`_packed_conv`)."""
     node = program[i]
     return (
         jax.default_backend() == "cpu"
@@ -216,13 +231,13 @@ def _packed_conv(x, node: dict, a: dict, after: dict, after_a: dict, borders: di
         x = _materialized(pack(x > 0))
     image = jax.ShapeDtypeStruct((1, *x.words.shape[1:-1], x.channels), jnp.int8)
     spec = _spec(node, image, integer=True)
-    # _xnor_conv pads with +1; padding with v instead adds (v - 1) * conv(B, W) (B: 1 on the
+    # _popcount_conv pads with +1; padding with v instead adds (v - 1) * conv(B, W) (B: 1 on the
     # border), which does not depend on the batch.
     key = f"{where}:packed"
     if key not in borders:
         w = _kernel(node, a, jnp.int8)
         borders[key] = _border(w, spec._replace(pad_value=spec.pad_value - 1), image)
-    y = _xnor_conv(x, a["words"] if "words" in a else kernel_words(node, a), spec)
+    y = _popcount_conv(x, a["words"] if "words" in a else kernel_words(node, a), spec)
     if borders[key] is not None:
         y = y + borders[key]
     return y, _materialized(_threshold(y, after_a, after.get("pool"), packed=True))
@@ -286,9 +301,11 @@ def _border(w: jax.Array, spec: F._Spec, x: jax.Array) -> jax.Array | None:
 
 
 def _maxpool(x, node):
-    padding = node["padding"]
-    padding = padding if isinstance(padding, str) else [tuple(p) for p in padding]
-    return F.max_pool(x, tuple(node["window"]), tuple(node["strides"]), padding)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        _pool_spec(x.shape[1:-1], node)  # integers have no -inf for windows of padding
+    return F.max_pool(
+        x, tuple(node["window"]), tuple(node["strides"]), _padding_spec(node["padding"])
+    )
 
 
 # A dense product without options (XLA's default precision), as the float layers compute it.

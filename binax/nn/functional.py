@@ -912,8 +912,14 @@ def max_pool(
         raise ValueError(f"window must be positive, got {window!r}")
     if not all(s >= 1 for s in strides):
         raise ValueError(f"strides must be positive, got {strides!r}")
-    pads = conv_padding(padding, x.shape[1:-1], window, strides, (1,) * n)
-    if strides == window and not any(lo or hi for lo, hi in pads):
+    spec = pool_spec(x.shape[1:-1], window, strides, padding)
+    if strides == window and not any(lo or hi for lo, hi in spec.pads):
         return _max_pool(x, window)
-    spec = _Spec(False, None, None, strides=strides, pads=tuple(pads), dilation=(1,) * n)
     return _window_max(x, window, spec)
+
+
+def pool_spec(spatial, window: tuple[int, ...], strides: tuple[int, ...], padding) -> _Spec:
+    """The `shifted_windows` description of pooling windows over an input of ``spatial`` shape."""
+    n = len(window)
+    pads = conv_padding(padding, spatial, window, strides, (1,) * n)
+    return _Spec(False, None, None, strides=strides, pads=tuple(pads), dilation=(1,) * n)
