@@ -51,7 +51,7 @@ def _ids(paths):
     return [p.stem for p in paths]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": conftest.py would keep the notebooks in one worker
 def kernel_dir(tmp_path_factory):
     """A directory holding a ``python3`` kernelspec that runs this interpreter."""
     root = tmp_path_factory.mktemp("kernels")
