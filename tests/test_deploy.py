@@ -431,7 +431,7 @@ def test_undeployable_models_are_clear_errors():
         binax.deploy.compile(tanh)
     with pytest.raises(ValueError, match="model must be a Flax NNX module"):
         binax.deploy.compile(lambda x: x)
-    rngs = nnx.Rngs(0)
+    rngs = rbg_rngs(0)
     conv = BinaryConv(3, 40, (3, 3), use_bias=False, rngs=rngs)
     with pytest.raises(ValueError, match="by keyword"):  # a partial binds max_pool's inputs first
         binax.deploy.compile(nnx.Sequential(conv, functools.partial(nnx.max_pool, (2, 2))))
