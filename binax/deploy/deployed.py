@@ -77,7 +77,9 @@ class Deployed:
             ),
             static_argnums=(3, 4),
         )
-        self._collect = jax.jit(lambda a, x: _collect_borders(prog, a, x))
+        self._collect = jax.jit(
+            lambda a, x, packed: _collect_borders(prog, a, x, packed), static_argnums=2
+        )
 
     @property
     def nbytes(self) -> int:
@@ -89,16 +91,17 @@ class Deployed:
         return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(self.arrays)))
 
     def borders(self, image_shape: tuple[int, ...]) -> dict:
-        """The border terms of the integer convolutions for images of ``image_shape``.
+        """The border terms of the integer convolutions for images of ``image_shape`` (on packed
+        words or not, as `packed` says: their terms differ).
 
         They depend on the kernels and the image size only, so they are computed once per
         shape (one image's worth of convolutions) and reused for every batch.
         """
-        image_shape = tuple(int(d) for d in image_shape)
-        if image_shape not in self._borders:
-            x = jnp.zeros((1, *image_shape), jnp.float32)
-            self._borders[image_shape] = self._collect(self._device_arrays, x)
-        return self._borders[image_shape]
+        key = (tuple(int(d) for d in image_shape), bool(self.packed))
+        if key not in self._borders:
+            x = jnp.zeros((1, *key[0]), jnp.float32)
+            self._borders[key] = self._collect(self._device_arrays, x, key[1])
+        return self._borders[key]
 
     def chunk(self, image_shape: tuple[int, ...]) -> int:
         """Images per chunk for images of ``image_shape`` (`batch_chunk`, or chosen)."""
@@ -107,9 +110,8 @@ class Deployed:
                 raise ValueError(f"batch_chunk must be a positive int, got {self.batch_chunk!r}")
             return self.batch_chunk
         x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-        per_image = P.activation_nbytes(
-            self.program, self._device_arrays, x, self.borders(image_shape)
-        )
+        borders = self.borders(image_shape)
+        per_image = P.activation_nbytes(self.program, self._device_arrays, x, borders, self.packed)
         packed = self.packed and P.has_kernel_words(self._device_arrays)
         budget = P.PACKED_CHUNK_NBYTES if packed else P.CHUNK_NBYTES
         return 1 << max(0, (budget // per_image).bit_length() - 1)
@@ -158,10 +160,9 @@ class Deployed:
         return len(data)
 
 
-def _collect_borders(program, arrays, x):
+def _collect_borders(program, arrays, x, packed):
     borders: dict = {}
-    for packed in (True, False):  # their terms differ (`binax.deploy.program._packed_conv`)
-        P.run(program, arrays, x, borders, packed=packed)
+    P.run(program, arrays, x, borders, packed=packed)
     return borders
 
 

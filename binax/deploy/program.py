@@ -393,10 +393,13 @@ def run(
     return unpack(x) if isinstance(x, Packed) else x
 
 
-def activation_nbytes(program: list, arrays: list, x: jax.Array, borders: dict) -> int:
+def activation_nbytes(
+    program: list, arrays: list, x: jax.Array, borders: dict, packed: bool = True
+) -> int:
     """Bytes of the largest node output of ``program`` on ``x`` (shapes only, nothing runs)."""
     seen: list = []
-    jax.eval_shape(lambda a, x: run(program, a, x, dict(borders), seen=seen), arrays, x)
+    f = functools.partial(run, program, borders=dict(borders), seen=seen, packed=packed)
+    jax.eval_shape(f, arrays, x)
     return max(v.size * v.dtype.itemsize for v in seen)
 
 
