@@ -477,6 +477,42 @@ def test_small_convolutions_are_patch_products_with_exact_values(
         assert "convolution" in jax.jit(conv).lower(rand((4, *shape, 6)), k).as_text()
 
 
+@pytest.mark.parametrize("spatial,pad_value", [((9, 7), 1.0), ((11,), -1.0)])
+def test_input_gradient_is_a_one_row_larger_convolution(spatial, pad_value):
+    """On the CPU the input gradient of a stride-1 convolution is computed as a convolution one
+    row larger than its input (which XLA:CPU gives to Eigen, not YNNPACK: `_input_tangent`):
+    values and kernel gradients unchanged, input gradients within the float rounding bound of
+    the plain formula's, and the integer and float paths' gradients identical."""
+    n = len(spatial)
+    x = rand((4, *spatial, 20))  # more than 16 channels: a convolution YNNPACK would take
+    k = rand((*(3,) * n, 20, 24), 1)
+    pads = F.conv_padding("SAME", spatial, (3,) * n, (1,) * n, (1,) * n)
+    ref = functools.partial(reference_conv, pads=pads, pad_value=pad_value)
+    y_ref, vjp_ref = jax.vjp(ref, x, k)
+    g = rand(y_ref.shape, 2)
+    dx_ref, _ = vjp_ref(g)
+    # Each input-gradient entry sums at most 3**n * 24 products of a +-1 with an entry of g.
+    _, vjp_ones = jax.vjp(ref, x, jnp.ones_like(k))  # sum |g| over each entry's terms
+    bound = 3**n * 24 * np.finfo(np.float32).eps * np.asarray(vjp_ones(jnp.abs(g))[0])
+    grads = []
+    for arithmetic in ("integer", "float"):
+        f = functools.partial(F.binary_conv, pad_value=pad_value, arithmetic=arithmetic)
+        backward = jax.jit(lambda x, k, f=f: jax.vjp(f, x, k)[1](g))
+        text = backward.lower(x, k).as_text()
+        larger = "x".join(str(d) for d in (4, spatial[0] + 1, *spatial[1:], 20))
+        assert (f"tensor<{larger}xf32>" in text) == (jax.default_backend() == "cpu")
+        np.testing.assert_array_equal(f(x, k), y_ref)
+        dx, dk = backward(x, k)
+        assert np.all(np.abs(np.asarray(dx) - np.asarray(dx_ref)) <= bound), arithmetic
+        grads.append((dx, dk))
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Strided convolutions are left as they are (their transpose dilates the input already).
+    f = functools.partial(F.binary_conv, strides=2, pad_value=pad_value)
+    text = jax.jit(lambda x, k: jax.grad(lambda x: f(x, k).sum())(x)).lower(x, k).as_text()
+    assert f"tensor<4x{spatial[0] + 1}x" not in text
+
+
 def test_empty_outputs_and_numpy_integer_arguments():
     """A window larger than the (padded) input gives an empty output, as lax does; NumPy
     integers are accepted wherever ints are."""

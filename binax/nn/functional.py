@@ -586,6 +586,33 @@ def _patch_product(x, w_dot, spec: _Spec):
     return map_chunks(lambda xc: product(jnp.moveaxis(xc, -1, 0), w_dot, spec), x, size)
 
 
+def _input_tangent(x_dot, w, spec: _Spec):
+    """``conv(pad(x_dot, 0), w)``: the tangent of the input, whose transpose is the input gradient.
+
+    On the CPU, for a stride-1 convolution whose output is as large as its input along the first
+    spatial axis, ``x_dot`` is extended by one zero row there and the high padding cut by one:
+    the same values, but the transposed convolution (the input gradient, whose output is the
+    extended input) is one row larger than its input. XLA:CPU hands convolutions to YNNPACK
+    only when their output is no larger than their input; this one it computes with Eigen's
+    convolution instead, on all cores, where YNNPACK's ran on one (BENCHMARKS.md section 7).
+    The extra row is sliced off by the transposed padding.
+    """
+    pads = spec.pads
+    if (
+        jax.default_backend() != "cpu"
+        or spec.groups != 1
+        or any(s != 1 for s in spec.strides)
+        or not pads
+        or pads[0][1] < 1
+        or _small_conv(x_dot, w, spec, pads)
+    ):
+        return _conv_op(x_dot, w, spec, pads)
+    cfg = [(0, 0)] * x_dot.ndim
+    cfg[1] = (0, 1)
+    extended = jnp.pad(x_dot, cfg)
+    return _conv_op(extended, w, spec, ((pads[0][0], pads[0][1] - 1), *pads[1:]))
+
+
 def _conv_jvp(spec, primals, tangents):
     x, w = primals
     x_dot, w_dot = tangents
@@ -593,7 +620,7 @@ def _conv_jvp(spec, primals, tangents):
     t = jnp.zeros_like(y)
     if not _is_zero(x_dot):
         # pad(x_dot, 0): the border is a constant.
-        t = t + _conv_op(_bwd(x_dot, spec), _bwd(w, spec), spec, spec.pads).astype(y.dtype)
+        t = t + _input_tangent(_bwd(x_dot, spec), _bwd(w, spec), spec).astype(y.dtype)
     if not _is_zero(w_dot):
         if spec.kernel_grad == "patches":
             # Recomputed in the backward pass from x (saved as int8 on the integer path).
@@ -668,8 +695,10 @@ def binary_conv(
       the computation dtype (or ``backward_dtype``); the kernel gradient as matrix products
       of the input's patches with the output gradient, chunk by chunk of the batch
       (``kernel_grad='patches'``, the default on CPU) or as XLA's kernel-gradient convolution
-      (``'xla'``). The two differ only in the order of the float summation. Forward-mode
-      differentiation works too;
+      (``'xla'``). The two differ only in the order of the float summation. On the CPU the
+      input gradient of a stride-1 convolution is a convolution one row larger than needed
+      (see `_input_tangent`: XLA:CPU then runs it on all cores), equal to the plain formula's
+      up to the order of the float summation. Forward-mode differentiation works too;
     - on the CPU, a convolution whose input or output is at most `SMALL_CONV_WIDTH` wide in
       every spatial axis (and its input gradient) is one matrix product of the input's patches,
       where XLA:CPU's convolution is 10-50x slower (the same values; gradients up to the order
