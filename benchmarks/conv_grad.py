@@ -2,17 +2,17 @@
 
 Times, for each layer shape (3x3, ``'SAME'``, +1 padding, ``ste_sign`` on input and kernel,
 batch ``--batch-size``), the jitted forward pass (int8 and float32), the input gradient alone
-and the kernel gradient alone (the patch product with each ``--chunk-mib`` budget of
-`binax.nn.functional.PATCH_CHUNK_BYTES`, and XLA's kernel-gradient convolution), all
-interleaved round by round; prints the median CPU time (``process_time``) of each, in ms, and
-how many cores each kept busy (median CPU time over median wall time: 1.0 is one thread). The
-CPU time is the steadier measure on a shared machine; the ratios between columns are what to
-compare.
+and the kernel gradient alone (the patch product with each ``--chunk-rows`` budget of
+`binax.nn.functional.PATCH_CHUNK_ROWS`, output positions per chunk, and XLA's kernel-gradient
+convolution), all interleaved round by round; prints the median CPU time (``process_time``) of
+each, in ms, and how many cores each kept busy (median CPU time over median wall time: 1.0 is
+one thread). The CPU time is the steadier measure on a shared machine; the ratios between
+columns are what to compare.
 
 Usage::
 
     python benchmarks/conv_grad.py                              # BinaryNet x0.25's layers
-    python benchmarks/conv_grad.py --chunk-mib 1000 0.5 2 8     # 1000: the whole batch at once
+    python benchmarks/conv_grad.py --chunk-rows 1000000 512 2048 8192  # 1e6: the whole batch
     python benchmarks/conv_grad.py --shapes 14x14x64x64 --rounds 9
 """
 
@@ -36,7 +36,7 @@ def main(argv=None):
         help="HxWxCinxCout of each layer",
     )
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--chunk-mib", type=float, nargs="+", default=[2.0, 1000.0])
+    p.add_argument("--chunk-rows", type=int, nargs="+", default=[2048, 10**6])
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
 
@@ -47,19 +47,19 @@ def main(argv=None):
 
     def kernel_grad(budget, how):
         def f(x, k, g):
-            F.PATCH_CHUNK_BYTES = budget  # read while tracing
+            F.PATCH_CHUNK_ROWS = budget  # read while tracing
             return jax.vjp(lambda k: F.binary_conv(x, k, kernel_grad=how), k)[1](g)[0]
 
         return f
 
-    default = F.PATCH_CHUNK_BYTES
+    default = F.PATCH_CHUNK_ROWS
     cases = {
         "forward int8": lambda x, k, g: F.binary_conv(x, k),
         "forward float32": lambda x, k, g: F.binary_conv(x, k, arithmetic="float"),
         "input grad": lambda x, k, g: jax.vjp(lambda x: F.binary_conv(x, k), x)[1](g)[0],
     }
-    for mib in args.chunk_mib:
-        cases[f"kernel grad, {mib:g} MiB chunks"] = kernel_grad(int(mib * 2**20), "patches")
+    for rows in args.chunk_rows:
+        cases[f"kernel grad, {rows} rows a chunk"] = kernel_grad(rows, "patches")
     cases["kernel grad, XLA conv"] = kernel_grad(default, "xla")
 
     print(f"Command: `{_common.command()}`\n{_common.machine()}\n")
@@ -86,7 +86,7 @@ def main(argv=None):
         med = {n: (_common.median_iqr(cpu[n])[0], _common.median_iqr(wall[n])[0]) for n in fns}
         rows.append([shape, *(f"{1e3 * med[n][0]:.0f}" for n in fns)])
         cores.append([shape, *(f"{med[n][0] / med[n][1]:.2f}" for n in fns)])
-    F.PATCH_CHUNK_BYTES = default
+    F.PATCH_CHUNK_ROWS = default
     print(_common.md_table(("layer HxWxCinxCout", *cases), rows))
     print("\nCores busy (median CPU time / median wall time):\n")
     print(_common.md_table(("layer HxWxCinxCout", *cases), cores))

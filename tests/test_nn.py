@@ -394,11 +394,11 @@ def test_integer_forward_and_gradients_are_bit_identical(
     y_ref, vjp_ref = jax.vjp(ref, x, k)
     g = rand(y_ref.shape, 2)
     dx_ref, dk_ref = vjp_ref(g)
-    default_budget = F.PATCH_CHUNK_BYTES
+    default_budget = F.PATCH_CHUNK_ROWS
     for arithmetic in ("integer", "float"):
-        # A budget of 1 byte cuts the batch into one chunk of patches per example (6 chunks).
+        # A budget of 1 row cuts the batch into one chunk of patches per example (6 chunks).
         for kernel_grad, budget in [("xla", None), ("patches", None), ("patches", 1)]:
-            monkeypatch.setattr(F, "PATCH_CHUNK_BYTES", budget or default_budget)
+            monkeypatch.setattr(F, "PATCH_CHUNK_ROWS", budget or default_budget)
             f = functools.partial(
                 F.binary_conv,
                 strides=strides,

@@ -35,7 +35,7 @@ KERNEL_GRADS = ("auto", "patches", "xla")
 __all__ = [
     "ARITHMETICS",
     "KERNEL_GRADS",
-    "PATCH_CHUNK_BYTES",
+    "PATCH_CHUNK_ROWS",
     "SCALE_MODES",
     "SMALL_CONV_WIDTH",
     "binary_conv",
@@ -486,10 +486,12 @@ def _conv(x, w, spec: _Spec):
     return y
 
 
-#: Bytes of float patches the patch-product kernel gradient builds at once (`_patch_product`):
-#: on the development CPU (2-core Xeon), BinaryNet's whole training step was 8-10% faster with
-#: 8 MiB than with 2 MiB, and no faster with 16 MiB (BENCHMARKS.md section 7).
-PATCH_CHUNK_BYTES = 8 * 2**20
+#: Output positions (examples times spatial positions) whose patches the patch-product kernel
+#: gradient builds at once (`_patch_product`). On the development CPU (2-core Xeon) a chunk of
+#: about 2,000 positions (2 examples at 28x28, 8 at 14x14, 32 at 7x7) made BinaryNet's training
+#: step as fast as or faster than the 2, 4 and 8 MiB byte budgets used before, at widths 0.25,
+#: 0.5 and 1, where the best byte budget differed with the width (BENCHMARKS.md section 7).
+PATCH_CHUNK_ROWS = 2048
 
 
 def _patches_dot(xt, w_dot, spec: _Spec):
@@ -557,14 +559,14 @@ def map_chunks(f: Any, x: jax.Array, chunk: int) -> jax.Array:
     return y if full == n else jnp.concatenate([y, f(x[full:])])
 
 
-def patch_chunk_size(batch: int, bytes_per_example: int, budget: int | None = None) -> int:
+def patch_chunk_size(batch: int, rows_per_example: int, budget: int | None = None) -> int:
     """How many examples the patch-product kernel gradient takes at once.
 
-    The largest divisor of ``batch`` whose patches fit in ``budget`` bytes (default
-    `PATCH_CHUNK_BYTES`), at least 1.
+    The largest divisor of ``batch`` whose examples hold at most ``budget`` rows of patches
+    (output positions; default `PATCH_CHUNK_ROWS`), at least 1.
     """
-    budget = PATCH_CHUNK_BYTES if budget is None else budget
-    most = max(1, budget // max(1, bytes_per_example))
+    budget = PATCH_CHUNK_ROWS if budget is None else budget
+    most = max(1, budget // max(1, rows_per_example))
     return max((d for d in range(1, min(batch, most) + 1) if batch % d == 0), default=1)
 
 
@@ -579,8 +581,8 @@ def _patch_product(x, w_dot, spec: _Spec):
     instead of being written out for the whole batch, which made building them about half of
     BinaryNet's training step (BENCHMARKS.md section 7). Only for ``feature_group_count == 1``.
     """
-    per_example = math.prod(w_dot.shape[:-1]) * math.prod(x.shape[1:-1]) * w_dot.dtype.itemsize
-    size = patch_chunk_size(x.shape[0], per_example)
+    rows = math.prod(_out_shape(x.shape[1:-1], w_dot.shape[:-2], spec))
+    size = patch_chunk_size(x.shape[0], rows)
     product = jax.checkpoint(_patches_dot, static_argnums=(2,))
     # Channels first: a transposition of the (int8) input chunk, not of its patches.
     return map_chunks(lambda xc: product(jnp.moveaxis(xc, -1, 0), w_dot, spec), x, size)
