@@ -580,6 +580,34 @@ def test_conv_general_dilated_leaves_the_rest_to_lax():
         )
 
 
+def test_chunks_under_explicit_sharding(monkeypatch):
+    """With the batch split over devices by explicit sharding, `map_chunks` maps over chunks
+    that keep the batch's sharding (`lax.map` refuses a sharded mapped axis): the same values,
+    and the patch-product kernel gradient in chunks equals the unchunked one."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    x = jax.device_put(rand((32, 6, 6, 3)), NamedSharding(mesh, P("data")))
+    k = rand((3, 3, 3, 4), 1)
+    with jax.set_mesh(mesh):
+        f = lambda c: 2 * c + c.sum((1, 2, 3), keepdims=True)  # noqa: E731
+        ys = jax.jit(lambda x: F.map_chunks(f, x, 2))
+        y = ys(x)
+        assert y.sharding.spec[0] == "data"
+        assert "while" in ys.lower(x).as_text()
+        np.testing.assert_array_equal(y, 2 * x + x.sum((1, 2, 3), keepdims=True))
+
+        def grad():  # a new function each time: traced anew
+            return jax.jit(lambda x, k: jax.grad(lambda k: (F.binary_conv(x, k) ** 2).sum())(k))
+
+        whole = grad()(x, k)
+        monkeypatch.setattr(F, "PATCH_CHUNK_ROWS", 36)  # one example per device a chunk
+        chunked = grad()(x, k)
+        assert "while" in grad().lower(x, k).as_text()
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-4)
+
+
 def test_patch_chunk_size_is_the_largest_divisor_within_the_budget():
     assert F.patch_chunk_size(256, 10, budget=45) == 4
     assert F.patch_chunk_size(256, 10, budget=10_000) == 256

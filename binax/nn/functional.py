@@ -544,13 +544,38 @@ def shifted_windows(
     return pieces, out
 
 
+def _row_shards(x: jax.Array) -> int:
+    """Over how many devices explicit sharding splits the first axis of ``x`` (1 if none)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if not spec or spec[0] is None:
+        return 1
+    names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    return math.prod(sharding.mesh.shape[name] for name in names)
+
+
 def map_chunks(f: Any, x: jax.Array, chunk: int) -> jax.Array:
     """``f(x)`` computed on ``chunk`` rows of ``x`` at a time (`jax.lax.map`), then on the rest.
 
     For an ``f`` that treats rows independently (a network in eval mode), the same values as
     ``f(x)``; a batch of at most ``2 * chunk - 1`` rows is one call.
+
+    Under explicit sharding (`jax.sharding.AxisType.Explicit`) with the rows split over ``s``
+    devices, `jax.lax.map` needs its mapped axis unsharded: then each of the ``m`` calls takes
+    every ``m``-th row, ``chunk`` rows per device (at most; a divisor of the rows each device
+    holds), so that the rows of a call keep the batch's sharding.
     """
     n = x.shape[0]
+    shards = _row_shards(x)
+    if shards > 1:
+        local = n // shards
+        if n % shards or local <= chunk:
+            return f(x)
+        per_device = max(d for d in range(1, chunk + 1) if local % d == 0)
+        m = local // per_device
+        xs = jnp.moveaxis(x.reshape(n // m, m, *x.shape[1:]), 1, 0)
+        y = lax.map(f, xs)
+        return jnp.moveaxis(y, 0, 1).reshape(n, *y.shape[2:])
     full = n - n % chunk
     if full <= chunk:
         return f(x)
