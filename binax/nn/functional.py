@@ -616,8 +616,8 @@ def _patch_product(x, w_dot, spec: _Spec):
 def _input_tangent(x_dot, w, spec: _Spec):
     """``conv(pad(x_dot, 0), w)``: the tangent of the input, whose transpose is the input gradient.
 
-    On the CPU, for a stride-1 convolution whose output is as large as its input along the first
-    spatial axis, ``x_dot`` is extended by one zero row there and the high padding cut by one:
+    On the CPU, for a 2-d stride-1 convolution whose output is as large as its input along the
+    first spatial axis, ``x_dot`` is extended by one zero row there and the high padding cut by one:
     the same values, but the transposed convolution (the input gradient, whose output is the
     extended input) is one row larger than its input. XLA:CPU hands convolutions to YNNPACK
     only when their output is no larger than their input; this one it computes with Eigen's
@@ -629,7 +629,7 @@ def _input_tangent(x_dot, w, spec: _Spec):
         jax.default_backend() != "cpu"
         or spec.groups != 1
         or any(s != 1 for s in spec.strides)
-        or not pads
+        or len(pads) != 2  # measured on 2-d convolutions; 1-d ones were faster or slower
         or pads[0][1] < 1
         or _small_conv(x_dot, w, spec, pads)
     ):
@@ -723,7 +723,7 @@ def binary_conv(
       of the input's patches with the output gradient, chunk by chunk of the batch
       (``kernel_grad='patches'``, the default on CPU) or as XLA's kernel-gradient convolution
       (``'xla'``). The two differ only in the order of the float summation. On the CPU the
-      input gradient of a stride-1 convolution is a convolution one row larger than needed
+      input gradient of a 2-d stride-1 convolution is a convolution one row larger than needed
       (see `_input_tangent`: XLA:CPU then runs it on all cores), equal to the plain formula's
       up to the order of the float summation. Forward-mode differentiation works too;
     - on the CPU, a convolution whose input or output is at most `SMALL_CONV_WIDTH` wide in
