@@ -2,12 +2,13 @@
 
 Times, for each layer shape (3x3, ``'SAME'``, +1 padding, ``ste_sign`` on input and kernel,
 batch ``--batch-size``), the jitted forward pass (int8 and float32), the input gradient alone
-and the kernel gradient alone (the patch product with each ``--chunk-rows`` budget of
+(binax's, and lax's transpose of the plain convolution, which XLA:CPU gives to YNNPACK) and the
+kernel gradient alone (the patch product with each ``--chunk-rows`` budget of
 `binax.nn.functional.PATCH_CHUNK_ROWS`, output positions per chunk, and XLA's kernel-gradient
 convolution), all interleaved round by round; prints the median CPU time (``process_time``) of
-each, in ms, and how many cores each kept busy (median CPU time over median wall time: 1.0 is
-one thread). The CPU time is the steadier measure on a shared machine; the ratios between
-columns are what to compare.
+each, in ms, the median wall time, and how many cores each kept busy (median CPU time over
+median wall time: 1.0 is one thread). The CPU time is the steadier measure on a shared machine;
+the ratios between columns are what to compare.
 
 Usage::
 
@@ -52,11 +53,24 @@ def main(argv=None):
 
         return f
 
+    def input_grad(lax_transpose):
+        def f(x, k, g):
+            saved = F._input_tangent
+            if lax_transpose:  # as before `_input_tangent`: YNNPACK's convolution, one core
+                F._input_tangent = lambda t, w, spec: F._conv_op(t, w, spec, spec.pads)
+            try:
+                return jax.vjp(lambda x: F.binary_conv(x, k), x)[1](g)[0]
+            finally:
+                F._input_tangent = saved
+
+        return f
+
     default = F.PATCH_CHUNK_ROWS
     cases = {
         "forward int8": lambda x, k, g: F.binary_conv(x, k),
         "forward float32": lambda x, k, g: F.binary_conv(x, k, arithmetic="float"),
-        "input grad": lambda x, k, g: jax.vjp(lambda x: F.binary_conv(x, k), x)[1](g)[0],
+        "input grad": input_grad(lax_transpose=False),
+        "input grad, lax's transpose": input_grad(lax_transpose=True),
     }
     for rows in args.chunk_rows:
         cases[f"kernel grad, {rows} rows a chunk"] = kernel_grad(rows, "patches")
@@ -65,7 +79,7 @@ def main(argv=None):
     print(f"Command: `{_common.command()}`\n{_common.machine()}\n")
     print(f"Batch {args.batch_size}; median CPU ms of {args.rounds} interleaved rounds\n")
     rng = np.random.default_rng(0)
-    rows, cores = [], []
+    rows, walls, cores = [], [], []
     for shape in args.shapes:
         h, w, ci, co = (int(s) for s in shape.split("x"))
         x = rng.standard_normal((args.batch_size, h, w, ci)).astype(np.float32)
@@ -85,9 +99,12 @@ def main(argv=None):
                 wall[name].append(time.perf_counter() - w0)
         med = {n: (_common.median_iqr(cpu[n])[0], _common.median_iqr(wall[n])[0]) for n in fns}
         rows.append([shape, *(f"{1e3 * med[n][0]:.0f}" for n in fns)])
+        walls.append([shape, *(f"{1e3 * med[n][1]:.1f}" for n in fns)])
         cores.append([shape, *(f"{med[n][0] / med[n][1]:.2f}" for n in fns)])
     F.PATCH_CHUNK_ROWS = default
     print(_common.md_table(("layer HxWxCinxCout", *cases), rows))
+    print("\nMedian wall ms:\n")
+    print(_common.md_table(("layer HxWxCinxCout", *cases), walls))
     print("\nCores busy (median CPU time / median wall time):\n")
     print(_common.md_table(("layer HxWxCinxCout", *cases), cores))
 
