@@ -6,11 +6,12 @@ Builds binax's jitted training step (`_common.binarynet_step`: BinaryNet at ``--
 prints the median wall and CPU time per step. Variants:
 
 - ``default``: the library as it is;
-- ``lax-input-grad``: the input gradient as JAX's transpose of the plain convolution (before
-  `binax.nn.functional._input_tangent`, which XLA:CPU hands to Eigen instead of YNNPACK);
+- ``lax-input-grad``: the input gradient as JAX's transpose of the plain convolution, which
+  XLA:CPU hands to YNNPACK (`binax.nn.functional.EIGEN_INPUT_GRADIENT` off);
 - ``rows=N``: the patch-product kernel gradient in chunks of at most ``N`` output positions
   (`binax.nn.functional.PATCH_CHUNK_ROWS`);
-- ``bytes=MIB``: chunks sized by the byte budget used before (``MIB`` MiB of float32 patches).
+- ``bytes=MIB``: chunks sized by the byte budget used before (``MIB`` MiB of float32 patches;
+  the same as before for BinaryNet, whose convolutions keep their input's size).
 
 Usage::
 
@@ -35,7 +36,7 @@ def _settings(variant: str, F) -> dict:
     if variant == "default":
         return {}
     if variant == "lax-input-grad":
-        return {"_input_tangent": lambda x_dot, w, spec: F._conv_op(x_dot, w, spec, spec.pads)}
+        return {"EIGEN_INPUT_GRADIENT": False}
     kind, _, value = variant.partition("=")
     if kind == "rows":
         return {"PATCH_CHUNK_ROWS": int(value)}

@@ -477,36 +477,50 @@ def test_small_convolutions_are_patch_products_with_exact_values(
         assert "convolution" in jax.jit(conv).lower(rand((4, *shape, 6)), k).as_text()
 
 
-@pytest.mark.parametrize("spatial,pad_value", [((9, 7), 1.0), ((11,), -1.0)])
-def test_input_gradient_is_a_one_row_larger_convolution(spatial, pad_value):
-    """On the CPU the input gradient of a 2-d stride-1 convolution is computed as a convolution
-    one row larger than its input (which XLA:CPU gives to Eigen, not YNNPACK: `_input_tangent`):
-    values and kernel gradients unchanged, input gradients within the float rounding bound of
-    the plain formula's, and the integer and float paths' gradients identical."""
+@pytest.mark.parametrize(
+    "spatial,padding,dilation,pad_value,larger",
+    [((9, 7), "SAME", 1, 1.0, True), ((9, 7), "SAME", 2, -1.0, True),
+     ((9, 7), [(2, 2), (1, 1)], 1, -1.0, False), ((9, 7), "VALID", 1, 1.0, False),
+     ((11,), "SAME", 1, -1.0, False)],
+)  # fmt: skip
+def test_input_gradient_is_a_one_row_larger_convolution(
+    spatial, padding, dilation, pad_value, larger
+):
+    """On the CPU the input gradient of a 2-d stride-1 convolution whose output is as large as
+    its input is computed as a convolution one row larger than its input (which XLA:CPU gives
+    to Eigen, not YNNPACK: `_input_tangent`); other convolutions are left to lax. Values are
+    the plain formula's, gradients and forward-mode tangents within the float rounding bound
+    of its."""
     n = len(spatial)
     x = rand((4, *spatial, 20))  # more than 16 channels: a convolution YNNPACK would take
     k = rand((*(3,) * n, 20, 24), 1)
-    pads = F.conv_padding("SAME", spatial, (3,) * n, (1,) * n, (1,) * n)
-    ref = functools.partial(reference_conv, pads=pads, pad_value=pad_value)
+    pads = F.conv_padding(padding, spatial, (3,) * n, (1,) * n, (dilation,) * n)
+    ref = functools.partial(reference_conv, pads=pads, pad_value=pad_value, dilation=dilation)
     y_ref, vjp_ref = jax.vjp(ref, x, k)
     g = rand(y_ref.shape, 2)
-    dx_ref, _ = vjp_ref(g)
+    dx_ref, dk_ref = vjp_ref(g)
     # Each input-gradient entry sums at most 3**n * 24 products of a +-1 with an entry of g.
     _, vjp_ones = jax.vjp(ref, x, jnp.ones_like(k))  # sum |g| over each entry's terms
     bound = 3**n * 24 * np.finfo(np.float32).eps * np.asarray(vjp_ones(jnp.abs(g))[0])
-    grads = []
+    padded = (4, *(s + lo + hi for s, (lo, hi) in zip(spatial, pads, strict=True)), 20)
+    k_bound = kernel_grad_bound(g, k.shape, padded, 1, dilation)
+    tangents = (rand(x.shape, 3), rand(k.shape, 4))
+    t_ref = jax.jvp(ref, (x, k), tangents)[1]
     for arithmetic in ("integer", "float"):
-        f = functools.partial(F.binary_conv, pad_value=pad_value, arithmetic=arithmetic)
+        f = functools.partial(
+            F.binary_conv, padding=padding, kernel_dilation=dilation, pad_value=pad_value,
+            arithmetic=arithmetic,
+        )  # fmt: skip
         backward = jax.jit(lambda x, k, f=f: jax.vjp(f, x, k)[1](g))
         text = backward.lower(x, k).as_text()
-        larger = "x".join(str(d) for d in (4, spatial[0] + 1, *spatial[1:], 20))
-        assert (f"tensor<{larger}xf32>" in text) == (jax.default_backend() == "cpu" and n == 2)
+        extended = "x".join(str(d) for d in (4, spatial[0] + 1, *spatial[1:], 20))
+        assert (f"tensor<{extended}xf32>" in text) == (larger and jax.default_backend() == "cpu")
         np.testing.assert_array_equal(f(x, k), y_ref)
         dx, dk = backward(x, k)
         assert np.all(np.abs(np.asarray(dx) - np.asarray(dx_ref)) <= bound), arithmetic
-        grads.append((dx, dk))
-    for a, b in zip(*grads, strict=True):
-        np.testing.assert_array_equal(a, b)
+        assert np.all(np.abs(np.asarray(dk) - np.asarray(dk_ref)) <= k_bound), arithmetic
+        t = jax.jit(lambda x, k, f=f: jax.jvp(f, (x, k), tangents)[1])(x, k)
+        np.testing.assert_allclose(t, t_ref, rtol=1e-5, atol=1e-4)
     # Strided convolutions are left as they are (their transpose dilates the input already).
     f = functools.partial(F.binary_conv, strides=2, pad_value=pad_value)
     text = jax.jit(lambda x, k: jax.grad(lambda x: f(x, k).sum())(x)).lower(x, k).as_text()

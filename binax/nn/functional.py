@@ -35,6 +35,7 @@ KERNEL_GRADS = ("auto", "patches", "xla")
 __all__ = [
     "ARITHMETICS",
     "KERNEL_GRADS",
+    "EIGEN_INPUT_GRADIENT",
     "PATCH_CHUNK_ROWS",
     "SCALE_MODES",
     "SMALL_CONV_WIDTH",
@@ -544,14 +545,9 @@ def shifted_windows(
     return pieces, out
 
 
-def _row_shards(x: jax.Array) -> int:
-    """Over how many devices explicit sharding splits the first axis of ``x`` (1 if none)."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    if not spec or spec[0] is None:
-        return 1
-    names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-    return math.prod(sharding.mesh.shape[name] for name in names)
+def _rows_per_device(x: jax.Array) -> int:
+    """How many rows of ``x`` each device holds under explicit sharding (all if unsharded)."""
+    return jax.typeof(x).sharding.shard_shape(x.shape)[0]
 
 
 def map_chunks(f: Any, x: jax.Array, chunk: int) -> jax.Array:
@@ -566,10 +562,9 @@ def map_chunks(f: Any, x: jax.Array, chunk: int) -> jax.Array:
     holds), so that the rows of a call keep the batch's sharding.
     """
     n = x.shape[0]
-    shards = _row_shards(x)
-    if shards > 1:
-        local = n // shards
-        if n % shards or local <= chunk:
+    local = _rows_per_device(x)
+    if 0 < local < n:
+        if local <= chunk:
             return f(x)
         per_device = max(d for d in range(1, chunk + 1) if local % d == 0)
         m = local // per_device
@@ -613,20 +608,29 @@ def _patch_product(x, w_dot, spec: _Spec):
     return map_chunks(lambda xc: product(jnp.moveaxis(xc, -1, 0), w_dot, spec), x, size)
 
 
+#: Whether `binary_conv` computes the input gradient of a 2-d stride-1 convolution on the CPU as
+#: a convolution one row larger (`_input_tangent`); ``False`` leaves it to lax's transpose.
+#: Read while tracing (the benchmarks compare both).
+EIGEN_INPUT_GRADIENT = True
+
+
 def _input_tangent(x_dot, w, spec: _Spec):
     """``conv(pad(x_dot, 0), w)``: the tangent of the input, whose transpose is the input gradient.
 
-    On the CPU, for a 2-d stride-1 convolution whose output is as large as its input along the
-    first spatial axis, ``x_dot`` is extended by one zero row there and the high padding cut by one:
-    the same values, but the transposed convolution (the input gradient, whose output is the
-    extended input) is one row larger than its input. XLA:CPU hands convolutions to YNNPACK
-    only when their output is no larger than their input; this one it computes with Eigen's
-    convolution instead, on all cores, where YNNPACK's ran on one (BENCHMARKS.md section 7).
-    The extra row is sliced off by the transposed padding.
+    XLA:CPU hands a convolution to YNNPACK only when its output is no larger than its input; the
+    input gradient of an ungrouped 2-d stride-1 convolution whose output is at least as large as
+    its input (as with ``'SAME'`` padding) is such a convolution, and YNNPACK ran those on one
+    core. Here, when the output is as large as the input along the first spatial axis and the
+    high padding there is at least 1, ``x_dot`` is extended by one zero row there and that
+    padding cut by one: the same values, but the transposed convolution (the input gradient,
+    whose output is the extended input) is one row larger than its input, and XLA:CPU computes
+    it with Eigen's convolution instead, on all cores (BENCHMARKS.md section 7). The extra row
+    is sliced off by the transposed padding.
     """
     pads = spec.pads
     if (
-        jax.default_backend() != "cpu"
+        not EIGEN_INPUT_GRADIENT
+        or jax.default_backend() != "cpu"
         or spec.groups != 1
         or any(s != 1 for s in spec.strides)
         or len(pads) != 2  # measured on 2-d convolutions; 1-d ones were faster or slower
@@ -634,6 +638,9 @@ def _input_tangent(x_dot, w, spec: _Spec):
         or _small_conv(x_dot, w, spec, pads)
     ):
         return _conv_op(x_dot, w, spec, pads)
+    out = _out_shape(x_dot.shape[1:-1], w.shape[:-2], spec)
+    if out[0] != x_dot.shape[1] or any(o < i for o, i in zip(out, x_dot.shape[1:-1], strict=True)):
+        return _conv_op(x_dot, w, spec, pads)  # YNNPACK would not take it, or still would
     cfg = [(0, 0)] * x_dot.ndim
     cfg[1] = (0, 1)
     extended = jnp.pad(x_dot, cfg)
@@ -723,9 +730,10 @@ def binary_conv(
       of the input's patches with the output gradient, chunk by chunk of the batch
       (``kernel_grad='patches'``, the default on CPU) or as XLA's kernel-gradient convolution
       (``'xla'``). The two differ only in the order of the float summation. On the CPU the
-      input gradient of a 2-d stride-1 convolution is a convolution one row larger than needed
-      (see `_input_tangent`: XLA:CPU then runs it on all cores), equal to the plain formula's
-      up to the order of the float summation. Forward-mode differentiation works too;
+      input gradient of an ungrouped 2-d stride-1 ``'SAME'``-like convolution is a
+      convolution one row larger than needed (see `_input_tangent`: XLA:CPU then runs it on
+      all cores), equal to the plain formula's up to the order of the float summation.
+      Forward-mode differentiation works too;
     - on the CPU, a convolution whose input or output is at most `SMALL_CONV_WIDTH` wide in
       every spatial axis (and its input gradient) is one matrix product of the input's patches,
       where XLA:CPU's convolution is 10-50x slower (the same values; gradients up to the order
