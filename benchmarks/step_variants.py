@@ -64,8 +64,6 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=9)
     args = p.parse_args(argv)
 
-    import jax
-
     from binax.nn import functional as F
 
     steps = {}
@@ -90,7 +88,7 @@ def main(argv=None):
             wall[variant].append(time.perf_counter() - t0)
             cpu[variant].append(time.process_time() - c0)
 
-    print(f"Command: `{_common.command()}`\n{_common.machine()}, jax {jax.__version__}\n")
+    print(f"Command: `{_common.command()}`\n{_common.machine()}\n")
     print(f"BinaryNet x{args.width:g} 28x28x1, batch 256; medians of {args.rounds} rounds\n")
     base = _common.median_iqr(wall[args.variants[0]])[0]
     rows = []
