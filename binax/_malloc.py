@@ -2,11 +2,11 @@
 
 XLA:CPU allocates the temporary buffers of a compiled program (activations, gradients, the
 patches of the kernel gradient) anew on every call. glibc serves blocks that large with
-``mmap``, so every training step first-touches hundreds of MB of fresh 4 KiB pages: 120,000
+``mmap``, so every training step first-touches hundreds of MB of fresh 4 KiB pages: 83,000
 page faults per step for BinaryNet x0.5 at batch 256 on a 2-core Xeon. The glibc tunable
 ``glibc.malloc.hugetlb=1`` (glibc 2.35 or later) makes malloc ask the kernel for transparent
-huge pages (2 MiB) instead: 2,500 faults, and the step 3-8% faster on the quiet machine (more
-when other jobs load it; BENCHMARKS.md section 7). glibc reads its tunables only when a
+huge pages (2 MiB) instead: under 2,500 faults, and the step 3-8% faster on the quiet machine
+in session 5, 9-19% in session 8 (BENCHMARKS.md section 7). glibc reads its tunables only when a
 process starts, so a command that wants them re-executes itself once with ``GLIBC_TUNABLES``
 extended (`restart_with_huge_pages`). ``BINAX_HUGE_PAGES=0`` turns this off. From Python (a
 notebook, your own script) start the interpreter with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``.
