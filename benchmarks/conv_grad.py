@@ -55,11 +55,11 @@ def main(argv=None):
 
     def input_grad(lax_transpose):
         def f(x, k, g):
-            F.EIGEN_INPUT_GRADIENT = not lax_transpose  # read while tracing
-            try:
+            saved, F.EIGEN_INPUT_GRADIENT = F.EIGEN_INPUT_GRADIENT, not lax_transpose
+            try:  # read while tracing
                 return jax.vjp(lambda x: F.binary_conv(x, k), x)[1](g)[0]
             finally:
-                F.EIGEN_INPUT_GRADIENT = True
+                F.EIGEN_INPUT_GRADIENT = saved
 
         return f
 

@@ -566,7 +566,7 @@ def map_chunks(f: Any, x: jax.Array, chunk: int) -> jax.Array:
     if 0 < local < n:
         if local <= chunk:
             return f(x)
-        per_device = max(d for d in range(1, chunk + 1) if local % d == 0)
+        per_device = _largest_divisor(local, chunk)
         m = local // per_device
         xs = jnp.moveaxis(x.reshape(n // m, m, *x.shape[1:]), 1, 0)
         y = lax.map(f, xs)
@@ -586,8 +586,12 @@ def patch_chunk_size(batch: int, rows_per_example: int, budget: int | None = Non
     (output positions; default `PATCH_CHUNK_ROWS`), at least 1.
     """
     budget = PATCH_CHUNK_ROWS if budget is None else budget
-    most = max(1, budget // max(1, rows_per_example))
-    return max((d for d in range(1, min(batch, most) + 1) if batch % d == 0), default=1)
+    return _largest_divisor(batch, budget // max(1, rows_per_example))
+
+
+def _largest_divisor(n: int, most: int) -> int:
+    """The largest divisor of ``n`` that is at most ``most``; 1 if there is none (``n`` 0)."""
+    return max((d for d in range(1, min(n, most) + 1) if n % d == 0), default=1)
 
 
 def _patch_product(x, w_dot, spec: _Spec):
@@ -628,23 +632,32 @@ def _input_tangent(x_dot, w, spec: _Spec):
     is sliced off by the transposed padding.
     """
     pads = spec.pads
+    if not _extends_input(x_dot, w, spec):
+        return _conv_op(x_dot, w, spec, pads)
+    cfg = [(0, 0)] * x_dot.ndim
+    cfg[1] = (0, 1)
+    extended = jnp.pad(x_dot, cfg)
+    return _conv_op(extended, w, spec, ((pads[0][0], pads[0][1] - 1), *pads[1:]))
+
+
+def _extends_input(x_dot, w, spec: _Spec) -> bool:
+    """Whether `_input_tangent` extends ``x_dot``: on the CPU, for an ungrouped 2-d stride-1
+    convolution (1-d ones measured faster or slower) that is not a patch product, whose plain
+    transpose YNNPACK takes (the output at least as large as the input in every axis) and whose
+    extended one it does not (as large along the first axis, high padding at least 1)."""
+    pads, spatial = spec.pads, x_dot.shape[1:-1]
     if (
         not EIGEN_INPUT_GRADIENT
         or jax.default_backend() != "cpu"
         or spec.groups != 1
         or any(s != 1 for s in spec.strides)
-        or len(pads) != 2  # measured on 2-d convolutions; 1-d ones were faster or slower
+        or len(pads) != 2
         or pads[0][1] < 1
         or _small_conv(x_dot, w, spec, pads)
     ):
-        return _conv_op(x_dot, w, spec, pads)
-    out = _out_shape(x_dot.shape[1:-1], w.shape[:-2], spec)
-    if out[0] != x_dot.shape[1] or any(o < i for o, i in zip(out, x_dot.shape[1:-1], strict=True)):
-        return _conv_op(x_dot, w, spec, pads)  # YNNPACK would not take it, or still would
-    cfg = [(0, 0)] * x_dot.ndim
-    cfg[1] = (0, 1)
-    extended = jnp.pad(x_dot, cfg)
-    return _conv_op(extended, w, spec, ((pads[0][0], pads[0][1] - 1), *pads[1:]))
+        return False
+    out = _out_shape(spatial, w.shape[:-2], spec)
+    return out[0] == spatial[0] and all(o >= i for o, i in zip(out, spatial, strict=True))
 
 
 def _conv_jvp(spec, primals, tangents):
