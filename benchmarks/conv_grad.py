@@ -3,12 +3,12 @@
 Times, for each layer shape (3x3, ``'SAME'``, +1 padding, ``ste_sign`` on input and kernel,
 batch ``--batch-size``), the jitted forward pass (int8 and float32), the input gradient alone
 (binax's, and lax's transpose of the plain convolution, which XLA:CPU gives to YNNPACK) and the
-kernel gradient alone (the patch product with each ``--chunk-rows`` budget of
-`binax.nn.functional.PATCH_CHUNK_ROWS`, output positions per chunk, and XLA's kernel-gradient
-convolution), all interleaved round by round; prints the median CPU time (``process_time``) of
-each, in ms, the median wall time, and how many cores each kept busy (median CPU time over
-median wall time: 1.0 is one thread). The CPU time is the steadier measure on a shared machine;
-the ratios between columns are what to compare.
+kernel gradient alone (binax's CPU kernel, ``kernel_grad='direct'``; the patch product with
+each ``--chunk-rows`` budget of `binax.nn.functional.PATCH_CHUNK_ROWS`, output positions per
+chunk; and XLA's kernel-gradient convolution), all interleaved round by round; prints the
+median CPU time (``process_time``) of each, in ms, the median wall time, and how many cores
+each kept busy (median CPU time over median wall time: 1.0 is one thread). The CPU time is the
+steadier measure on a shared machine; the ratios between columns are what to compare.
 
 Usage::
 
@@ -70,6 +70,7 @@ def main(argv=None):
         "input grad": input_grad(lax_transpose=False),
         "input grad, lax's transpose": input_grad(lax_transpose=True),
     }
+    cases["kernel grad, direct"] = kernel_grad(default, "direct")
     for rows in args.chunk_rows:
         cases[f"kernel grad, {rows} rows a chunk"] = kernel_grad(rows, "patches")
     cases["kernel grad, XLA conv"] = kernel_grad(default, "xla")

@@ -61,8 +61,8 @@ Usage::
         --models binarynet --inputs 28x28x1 --widths 0.25 0.5
     # the default path against its ablations, on the target model
     python benchmarks/vs_larq.py --larq-python /work/venvs/larq/bin/python \\
-        --models binarynet --inputs 28x28x1 --widths 0.25 --variants xla-kernel-grad \\
-        float-forward float-forward-xla-kernel-grad bf16-backward
+        --models binarynet --inputs 28x28x1 --widths 0.25 --variants patches-kernel-grad \\
+        xla-kernel-grad float-forward float-forward-xla-kernel-grad bf16-backward
     # smoke test: BinaryNet 28x28x1 width 0.25, batch 64, 3 rounds
     python benchmarks/vs_larq.py --larq-python /work/venvs/larq/bin/python --quick
 """
@@ -83,6 +83,7 @@ import _common  # noqa: E402  (standard library only at import time)
 NUM_CLASSES = 10
 #: ``--variants``: binax layer settings other than the default (see `binax.nn.BinaryConv`).
 VARIANTS = {
+    "patches-kernel-grad": {"kernel_grad": "patches"},
     "xla-kernel-grad": {"kernel_grad": "xla"},
     "float-forward": {"arithmetic": "float"},
     "float-forward-xla-kernel-grad": {"arithmetic": "float", "kernel_grad": "xla"},

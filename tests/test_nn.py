@@ -2,6 +2,7 @@
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from flax import nnx
 
 from binax import nn as bnn
 from binax import quantizers as q
+from binax.nn import _native
 
 
 def sign0(x):
@@ -44,6 +46,13 @@ def np_conv(xp, k, strides, dilation):
 def rngs(seed=0):
     """RBG keys: random signs without compiling threefry for every kernel shape (fast tests)."""
     return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
+#: binax's CPU kernel-gradient kernel, where this machine can build it (it needs a C++ compiler;
+#: where one is found, a failed build fails `test_direct_kernel_gradient_is_built_and_taken`).
+HAS_DIRECT = jax.default_backend() == "cpu" and _native.kernel_grad_target() is not None
+DIRECT = [("direct", None)] if HAS_DIRECT else []
+needs_direct = pytest.mark.skipif(not HAS_DIRECT, reason="binax's CPU kernel is not available")
 
 
 def rand(shape, seed=0):
@@ -378,7 +387,8 @@ def test_integer_forward_and_gradients_are_bit_identical(
     """int8 products (int32 accumulation), the folded +-1 border and the custom JVP give exactly
     the values and gradients of the plain float formula; the patch-product kernel gradient
     differs from XLA's only by float summation order, within the worst-case rounding bound,
-    whether the batch is one chunk of patches or cut into one chunk per example."""
+    whether the batch is one chunk of patches or cut into one chunk per example, and so does
+    binax's CPU kernel (``'direct'``, where it can be built)."""
     n = len(kernel_size)
     x = rand((6, *(9,) * n, 4))
     k = rand((*kernel_size, 4 // groups, 6), 1)
@@ -397,7 +407,7 @@ def test_integer_forward_and_gradients_are_bit_identical(
     default_budget = F.PATCH_CHUNK_ROWS
     for arithmetic in ("integer", "float"):
         # A budget of 1 row cuts the batch into one chunk of patches per example (6 chunks).
-        for kernel_grad, budget in [("xla", None), ("patches", None), ("patches", 1)]:
+        for kernel_grad, budget in [("xla", None), ("patches", None), ("patches", 1)] + DIRECT:
             monkeypatch.setattr(F, "PATCH_CHUNK_ROWS", budget or default_budget)
             f = functools.partial(
                 F.binary_conv,
@@ -410,8 +420,10 @@ def test_integer_forward_and_gradients_are_bit_identical(
             )
             y, vjp = jax.jit(lambda x, k, f=f: jax.vjp(f, x, k))(x, k)
             dx, dk = vjp(g)
-            chunked = "while" in jax.jit(vjp).lower(g).as_text()
-            assert chunked == (budget == 1 and groups == 1), (kernel_grad, budget)
+            text = jax.jit(vjp).lower(g).as_text()
+            assert ("while" in text) == (budget == 1 and groups == 1), (kernel_grad, budget)
+            direct = kernel_grad == "direct" and groups == 1
+            assert (_native.KERNEL_GRAD in text) == direct, kernel_grad
             np.testing.assert_array_equal(y, y_ref)
             np.testing.assert_array_equal(dx, dx_ref)
             if kernel_grad == "xla" or groups > 1:  # grouped convolutions always use XLA's
@@ -424,8 +436,9 @@ def test_integer_forward_and_gradients_are_bit_identical(
                     4,
                 )
                 bound = kernel_grad_bound(g, k.shape, padded, strides, dilation)
-                assert np.all(err <= bound), (arithmetic, float(err.max()))
-                assert 0 < err.max() < 1e-3 * np.abs(np.asarray(dk_ref)).max()
+                assert np.all(err <= bound), (arithmetic, kernel_grad, float(err.max()))
+                # Patch products sum in another order than XLA's convolution (direct may not).
+                assert (direct or 0 < err.max()) and err.max() < 1e-3 * np.abs(dk_ref).max()
 
 
 @pytest.mark.parametrize(
@@ -552,7 +565,8 @@ def test_empty_outputs_and_numpy_integer_arguments():
 )
 def test_conv_general_dilated_drop_in_for_flax_conv(kernel, strides, shape, padding, dilation):
     """As Flax's ``Conv(conv_general_dilated=...)``: lax's values and gradients (up to the float
-    summation order), with the kernel gradient as a patch product, not a convolution."""
+    summation order), with the kernel gradient as binax's CPU kernel (or a patch product where
+    it is not available), not a convolution."""
     kw = dict(strides=strides, padding=padding, kernel_dilation=dilation, rngs=rngs())
     ref = nnx.Conv(shape[-1], 5, kernel, **kw)
     conv = nnx.Conv(shape[-1], 5, kernel, conv_general_dilated=F.conv_general_dilated, **kw)
@@ -572,8 +586,9 @@ def test_conv_general_dilated_drop_in_for_flax_conv(kernel, strides, shape, padd
         return (conv.conv_general_dilated(x, k, s, "VALID", dimension_numbers=layout) ** 2).sum()
 
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(conv.kernel[...]))
-    # At most the forward pass is a convolution; the kernel gradient is a product of patches.
-    assert jaxpr.count("conv_general_dilated") <= 1 and "dot_general" in jaxpr
+    # At most the forward pass is a convolution; the kernel gradient is binax's kernel.
+    assert jaxpr.count("conv_general_dilated") <= 1
+    assert (_native.KERNEL_GRAD if HAS_DIRECT else "dot_general") in jaxpr
 
 
 def test_conv_general_dilated_leaves_the_rest_to_lax():
@@ -612,10 +627,13 @@ def test_chunks_under_explicit_sharding(monkeypatch):
         assert "while" in ys.lower(x).as_text()
         np.testing.assert_array_equal(y, 2 * x + x.sum((1, 2, 3), keepdims=True))
 
-        def grad():  # a new function each time: traced anew
-            return jax.jit(lambda x, k: jax.grad(lambda k: (F.binary_conv(x, k) ** 2).sum())(k))
+        def grad(how="patches"):  # a new function each time: traced anew
+            f = functools.partial(F.binary_conv, kernel_grad=how)
+            return jax.jit(lambda x, k: jax.grad(lambda k: (f(x, k) ** 2).sum())(k))
 
         whole = grad()(x, k)
+        for how, _ in DIRECT:  # binax's CPU kernel on a sharded batch
+            np.testing.assert_allclose(grad(how)(x, k), whole, rtol=1e-5, atol=1e-4)
         monkeypatch.setattr(F, "PATCH_CHUNK_ROWS", 36)  # one example per device a chunk
         chunked = grad()(x, k)
         assert "while" in grad().lower(x, k).as_text()
@@ -666,7 +684,7 @@ def test_forward_mode_differentiation_of_the_fast_paths():
     y_ref, t_ref = jax.jvp(
         functools.partial(reference_conv, pads=pads, pad_value=1.0), (x, k), (tx, tk)
     )
-    for kernel_grad in ("xla", "patches"):
+    for kernel_grad in ("xla", "patches", *(k for k, _ in DIRECT)):
         f = functools.partial(F.binary_conv, arithmetic="integer", kernel_grad=kernel_grad)
         y, t = jax.jvp(f, (x, k), (tx, tk))
         np.testing.assert_array_equal(y, y_ref)
@@ -798,3 +816,80 @@ def test_max_pool_errors():
         F.max_pool(x, 2, strides=0)
     with pytest.raises(ValueError, match="padding"):
         F.max_pool(x, 2, padding="CIRCULAR")
+
+
+@needs_direct
+@pytest.mark.parametrize(
+    "shape,kernel_size,strides,dilation,padding,pad_value,arithmetic",
+    [((5, 9, 9, 13), (3, 3), 1, 1, "SAME", 1.0, "integer"),
+     ((3, 8, 11, 30), (3, 3), 2, 1, "SAME", -1.0, "integer"),
+     ((2, 10, 7, 6), (3, 2), 1, 2, ((2, 0), (1, 3)), 1.0, "integer"),
+     ((2, 6, 6, 5), (3, 3), 1, 1, "VALID", 1.0, "float"),
+     ((1, 3, 5, 40), (5, 5), (1, 2), 1, "SAME", 1.0, "integer"),
+     ((4, 12, 7), (3,), 1, 1, "SAME", -1.0, "integer"),
+     ((3, 15, 2), (5,), 2, 2, ((3, 1),), 1.0, "float")],
+)  # fmt: skip
+def test_direct_kernel_gradient_matches_xla(
+    shape, kernel_size, strides, dilation, padding, pad_value, arithmetic
+):
+    """binax's CPU kernel (``kernel_grad='direct'``) gives XLA's kernel gradient within the
+    float rounding bound, for strides, dilations, uneven padding, 1-d convolutions, channel
+    counts that are not whole vectors (1, 6, 13, 30, 40 of them; 37 outputs), a batch that
+    does not split evenly over threads, integer and float inputs; under `jax.vmap` (per-example
+    gradients) too."""
+    n = len(kernel_size)
+    x, k = rand(shape), rand((*kernel_size, shape[-1], 37), 1)
+    f = functools.partial(
+        F.binary_conv, strides=strides, kernel_dilation=dilation, padding=padding,
+        pad_value=pad_value, arithmetic=arithmetic,
+    )  # fmt: skip
+    y, vjp_ref = jax.vjp(lambda k: f(x, k, kernel_grad="xla"), k)
+    g = rand(y.shape, 2)
+    (dk_ref,) = vjp_ref(g)
+    grad = jax.jit(lambda x, k, g: jax.vjp(lambda k: f(x, k, kernel_grad="direct"), k)[1](g)[0])
+    assert _native.KERNEL_GRAD in grad.lower(x, k, g).as_text()
+    pads = F.conv_padding(padding, shape[1:-1], kernel_size, F.ntuple(strides, n, "s"),
+                          (dilation,) * n)  # fmt: skip
+    padded = (shape[0], *(s + lo + hi for s, (lo, hi) in zip(shape[1:-1], pads, strict=True)), 1)
+    # The bound for +-1 inputs, scaled by the largest |x| for a real input.
+    scale = 1.0 if arithmetic == "integer" else float(jnp.abs(x).max())
+    if isinstance(strides, int):
+        bound = scale * kernel_grad_bound(g, k.shape[:-2] + (1, 37), padded, strides, dilation)
+        assert np.all(np.abs(np.asarray(grad(x, k, g)) - np.asarray(dk_ref)) <= bound)
+    else:  # (kernel_grad_bound takes one stride for all axes)
+        np.testing.assert_allclose(grad(x, k, g), dk_ref, rtol=1e-5, atol=1e-4)
+    per_example = jax.vmap(lambda x, g: grad(x[None], k, g[None]))(x, g)
+    np.testing.assert_allclose(per_example.sum(0), dk_ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_direct
+def test_direct_kernel_gradient_is_the_cpu_default_and_falls_back(monkeypatch):
+    """``'auto'`` takes binax's CPU kernel on the CPU; without it (no compiler, a failed build,
+    ``BINAX_NATIVE=0``) ``'auto'`` takes the patch product and ``'direct'`` is refused by name;
+    grouped convolutions and a bfloat16 backward keep their paths."""
+    assert F.resolve_kernel_grad("auto") == "direct"
+    assert F.resolve_kernel_grad("direct", feature_group_count=2) == "xla"
+    x, k = rand((2, 6, 6, 4)), rand((3, 3, 4, 5), 1)
+    text = jax.jit(jax.grad(lambda k: F.binary_conv(x, k).sum())).lower(k).as_text()
+    assert _native.KERNEL_GRAD in text
+    bf16 = jax.grad(lambda k: F.binary_conv(x, k, backward_dtype=jnp.bfloat16).sum())
+    assert _native.KERNEL_GRAD not in jax.jit(bf16).lower(k).as_text()
+    monkeypatch.setattr(_native, "kernel_grad_target", lambda: None)
+    assert F.resolve_kernel_grad("auto") == "patches"
+    with pytest.raises(ValueError, match="kernel_grad='direct' needs"):
+        F.resolve_kernel_grad("direct")
+
+
+def test_native_build_failure_warns_and_returns_none(monkeypatch, tmp_path):
+    """A compiler that fails: one warning that says why, no kernel; ``BINAX_NATIVE=0``: none,
+    silently."""
+    build = _native.kernel_grad_target.__wrapped__
+    monkeypatch.setenv("BINAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    with pytest.warns(RuntimeWarning, match="kernel-gradient kernel is not available.*failed"):
+        assert build() is None
+    assert not list(tmp_path.glob("*.so"))
+    monkeypatch.setenv("BINAX_NATIVE", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build() is None

@@ -20,17 +20,20 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
+from jax.interpreters import ad, batching, mlir
 
 from binax import quantizers as q
+from binax.nn import _native
 
 Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
 SCALE_MODES = (None, "learned", "fixed")
 ARITHMETICS = ("auto", "integer", "float")
-KERNEL_GRADS = ("auto", "patches", "xla")
+KERNEL_GRADS = ("auto", "direct", "patches", "xla")
 
 __all__ = [
     "ARITHMETICS",
@@ -669,7 +672,10 @@ def _conv_jvp(spec, primals, tangents):
         # pad(x_dot, 0): the border is a constant.
         t = t + _input_tangent(_bwd(x_dot, spec), _bwd(w, spec), spec).astype(y.dtype)
     if not _is_zero(w_dot):
-        if spec.kernel_grad == "patches":
+        if spec.kernel_grad == "direct" and _direct_applies(x, w_dot, spec):
+            saved = x.astype(jnp.int8) if spec.integer else x
+            kt = _direct_p.bind(saved, w_dot, spec=spec)
+        elif spec.kernel_grad in ("direct", "patches"):
             # Recomputed in the backward pass from x (saved as int8 on the integer path).
             saved = x.astype(jnp.int8) if spec.integer else _bwd(x, spec)
             kt = _patch_product(saved, _bwd(w_dot, spec), spec)
@@ -683,22 +689,127 @@ def _conv_jvp(spec, primals, tangents):
 _conv.defjvp(_conv_jvp, symbolic_zeros=True)
 
 
+def _direct_applies(x, w_dot, spec: _Spec) -> bool:
+    """Whether `_direct_product` computes this kernel gradient: a 1-d or 2-d ungrouped
+    convolution with float32 gradients (no ``backward_dtype``) and a float32 or integer input."""
+    return (
+        x.ndim in (3, 4)
+        and spec.groups == 1
+        and spec.backward_dtype is None
+        and w_dot.dtype == jnp.float32
+        and (spec.integer or x.dtype == jnp.float32)
+    )
+
+
+def _direct_tangent(saved, w_dot, *, spec: _Spec):
+    """``conv(pad(saved, pad_value), w_dot)`` with XLA's convolution."""
+    xp = pad_quantized(saved.astype(w_dot.dtype), spec.pads, spec.pad_value)
+    return _conv_op(xp, w_dot, spec, "VALID")
+
+
+def _direct_kernel_grad(saved, g, kernel_shape: tuple[int, ...], spec: _Spec):
+    """The kernel gradient ``dw`` of ``conv(pad(saved, pad_value), w)`` for the output gradient
+    ``g``: binax's CPU kernel (`binax.nn._native`, ``_kernel_grad.cc``). A 1-d convolution is
+    computed as one row of a 2-d one."""
+    strides, dilation, pads = spec.strides, spec.dilation, spec.pads
+    if saved.ndim == 3:
+        saved, g = saved[:, None], g[:, None]
+        strides, dilation, pads = (1, *strides), (1, *dilation), ((0, 0), *pads)
+    dk = jax.ffi.ffi_call(
+        _native.KERNEL_GRAD,
+        jax.ShapeDtypeStruct((1,) * (4 - len(kernel_shape)) + kernel_shape, jnp.float32),
+        vmap_method="sequential",
+    )(
+        saved,
+        g.astype(jnp.float32),
+        stride_h=strides[0],
+        stride_w=strides[1],
+        dilation_h=dilation[0],
+        dilation_w=dilation[1],
+        pad_top=pads[0][0],
+        pad_left=pads[1][0],
+        pad_value=np.float32(spec.pad_value),
+    )
+    return dk.reshape(kernel_shape)
+
+
+#: ``conv(pad(saved, pad_value), w_dot)`` (`_direct_tangent`), linear in ``w_dot``, whose
+#: transpose in ``w_dot`` (the kernel gradient) is `_direct_kernel_grad`. A primitive of its
+#: own so that the transpose can be a custom call and the product can still be batched (then
+#: it becomes `_direct_tangent`, transposed by XLA) and differentiated again.
+_direct_p = jax.extend.core.Primitive("binax_conv_direct")
+_direct_p.def_impl(_direct_tangent)
+_direct_p.def_abstract_eval(
+    lambda saved, w_dot, *, spec: jax.core.ShapedArray(
+        *(lambda s: (s.shape, s.dtype))(
+            jax.eval_shape(functools.partial(_direct_tangent, spec=spec), saved, w_dot)
+        )
+    )
+)
+mlir.register_lowering(_direct_p, mlir.lower_fun(_direct_tangent, multiple_results=False))
+
+
+def _direct_jvp(primals, tangents, *, spec: _Spec):
+    (saved, w_dot), (saved_dot, w_dot_dot) = primals, tangents
+    y = _direct_p.bind(saved, w_dot, spec=spec)
+    t = ad.instantiate_zeros(ad.Zero.from_primal_value(y))
+    if type(w_dot_dot) is not ad.Zero:
+        t = t + _direct_p.bind(saved, w_dot_dot, spec=spec)
+    if type(saved_dot) is not ad.Zero and jnp.issubdtype(saved.dtype, jnp.floating):
+        # Affine in saved (the border is pad_value): its tangent has a zero border.
+        t = t + _conv_op(saved_dot.astype(w_dot.dtype), w_dot, spec, spec.pads)
+    return y, t
+
+
+def _direct_transpose(ct, saved, w_dot, *, spec: _Spec):
+    if ad.is_undefined_primal(saved):
+        raise NotImplementedError("binax_conv_direct is linear in its kernel tangent only")
+    if type(ct) is ad.Zero:
+        return None, ad.Zero(w_dot.aval)
+    return None, _direct_kernel_grad(saved, ct, w_dot.aval.shape, spec).astype(w_dot.aval.dtype)
+
+
+def _direct_batch(args, dims, *, spec: _Spec):
+    f = functools.partial(_direct_tangent, spec=spec)
+    return jax.vmap(f, in_axes=dims)(*args), 0
+
+
+ad.primitive_jvps[_direct_p] = _direct_jvp
+ad.primitive_transposes[_direct_p] = _direct_transpose
+batching.primitive_batchers[_direct_p] = _direct_batch
+
+
 def check_kernel_grad(kernel_grad: str, argname: str = "kernel_grad") -> str:
     """``kernel_grad`` if it is one of `KERNEL_GRADS`; ValueError naming ``argname`` otherwise."""
     return _check_choice(kernel_grad, KERNEL_GRADS, argname)
 
 
 def resolve_kernel_grad(kernel_grad: str, feature_group_count: int = 1) -> str:
-    """``'patches'`` or ``'xla'``: how a convolution's kernel gradient is computed.
+    """``'direct'``, ``'patches'`` or ``'xla'``: how a convolution's kernel gradient is computed.
 
-    ``'patches'``: matrix products of the input's patches with the output gradient, chunk by
-    chunk of the batch (see `_patch_product`); ``'xla'``: XLA's own kernel-gradient
-    convolution. ``'auto'`` takes ``'patches'`` on the CPU backend for ungrouped convolutions
-    and ``'xla'`` otherwise (GPU and TPU have fast kernel-gradient convolutions of their own).
+    ``'direct'``: binax's CPU kernel (`binax.nn._native`): for each kernel position, the input
+    it sees times the output gradient, summed over output positions in registers, without
+    patches in memory (1-d and 2-d convolutions with float32 gradients; others take
+    ``'patches'``); ``'patches'``: matrix products of the input's patches with the output
+    gradient, chunk by chunk of the batch (see `_patch_product`); ``'xla'``: XLA's own
+    kernel-gradient convolution. ``'auto'`` takes ``'direct'`` on the CPU backend where the
+    kernel could be built (else ``'patches'``) and ``'xla'`` elsewhere (GPU and TPU have fast
+    kernel-gradient convolutions of their own). Grouped convolutions always take ``'xla'``.
+    ``'direct'`` on another backend, or without the kernel, is a ValueError.
+
+    On a batch split over several CPU devices by automatic sharding, XLA gathers the batch to
+    run the kernel on each device (the same values, not data-parallel work).
     """
     check_kernel_grad(kernel_grad)
+    cpu = jax.default_backend() == "cpu"
     if kernel_grad == "auto":
-        kernel_grad = "patches" if jax.default_backend() == "cpu" else "xla"
+        kernel_grad = ("direct" if _native.kernel_grad_target() else "patches") if cpu else "xla"
+    elif kernel_grad == "direct" and not (cpu and _native.kernel_grad_target()):
+        raise ValueError(
+            "kernel_grad='direct' needs the CPU backend and binax's CPU kernel "
+            f"(binax.nn._native); the backend is {jax.default_backend()!r} and the kernel is "
+            f"{'available' if _native.kernel_grad_target() else 'not available'}"
+        )
     if feature_group_count != 1:
         return "xla"
     return kernel_grad
@@ -739,10 +850,12 @@ def binary_conv(
       are integer-valued) the product is int8 with int32 accumulation, exactly the float
       product;
     - gradients: the quantizers' straight-through estimators, then the transposed products in
-      the computation dtype (or ``backward_dtype``); the kernel gradient as matrix products
-      of the input's patches with the output gradient, chunk by chunk of the batch
-      (``kernel_grad='patches'``, the default on CPU) or as XLA's kernel-gradient convolution
-      (``'xla'``). The two differ only in the order of the float summation. On the CPU the
+      the computation dtype (or ``backward_dtype``); the kernel gradient by binax's CPU
+      kernel (``kernel_grad='direct'``, the default on CPU where it can be built, see
+      `binax.nn._native`; 1-d and 2-d ungrouped convolutions with float32 gradients, others
+      take the patches), as matrix products of the input's patches with the output gradient,
+      chunk by chunk of the batch (``'patches'``) or as XLA's kernel-gradient convolution
+      (``'xla'``). They differ only in the order of the float summation. On the CPU the
       input gradient of an ungrouped 2-d stride-1 ``'SAME'``-like convolution is a
       convolution one row larger than needed (see `_input_tangent`: XLA:CPU then runs it on
       all cores), equal to the plain formula's up to the order of the float summation.
@@ -765,7 +878,8 @@ def binary_conv(
       scale, bias: ``(out_features,)`` or ``None``.
       dtype, precision: computation dtype and `jax.lax.conv_general_dilated` precision.
       arithmetic: ``'auto'``, ``'integer'`` or ``'float'`` (`resolve_arithmetic`).
-      kernel_grad: ``'auto'``, ``'patches'`` or ``'xla'`` (`resolve_kernel_grad`).
+      kernel_grad: ``'auto'``, ``'direct'``, ``'patches'`` or ``'xla'``
+        (`resolve_kernel_grad`).
       backward_dtype: ``None`` or a float dtype such as ``jnp.bfloat16`` for the backward
         products (inexact; see BENCHMARKS.md for its measured accuracy cost).
     """

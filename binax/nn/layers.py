@@ -277,9 +277,10 @@ class BinaryConv(_BinaryLayer):
       feature_group_count: grouped convolution; ``in_features`` must be divisible by it.
       pad_value: ``+1.0`` (default) or ``-1.0``; ``None`` pads with zeros and is allowed only
         with ``input_quantizer=None`` (a real input, e.g. the first layer of a network).
-      kernel_grad: ``'auto'`` (default: ``'patches'`` on the CPU, ``'xla'`` elsewhere),
-        ``'patches'`` (matrix products of the input's patches) or ``'xla'`` (XLA's
-        kernel-gradient convolution); see `binax.nn.functional.binary_conv`.
+      kernel_grad: ``'auto'`` (default: ``'direct'`` on the CPU, ``'xla'`` elsewhere),
+        ``'direct'`` (binax's CPU kernel), ``'patches'`` (matrix products of the input's
+        patches) or ``'xla'`` (XLA's kernel-gradient convolution); see
+        `binax.nn.functional.resolve_kernel_grad`.
       Other arguments: as `BinaryLinear`.
     """
 
