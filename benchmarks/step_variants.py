@@ -1,4 +1,4 @@
-"""BinaryNet's training step with and without this session's CPU changes, side by side.
+"""BinaryNet's training step with and without binax's CPU paths, side by side.
 
 Builds binax's jitted training step (`_common.binarynet_step`: BinaryNet at ``--width``,
 28x28x1, batch 256, Bop + Adam) once per variant in one process, each traced with
@@ -6,17 +6,22 @@ Builds binax's jitted training step (`_common.binarynet_step`: BinaryNet at ``--
 prints the median wall and CPU time per step. Variants:
 
 - ``default``: the library as it is;
+- ``int8-forward``: convolutions of signs as XLA's int8 convolutions, not binax's bit kernel
+  (`binax.nn.functional.BINARY_POPCOUNT` off);
+- ``kernel-grad=HOW``: the layers' ``kernel_grad`` (``direct``, the CPU default; ``patches``;
+  ``xla``);
 - ``lax-input-grad``: the input gradient as JAX's transpose of the plain convolution, which
   XLA:CPU hands to YNNPACK (`binax.nn.functional.EIGEN_INPUT_GRADIENT` off);
-- ``rows=N``: the patch-product kernel gradient in chunks of at most ``N`` output positions
+- ``rows=N`` (with ``kernel-grad=patches``): the patch-product kernel gradient in chunks of at most ``N`` output positions
   (`binax.nn.functional.PATCH_CHUNK_ROWS`);
 - ``bytes=MIB``: chunks sized by the byte budget used before (``MIB`` MiB of float32 patches;
   the same as before for BinaryNet, whose convolutions keep their input's size).
 
 Usage::
 
-    python benchmarks/step_variants.py --width 0.25 --variants default lax-input-grad
-    python benchmarks/step_variants.py --width 0.5 --variants default bytes=2 bytes=8
+    python benchmarks/step_variants.py --width 0.25 --variants default int8-forward \\
+        kernel-grad=patches lax-input-grad
+    python benchmarks/step_variants.py --width 0.5 --variants kernel-grad=patches rows=4096
 """
 
 from __future__ import annotations
@@ -37,7 +42,11 @@ def _settings(variant: str, F) -> dict:
         return {}
     if variant == "lax-input-grad":
         return {"EIGEN_INPUT_GRADIENT": False}
+    if variant == "int8-forward":
+        return {"BINARY_POPCOUNT": False}
     kind, _, value = variant.partition("=")
+    if kind == "kernel-grad":
+        return {}  # a layer setting (`_layer_kwargs`)
     if kind == "rows":
         return {"PATCH_CHUNK_ROWS": int(value)}
     if kind == "bytes":
@@ -57,6 +66,15 @@ def _settings(variant: str, F) -> dict:
     raise SystemExit(f"--variants: unknown variant {variant!r}")
 
 
+def _layer_kwargs(variant: str) -> dict:
+    """The layer settings of ``variant``: ``kernel_grad`` for ``kernel-grad=HOW``, and
+    ``'patches'`` for the chunk-size variants (``rows=``, ``bytes=``)."""
+    kind, _, value = variant.partition("=")
+    if kind == "kernel-grad":
+        return {"kernel_grad": value}
+    return {"kernel_grad": "patches"} if kind in ("rows", "bytes") else {}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--width", type=float, default=0.25)
@@ -73,7 +91,7 @@ def main(argv=None):
         for name, value in settings.items():
             setattr(F, name, value)
         try:
-            steps[variant] = _common.binarynet_step(args.width)
+            steps[variant] = _common.binarynet_step(args.width, **_layer_kwargs(variant))
             for _ in range(3):  # compile (traced with the settings) and warm up
                 steps[variant]()
         finally:

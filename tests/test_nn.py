@@ -50,7 +50,7 @@ def rngs(seed=0):
 
 #: binax's CPU kernel-gradient kernel, where this machine can build it (it needs a C++ compiler;
 #: where one is found, a failed build fails `test_direct_kernel_gradient_is_built_and_taken`).
-HAS_DIRECT = jax.default_backend() == "cpu" and _native.kernel_grad_target() is not None
+HAS_DIRECT = jax.default_backend() == "cpu" and _native.available()
 DIRECT = [("direct", None)] if HAS_DIRECT else []
 needs_direct = pytest.mark.skipif(not HAS_DIRECT, reason="binax's CPU kernel is not available")
 
@@ -484,8 +484,9 @@ def test_small_convolutions_are_patch_products_with_exact_values(
         results.append((dx, dk))
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
-    # A wider convolution, or one 2 wide in only some axes, is still XLA's.
-    conv = functools.partial(F.binary_conv, pad_value=pad_value)
+    # A wider convolution, or one 2 wide in only some axes, is still XLA's (float; integer
+    # products of signs take binax's CPU kernel, see test_binary_popcount_convolution_is_exact).
+    conv = functools.partial(F.binary_conv, pad_value=pad_value, arithmetic="float")
     for shape in ((3,) * n, (2, 7)[:n] if n == 2 else (3,)):
         assert "convolution" in jax.jit(conv).lower(rand((4, *shape, 6)), k).as_text()
 
@@ -673,7 +674,9 @@ def test_integer_path_is_taken_and_exact_for_dense():
     hlo_conv = jax.jit(functools.partial(F.binary_conv, arithmetic="integer")).lower(
         rand((2, 5, 5, 3)), rand((3, 3, 3, 4))
     )
-    assert "convolution" in hlo_conv.as_text() and "xi8>" in hlo_conv.as_text()
+    # An int8 convolution, or binax's CPU kernel on int8 signs.
+    product = _native.BINARY_CONV if HAS_DIRECT else "convolution"
+    assert product in hlo_conv.as_text() and "xi8>" in hlo_conv.as_text()
 
 
 def test_forward_mode_differentiation_of_the_fast_paths():
@@ -874,22 +877,69 @@ def test_direct_kernel_gradient_is_the_cpu_default_and_falls_back(monkeypatch):
     assert _native.KERNEL_GRAD in text
     bf16 = jax.grad(lambda k: F.binary_conv(x, k, backward_dtype=jnp.bfloat16).sum())
     assert _native.KERNEL_GRAD not in jax.jit(bf16).lower(k).as_text()
-    monkeypatch.setattr(_native, "kernel_grad_target", lambda: None)
+    monkeypatch.setattr(_native, "available", lambda: False)
     assert F.resolve_kernel_grad("auto") == "patches"
     with pytest.raises(ValueError, match="kernel_grad='direct' needs"):
         F.resolve_kernel_grad("direct")
 
 
-def test_native_build_failure_warns_and_returns_none(monkeypatch, tmp_path):
+def test_native_build_failure_warns_and_falls_back(monkeypatch, tmp_path):
     """A compiler that fails: one warning that says why, no kernel; ``BINAX_NATIVE=0``: none,
     silently."""
-    build = _native.kernel_grad_target.__wrapped__
+    build = _native.available.__wrapped__
     monkeypatch.setenv("BINAX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
-    with pytest.warns(RuntimeWarning, match="kernel-gradient kernel is not available.*failed"):
-        assert build() is None
+    with pytest.warns(RuntimeWarning, match="CPU kernels are not available.*failed"):
+        assert build() is False
     assert not list(tmp_path.glob("*.so"))
     monkeypatch.setenv("BINAX_NATIVE", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert build() is None
+        assert build() is False
+
+
+@needs_direct
+@pytest.mark.parametrize(
+    "shape,kernel_size,strides,dilation,padding,pad_value,out",
+    [((3, 9, 9, 5), (3, 3), 1, 1, "SAME", 1.0, 7),
+     ((2, 8, 11, 33), (3, 3), (2, 1), (1, 2), ((2, 0), (1, 3)), -1.0, 70),
+     ((2, 6, 6, 64), (3, 3), 1, 1, "VALID", 1.0, 40),
+     ((2, 3, 3, 40), (3, 3), 2, 1, "SAME", -1.0, 16),  # small: not the patch product
+     ((4, 12, 70), (5,), 2, 1, "SAME", -1.0, 33)],
+)  # fmt: skip
+def test_binary_popcount_convolution_is_exact(
+    shape, kernel_size, strides, dilation, padding, pad_value, out
+):
+    """On the CPU a convolution of signs (``ste_sign`` input, sign, heaviside or
+    magnitude-aware kernel, padding +-1) is binax's bit kernel: exactly the plain formula's
+    values (C not a whole number of 32-bit words, outputs not whole vectors, strides, dilation,
+    uneven padding, 1-d, kernels with zeros), and the same gradients as the int8 product;
+    other inputs, and ``BINARY_POPCOUNT = False``, keep XLA's int8 convolution."""
+    n = len(kernel_size)
+    x, k = rand(shape), rand((*kernel_size, shape[-1], out), 1)
+    pads = F.conv_padding(padding, shape[1:-1], kernel_size, F.ntuple(strides, n, "s"),
+                          F.ntuple(dilation, n, "d"))  # fmt: skip
+    kw = dict(strides=strides, kernel_dilation=dilation, padding=padding, pad_value=pad_value)
+    k_zero = k.at[..., 3].set(0.0)  # a magnitude-aware kernel's all-zero channel: sign 0
+    for kernel_quantizer, kernel in [
+        (q.ste_sign, k), (q.ste_heaviside, k), (q.magnitude_aware_sign, k_zero)
+    ]:  # fmt: skip
+        quantized = np.asarray(kernel_quantizer(kernel))
+        ref = np_conv(np.pad(sign0(x), [(0, 0), *pads, (0, 0)], constant_values=pad_value),
+                      quantized, F.ntuple(strides, n, "s"), F.ntuple(dilation, n, "d"))  # fmt: skip
+        f = functools.partial(F.binary_conv, kernel_quantizer=kernel_quantizer, **kw)
+        assert _native.BINARY_CONV in jax.jit(f).lower(x, kernel).as_text()
+        np.testing.assert_allclose(f(x, kernel), ref, rtol=1e-6, atol=1e-4)
+        if kernel_quantizer is not q.magnitude_aware_sign:  # an exact integer product
+            np.testing.assert_array_equal(f(x, kernel), ref.astype(np.float32))
+        g = rand(ref.shape, 2)
+        grads = jax.vjp(f, x, kernel)[1](g)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(F, "BINARY_POPCOUNT", False)
+            int8 = jax.jit(lambda x, k, f=f: f(x, k))  # traced anew
+            assert _native.BINARY_CONV not in int8.lower(x, kernel).as_text()
+            np.testing.assert_array_equal(f(x, kernel), int8(x, kernel))
+            for a, b in zip(grads, jax.vjp(f, x, kernel)[1](g), strict=True):
+                np.testing.assert_array_equal(a, b)
+    heaviside = functools.partial(F.binary_conv, input_quantizer=q.ste_heaviside, **kw)
+    assert _native.BINARY_CONV not in jax.jit(heaviside).lower(x, k).as_text()

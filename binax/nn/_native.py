@@ -1,4 +1,4 @@
-"""binax's CPU kernels (``_kernel_grad.cc``), compiled on first use for the machine that runs them.
+"""binax's CPU kernels (``_cpu_kernels.cc``), compiled on first use for the machine that runs them.
 
 The C++ source is compiled with the system's ``g++`` (``-O3 -march=native``) against the XLA FFI
 headers that ship with jaxlib (`jax.ffi.include_dir`), into a cache directory
@@ -6,11 +6,12 @@ headers that ship with jaxlib (`jax.ffi.include_dir`), into a cache directory
 source, jaxlib's version, the compiler and the CPU; later processes load the cached library.
 The custom calls are registered with XLA for the ``cpu`` platform only.
 
-`kernel_grad_target()` is the custom-call name, or ``None`` when the kernels cannot be had (no
-compiler, a failed build, a platform other than Linux/macOS on x86-64 or ARM, or
-``BINAX_NATIVE=0`` in the environment); binax then computes the same values with XLA's own
-operations (`binax.nn.functional`'s ``'patches'`` kernel gradient), after one warning that
-says why.
+`available()` registers the custom calls (`KERNEL_GRAD`: a 2-d convolution's kernel
+gradient; `BINARY_CONV`: a +-1 convolution by bits) and says whether they can be used: not
+without a C++ compiler, after a failed build, on a platform other than Linux or macOS, or with
+``BINAX_NATIVE=0`` in the environment. binax then computes the same values with XLA's own
+operations (`binax.nn.functional`'s ``'patches'`` kernel gradient and int8 convolutions), after
+one warning that says why.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("_kernel_grad.cc")
+SOURCE = Path(__file__).with_name("_cpu_kernels.cc")
 KERNEL_GRAD = "binax_conv_kernel_grad"
+BINARY_CONV = "binax_binary_conv"
+_SYMBOLS = {KERNEL_GRAD: "BinaxConvKernelGrad", BINARY_CONV: "BinaxBinaryConv"}
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
+if platform.machine() in ("x86_64", "AMD64"):
+    FLAGS += ("-mprefer-vector-width=512",)  # GCC's default is 256 bits even with AVX-512
 
 
 def _cache_dir() -> Path:
@@ -90,11 +95,10 @@ def _build(compiler: str) -> Path:
 
 
 @functools.cache
-def kernel_grad_target() -> str | None:
-    """The registered name of the direct kernel-gradient custom call, or ``None`` (see above)."""
-    why = None
+def available() -> bool:
+    """Whether binax's CPU kernels are built, loaded and registered with XLA (see above)."""
     if os.environ.get("BINAX_NATIVE", "1") == "0":
-        return None  # asked for: no warning
+        return False  # asked for: no warning
     if sys.platform not in ("linux", "darwin"):
         why = f"not built on {sys.platform}"
     elif (compiler := _compiler()) is None:
@@ -104,15 +108,16 @@ def kernel_grad_target() -> str | None:
             import jax
 
             lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-            capsule = jax.ffi.pycapsule(lib.BinaxConvKernelGrad)
-            jax.ffi.register_ffi_target(KERNEL_GRAD, capsule, platform="cpu")
-            return KERNEL_GRAD
+            for target, symbol in _SYMBOLS.items():
+                capsule = jax.ffi.pycapsule(getattr(lib, symbol))
+                jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+            return True
         except Exception as e:  # a failed build or load: fall back, say why
             why = f"{type(e).__name__}: {e}"
     warnings.warn(
-        f"binax: the CPU kernel-gradient kernel is not available ({why}); convolutions' "
-        "kernel gradients use the slower patch product. BINAX_NATIVE=0 silences this.",
+        f"binax: the CPU kernels are not available ({why}); convolutions use XLA's slower "
+        "paths (the same values). BINAX_NATIVE=0 silences this.",
         RuntimeWarning,
         stacklevel=2,
     )
-    return None
+    return False

@@ -204,7 +204,8 @@ def _scale_and_bias(y, scale, bias):
 # --- how the product is computed ----------------------------------------------------------------
 
 # Quantizers whose forward values are small integers (sign0: +1/-1; ste_heaviside: 0/1).
-_INTEGER_QUANTIZERS = frozenset({q.ste_sign, q.approx_sign, q.swish_sign, q.ste_heaviside})
+_SIGN_QUANTIZERS = frozenset({q.ste_sign, q.approx_sign, q.swish_sign})
+_INTEGER_QUANTIZERS = _SIGN_QUANTIZERS | {q.ste_heaviside}
 
 
 def integer_valued(quantizer: q.QuantizerLike) -> bool:
@@ -282,6 +283,14 @@ def resolve_arithmetic(
     return arithmetic == "integer"
 
 
+def _signs(input_quantizer: q.QuantizerLike, kernel_quantizer: q.QuantizerLike) -> bool:
+    """Whether the quantized input is +-1 and the (integer-path) kernel -1, 0 or +1."""
+    kernel = _unwrapped(kernel_quantizer)
+    return _unwrapped(input_quantizer) in _SIGN_QUANTIZERS and (
+        kernel in _INTEGER_QUANTIZERS or _channel_scaled(kernel_quantizer)
+    )
+
+
 def _channel_scaled(quantizer: q.QuantizerLike) -> bool:
     """Whether ``quantizer`` is `binax.quantizers.magnitude_aware_sign` (or a partial of it): a
     per-output-channel scale, not differentiated, times a sign."""
@@ -317,6 +326,7 @@ class _Spec(NamedTuple):
     groups: int = 1
     pad_value: float = 0.0
     kernel_grad: str = "xla"
+    signs: bool = False  # a +-1 input and -1/0/+1 kernel for `_binary_conv` (`BINARY_POPCOUNT`)
 
 
 def _bwd(a: jax.Array, spec: _Spec) -> jax.Array:
@@ -480,6 +490,8 @@ def _conv(x, w, spec: _Spec):
     """
     if spec.integer:
         x8, w8 = x.astype(jnp.int8), w.astype(jnp.int8)
+        if _binary_applies(x8, spec):
+            return _binary_conv(x8, w8, spec).astype(x.dtype)
         y = _conv_op(x8, w8, spec, spec.pads, jnp.int32)
         if _has_border(spec):
             y = y + _conv_op(_border(x8, spec), w8, spec, "VALID", jnp.int32)
@@ -488,6 +500,75 @@ def _conv(x, w, spec: _Spec):
     if _has_border(spec):
         y = y + _conv_op(_border(x, spec), w, spec, "VALID")
     return y
+
+
+#: Whether a convolution of a +-1 input with a -1/0/+1 kernel is computed on the CPU by
+#: `_binary_conv` (bits and popcounts) rather than as an int8 convolution. Read by
+#: `binary_conv` at each call (the benchmarks compare both).
+BINARY_POPCOUNT = True
+
+
+def _binary_applies(x8, spec: _Spec) -> bool:
+    """Whether `_conv` computes this integer product with `_binary_conv`: on the CPU with
+    binax's kernels, a 1-d or 2-d ungrouped convolution of signs (``spec.signs``) padded with
+    +1 or -1 (or not padded), its batch not split by explicit sharding."""
+    padded = any(lo or hi for lo, hi in spec.pads)
+    return (
+        spec.signs
+        and not _explicitly_sharded(x8)
+        and x8.ndim in (3, 4)
+        and spec.groups == 1
+        and (spec.pad_value in (1.0, -1.0) or not padded)
+        and jax.default_backend() == "cpu"
+        and _native.available()
+    )
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+    """Whether an axis of ``x`` is split over devices by explicit sharding (a custom call's
+    result would not carry the sharding; under automatic sharding XLA places it)."""
+    return any(axis is not None for axis in jax.typeof(x).sharding.spec)
+
+
+def _binary_conv(x8, w8, spec: _Spec):
+    """``conv(pad(x8, pad_value), w8)`` in float32, exactly, for an int8 input of +-1 and kernel
+    of -1, 0 or +1: binax's CPU kernel (`binax.nn._native`, ``_cpu_kernels.cc``) packs the
+    signs into bits and counts the products with popcounts (the input's C signs 32 to a word:
+    ``y = nonzero - 2 * popcount((x ^ sign) & nonzero)`` summed over words and kernel positions).
+    A 1-d convolution is one row of a 2-d one."""
+    strides, dilation, pads = _as_2d(spec)
+    squeeze = x8.ndim == 3
+    if squeeze:
+        x8, w8 = x8[:, None], w8[None]
+    out = _out_shape(
+        x8.shape[1:-1], w8.shape[:-2], spec._replace(strides=strides, dilation=dilation, pads=pads)
+    )
+    y = jax.ffi.ffi_call(
+        _native.BINARY_CONV,
+        jax.ShapeDtypeStruct((x8.shape[0], *out, w8.shape[-1]), jnp.float32),
+        vmap_method="sequential",
+    )(x8, w8, **_geometry(strides, dilation, pads, spec.pad_value))
+    return y[:, 0] if squeeze else y
+
+
+def _as_2d(spec: _Spec):
+    """Strides, dilation and padding of ``spec`` for a 2-d kernel (a 1-d one is one row)."""
+    if len(spec.strides) == 2:
+        return spec.strides, spec.dilation, spec.pads
+    return (1, *spec.strides), (1, *spec.dilation), ((0, 0), *spec.pads)
+
+
+def _geometry(strides, dilation, pads, pad_value) -> dict:
+    """The attributes binax's CPU kernels take."""
+    return dict(
+        stride_h=strides[0],
+        stride_w=strides[1],
+        dilation_h=dilation[0],
+        dilation_w=dilation[1],
+        pad_top=pads[0][0],
+        pad_left=pads[1][0],
+        pad_value=np.float32(pad_value),
+    )
 
 
 #: Output positions (examples times spatial positions) whose patches the patch-product kernel
@@ -709,27 +790,16 @@ def _direct_tangent(saved, w_dot, *, spec: _Spec):
 
 def _direct_kernel_grad(saved, g, kernel_shape: tuple[int, ...], spec: _Spec):
     """The kernel gradient ``dw`` of ``conv(pad(saved, pad_value), w)`` for the output gradient
-    ``g``: binax's CPU kernel (`binax.nn._native`, ``_kernel_grad.cc``). A 1-d convolution is
+    ``g``: binax's CPU kernel (`binax.nn._native`, ``_cpu_kernels.cc``). A 1-d convolution is
     computed as one row of a 2-d one."""
-    strides, dilation, pads = spec.strides, spec.dilation, spec.pads
+    strides, dilation, pads = _as_2d(spec)
     if saved.ndim == 3:
         saved, g = saved[:, None], g[:, None]
-        strides, dilation, pads = (1, *strides), (1, *dilation), ((0, 0), *pads)
     dk = jax.ffi.ffi_call(
         _native.KERNEL_GRAD,
         jax.ShapeDtypeStruct((1,) * (4 - len(kernel_shape)) + kernel_shape, jnp.float32),
         vmap_method="sequential",
-    )(
-        saved,
-        g.astype(jnp.float32),
-        stride_h=strides[0],
-        stride_w=strides[1],
-        dilation_h=dilation[0],
-        dilation_w=dilation[1],
-        pad_top=pads[0][0],
-        pad_left=pads[1][0],
-        pad_value=np.float32(spec.pad_value),
-    )
+    )(saved, g.astype(jnp.float32), **_geometry(strides, dilation, pads, spec.pad_value))
     return dk.reshape(kernel_shape)
 
 
@@ -803,12 +873,12 @@ def resolve_kernel_grad(kernel_grad: str, feature_group_count: int = 1) -> str:
     check_kernel_grad(kernel_grad)
     cpu = jax.default_backend() == "cpu"
     if kernel_grad == "auto":
-        kernel_grad = ("direct" if _native.kernel_grad_target() else "patches") if cpu else "xla"
-    elif kernel_grad == "direct" and not (cpu and _native.kernel_grad_target()):
+        kernel_grad = ("direct" if _native.available() else "patches") if cpu else "xla"
+    elif kernel_grad == "direct" and not (cpu and _native.available()):
         raise ValueError(
             "kernel_grad='direct' needs the CPU backend and binax's CPU kernel "
             f"(binax.nn._native); the backend is {jax.default_backend()!r} and the kernel is "
-            f"{'available' if _native.kernel_grad_target() else 'not available'}"
+            f"{'available' if _native.available() else 'not available'}"
         )
     if feature_group_count != 1:
         return "xla"
@@ -924,6 +994,8 @@ def binary_conv(
         pad_value=0.0 if pad_value is None else float(pad_value),
         kernel_grad=resolve_kernel_grad(kernel_grad, feature_group_count),
     )
+    signs = BINARY_POPCOUNT and spec.integer and _signs(input_quantizer, kernel_quantizer)
+    spec = spec._replace(signs=signs)
     if input_quantizer is not None:
         x = input_quantizer(x)
     kernel, factor = _quantize_kernel(kernel, kernel_quantizer, spec.integer)

@@ -1,4 +1,8 @@
-// The kernel gradient of a 2-d convolution on the CPU, as an XLA FFI custom call.
+// binax's CPU kernels, as XLA FFI custom calls (binax/nn/_native.py compiles this file on the
+// machine that runs it, g++ -O3 -march=native, so vectors are the CPU's: 16 floats with
+// AVX-512, 8 with AVX2, 4 otherwise).
+//
+// BinaxConvKernelGrad: the kernel gradient of a 2-d convolution,
 //
 //   dw[i, j, c, o] = sum over n, h, w of  xpad[n, h*sh + i*dh, w*sw + j*dw, c] * g[n, h, w, o]
 //
@@ -12,8 +16,14 @@
 // each chunk's sum is kept apart and the chunks are added in order at the end, so a result
 // depends only on the shapes and the thread count, not on scheduling.
 //
-// Compiled on the machine that runs it (binax/nn/_native.py: g++ -O3 -march=native), so the
-// vector width is the CPU's (16 floats with AVX-512, 8 with AVX2, 4 otherwise).
+// BinaxBinaryConv: the same convolution's forward pass for an input of +-1 (int8) and a kernel
+// of -1, 0 or +1 (int8), exactly, by bits: each input position's C signs are packed into
+// 32-bit words (bit set: -1), the kernel into sign bits and nonzero bits, and
+//
+//   y[n, h, w, o] = nonzero[o] - 2 * sum over i, j, words of popcount((x ^ k_sign) & k_nonzero)
+//
+// (nonzero[o]: the kernel's nonzero entries for output o), counted in 32-bit integers over the
+// outputs o in vectors, written as float32. The border is pad_value (+1 or -1).
 
 #include <algorithm>
 #include <atomic>
@@ -23,6 +33,10 @@
 #include <memory>
 #include <mutex>
 #include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -159,28 +173,36 @@ struct Shared {
   std::condition_variable cv;
 };
 
-template <typename T>
-void Run(ffi::ThreadPool& pool, const Geometry& G, const T* x, const float* g, float* dw) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunks = std::max<int64_t>(1, std::min(G.n, threads));
-  const int64_t size = G.kh * G.kw * G.c * G.op;
-  std::vector<float> partial(chunks * size, 0.0f);
+// Calls f(k) for k in [0, chunks) on the calling thread and chunks - 1 tasks of XLA's pool,
+// returning when all are done. A task that starts after the work is taken returns at once
+// (`shared` outlives them all), so the caller never waits on a task that has not started.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, const F& f) {
   auto shared = std::make_shared<Shared>();
-  auto work = [&G, x, g, chunks, size, p = partial.data()](Shared& s) {
+  auto work = [chunks, &f](Shared& s) {
     for (int64_t k; (k = s.next.fetch_add(1)) < chunks;) {
-      Examples(G, x, g, G.n * k / chunks, G.n * (k + 1) / chunks, p + k * size);
+      f(k);
       std::lock_guard<std::mutex> lock(s.mu);
       if (++s.done == chunks) s.cv.notify_all();
     }
   };
-  // Helpers that start after the work is taken return at once; `shared` outlives them all.
-  for (int64_t t = 1; t < chunks; ++t)
-    pool.Schedule([shared, work]() { work(*shared); });
+  for (int64_t t = 1; t < chunks; ++t) pool.Schedule([shared, work]() { work(*shared); });
   work(*shared);
-  {
-    std::unique_lock<std::mutex> lock(shared->mu);
-    shared->cv.wait(lock, [&] { return shared->done == chunks; });
-  }
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->done == chunks; });
+}
+
+int64_t Chunks(ffi::ThreadPool& pool, int64_t n) {
+  return std::max<int64_t>(1, std::min(n, pool.num_threads()));
+}
+
+template <typename T>
+void Run(ffi::ThreadPool& pool, const Geometry& G, const T* x, const float* g, float* dw) {
+  const int64_t chunks = Chunks(pool, G.n), size = G.kh * G.kw * G.c * G.op;
+  std::vector<float> partial(chunks * size, 0.0f);
+  ParallelFor(pool, chunks, [&](int64_t k) {
+    Examples(G, x, g, G.n * k / chunks, G.n * (k + 1) / chunks, partial.data() + k * size);
+  });
   const int64_t cells = G.kh * G.kw * G.c;
   for (int64_t e = 0; e < cells; ++e)
     for (int64_t o = 0; o < G.o; ++o) {
@@ -219,6 +241,134 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F
   return ffi::Error::Success();
 }
 
+// --- BinaxBinaryConv ------------------------------------------------------------------------
+
+struct BinaryGeometry {
+  int64_t n, h, w, c, words;  // input; words: 32-bit words of C signs
+  int64_t ho, wo, o, ob;      // output; ob: O rounded up to whole blocks
+  int64_t kh, kw, sh, sw, dh, dw, pad_top, pad_left;
+  bool negative_border;       // pad_value -1: the border's sign bits are set
+  int64_t hp() const { return (ho - 1) * sh + (kh - 1) * dh + 1; }
+  int64_t wp() const { return (wo - 1) * sw + (kw - 1) * dw + 1; }
+};
+
+// The sign bits of C int8 values (-1 -> 1, +1 -> 0), 32 to a word.
+void PackSigns(const int8_t* x, int64_t c, uint32_t* out, int64_t words) {
+  for (int64_t q = 0; q < words; ++q) {
+#if defined(__AVX2__)
+    if (32 * (q + 1) <= c) {  // the bytes' top bits
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * q));
+      out[q] = uint32_t(_mm256_movemask_epi8(v));
+      continue;
+    }
+#endif
+    uint32_t bits = 0;
+    const int64_t end = std::min<int64_t>(32, c - 32 * q);
+    for (int64_t b = 0; b < end; ++b) bits |= uint32_t(x[32 * q + b] < 0) << b;
+    out[q] = bits;
+  }
+}
+
+// The padded sign image of example n: (hp, wp, words).
+void PackExample(const BinaryGeometry& G, const int8_t* x, int64_t n, uint32_t* xb) {
+  for (int64_t r = 0; r < G.hp(); ++r) {
+    const int64_t hi = r - G.pad_top;
+    for (int64_t col = 0; col < G.wp(); ++col) {
+      const int64_t wi = col - G.pad_left;
+      uint32_t* dst = xb + (r * G.wp() + col) * G.words;
+      if (hi < 0 || hi >= G.h || wi < 0 || wi >= G.w) {
+        for (int64_t q = 0; q < G.words; ++q) {
+          const int64_t bits = std::min<int64_t>(32, G.c - 32 * q);
+          dst[q] = G.negative_border ? uint32_t((uint64_t(1) << bits) - 1) : 0u;
+        }
+      } else {
+        PackSigns(x + ((n * G.h + hi) * G.w + wi) * G.c, G.c, dst, G.words);
+      }
+    }
+  }
+}
+
+// y[n] for one example, kb/km: (KH, KW, words, ob) sign and nonzero bits of the kernel; the
+// outputs are counted kBlock at a time (64: 4 vectors with AVX-512).
+template <int64_t kBlock, bool kDense>
+void BinaryExample(const BinaryGeometry& G, const uint32_t* xb, const uint32_t* kb,
+                   const uint32_t* km, const int32_t* nonzero, float* y) {
+  for (int64_t h = 0; h < G.ho; ++h)
+    for (int64_t w = 0; w < G.wo; ++w) {
+      float* out = y + (h * G.wo + w) * G.o;
+      for (int64_t o0 = 0; o0 < G.ob; o0 += kBlock) {
+        uint32_t acc[kBlock] = {};
+        for (int64_t i = 0; i < G.kh; ++i)
+          for (int64_t j = 0; j < G.kw; ++j) {
+            const uint32_t* xw = xb + ((h * G.sh + i * G.dh) * G.wp() + w * G.sw + j * G.dw) * G.words;
+            const int64_t t = (i * G.kw + j) * G.words;
+            for (int64_t q = 0; q < G.words; ++q) {
+              const uint32_t bits = xw[q];
+              const uint32_t* ks = kb + (t + q) * G.ob + o0;
+              const uint32_t* kn = km + (t + q) * G.ob + o0;
+              for (int64_t o = 0; o < kBlock; ++o)
+                acc[o] += __builtin_popcount(kDense ? bits ^ ks[o] : (bits ^ ks[o]) & kn[o]);
+            }
+          }
+        const int64_t end = std::min(kBlock, G.o - o0);
+        for (int64_t o = 0; o < end; ++o)
+          out[o0 + o] = float(nonzero[o0 + o] - 2 * int32_t(acc[o]));
+      }
+    }
+}
+
+ffi::Error BinaryConv(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> k,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t dh,
+                      int64_t dwl, int64_t pad_top, int64_t pad_left, float pad_value) {
+  const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4 || xd[0] != yd[0] || xd[3] != kd[2] ||
+      kd[3] != yd[3])
+    return ffi::Error::InvalidArgument("binax_binary_conv: inconsistent shapes");
+  const int64_t block = yd[3] > 32 ? 64 : yd[3] > 16 ? 32 : 16;
+  BinaryGeometry G{xd[0], xd[1], xd[2], xd[3], (xd[3] + 31) / 32,
+                   yd[1], yd[2], yd[3], (yd[3] + block - 1) / block * block,
+                   kd[0], kd[1], sh, sw, dh, dwl, pad_top, pad_left, pad_value < 0};
+  if (G.n == 0 || G.ho == 0 || G.wo == 0 || G.o == 0) return ffi::Error::Success();
+  // The kernel's sign and nonzero bits, (KH, KW, words, ob), and each output's nonzero count.
+  const int64_t taps = G.kh * G.kw;
+  std::vector<uint32_t> kb(taps * G.words * G.ob, 0), km(taps * G.words * G.ob, 0);
+  std::vector<int32_t> nonzero(G.ob, 0);
+  bool dense = true;
+  const int8_t* kp = k.typed_data();
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t c = 0; c < G.c; ++c)
+      for (int64_t o = 0; o < G.o; ++o) {
+        const int8_t v = kp[(t * G.c + c) * G.o + o];
+        const int64_t at = (t * G.words + c / 32) * G.ob + o;
+        kb[at] |= uint32_t(v < 0) << (c % 32);
+        km[at] |= uint32_t(v != 0) << (c % 32);
+        nonzero[o] += v != 0;
+        dense = dense && v != 0;
+      }
+  const int8_t* xp = x.typed_data();
+  float* yp = y->typed_data();
+  const int64_t chunks = Chunks(pool, G.n), image = G.hp() * G.wp() * G.words;
+  ParallelFor(pool, chunks, [&](int64_t c) {
+    std::vector<uint32_t> xb(image);
+    for (int64_t n = G.n * c / chunks; n < G.n * (c + 1) / chunks; ++n) {
+      PackExample(G, xp, n, xb.data());
+      float* out = yp + n * G.ho * G.wo * G.o;
+      const uint32_t *b = xb.data(), *s = kb.data(), *m = km.data();
+      const int32_t* z = nonzero.data();
+      if (block == 64)
+        dense ? BinaryExample<64, true>(G, b, s, m, z, out)
+              : BinaryExample<64, false>(G, b, s, m, z, out);
+      else if (block == 32)
+        dense ? BinaryExample<32, true>(G, b, s, m, z, out)
+              : BinaryExample<32, false>(G, b, s, m, z, out);
+      else
+        dense ? BinaryExample<16, true>(G, b, s, m, z, out)
+              : BinaryExample<16, false>(G, b, s, m, z, out);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BinaxConvKernelGrad, KernelGrad,
@@ -226,6 +376,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BinaxConvKernelGrad, KernelGrad,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("dilation_h")
+                                  .Attr<int64_t>("dilation_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<float>("pad_value"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BinaxBinaryConv, BinaryConv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("stride_h")
                                   .Attr<int64_t>("stride_w")
