@@ -589,7 +589,7 @@ def test_conv_general_dilated_drop_in_for_flax_conv(kernel, strides, shape, padd
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(conv.kernel[...]))
     # At most the forward pass is a convolution; the kernel gradient is binax's kernel.
     assert jaxpr.count("conv_general_dilated") <= 1
-    assert (_native.KERNEL_GRAD if HAS_DIRECT else "dot_general") in jaxpr
+    assert (F._direct_grad_p.name if HAS_DIRECT else "dot_general") in jaxpr
 
 
 def test_conv_general_dilated_leaves_the_rest_to_lax():
@@ -828,6 +828,7 @@ def test_max_pool_errors():
      ((3, 8, 11, 30), (3, 3), 2, 1, "SAME", -1.0, "integer"),
      ((2, 10, 7, 6), (3, 2), 1, 2, ((2, 0), (1, 3)), 1.0, "integer"),
      ((2, 6, 6, 5), (3, 3), 1, 1, "VALID", 1.0, "float"),
+     ((3, 9, 8, 20), (3, 3), 2, 1, "SAME", 1.0, "float"),
      ((1, 3, 5, 40), (5, 5), (1, 2), 1, "SAME", 1.0, "integer"),
      ((4, 12, 7), (3,), 1, 1, "SAME", -1.0, "integer"),
      ((3, 15, 2), (5,), 2, 2, ((3, 1),), 1.0, "float")],
@@ -838,13 +839,15 @@ def test_direct_kernel_gradient_matches_xla(
     """binax's CPU kernel (``kernel_grad='direct'``) gives XLA's kernel gradient within the
     float rounding bound, for strides, dilations, uneven padding, 1-d convolutions, channel
     counts that are not whole vectors (1, 6, 13, 30, 40 of them; 37 outputs), a batch that
-    does not split evenly over threads, integer and float inputs; under `jax.vmap` (per-example
-    gradients) too."""
+    does not split evenly over threads, +-1 (int8) and real (float) inputs; under `jax.vmap`
+    (per-example gradients) too."""
     n = len(kernel_size)
     x, k = rand(shape), rand((*kernel_size, shape[-1], 37), 1)
+    real = arithmetic == "float"  # a real input (no quantizer), zero padding
     f = functools.partial(
         F.binary_conv, strides=strides, kernel_dilation=dilation, padding=padding,
-        pad_value=pad_value, arithmetic=arithmetic,
+        pad_value=None if real else pad_value, arithmetic=arithmetic,
+        input_quantizer=None if real else q.ste_sign,
     )  # fmt: skip
     y, vjp_ref = jax.vjp(lambda k: f(x, k, kernel_grad="xla"), k)
     g = rand(y.shape, 2)
@@ -855,7 +858,7 @@ def test_direct_kernel_gradient_matches_xla(
                           (dilation,) * n)  # fmt: skip
     padded = (shape[0], *(s + lo + hi for s, (lo, hi) in zip(shape[1:-1], pads, strict=True)), 1)
     # The bound for +-1 inputs, scaled by the largest |x| for a real input.
-    scale = 1.0 if arithmetic == "integer" else float(jnp.abs(x).max())
+    scale = float(jnp.abs(x).max()) if real else 1.0
     if isinstance(strides, int):
         bound = scale * kernel_grad_bound(g, k.shape[:-2] + (1, 37), padded, strides, dilation)
         assert np.all(np.abs(np.asarray(grad(x, k, g)) - np.asarray(dk_ref)) <= bound)
@@ -913,8 +916,8 @@ def test_binary_popcount_convolution_is_exact(
     """On the CPU a convolution of signs (``ste_sign`` input, sign, heaviside or
     magnitude-aware kernel, padding +-1) is binax's bit kernel: exactly the plain formula's
     values (C not a whole number of 32-bit words, outputs not whole vectors, strides, dilation,
-    uneven padding, 1-d, kernels with zeros), and the same gradients as the int8 product;
-    other inputs, and ``BINARY_POPCOUNT = False``, keep XLA's int8 convolution."""
+    uneven padding, 1-d, kernels with zeros), the int8 product's; other inputs, and
+    ``BINARY_POPCOUNT = False``, keep XLA's int8 convolution."""
     n = len(kernel_size)
     x, k = rand(shape), rand((*kernel_size, shape[-1], out), 1)
     pads = F.conv_padding(padding, shape[1:-1], kernel_size, F.ntuple(strides, n, "s"),
@@ -932,14 +935,43 @@ def test_binary_popcount_convolution_is_exact(
         np.testing.assert_allclose(f(x, kernel), ref, rtol=1e-6, atol=1e-4)
         if kernel_quantizer is not q.magnitude_aware_sign:  # an exact integer product
             np.testing.assert_array_equal(f(x, kernel), ref.astype(np.float32))
-        g = rand(ref.shape, 2)
-        grads = jax.vjp(f, x, kernel)[1](g)
+        popcount = f(x, kernel)
         with pytest.MonkeyPatch.context() as m:
             m.setattr(F, "BINARY_POPCOUNT", False)
             int8 = jax.jit(lambda x, k, f=f: f(x, k))  # traced anew
             assert _native.BINARY_CONV not in int8.lower(x, kernel).as_text()
-            np.testing.assert_array_equal(f(x, kernel), int8(x, kernel))
-            for a, b in zip(grads, jax.vjp(f, x, kernel)[1](g), strict=True):
-                np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(popcount, int8(x, kernel))
     heaviside = functools.partial(F.binary_conv, input_quantizer=q.ste_heaviside, **kw)
     assert _native.BINARY_CONV not in jax.jit(heaviside).lower(x, k).as_text()
+
+
+@needs_direct
+def test_direct_kernel_gradient_differentiates_again():
+    """Through binax's kernel gradient: Hessians, gradients of gradients (in the kernel and in
+    the input), forward-mode over reverse-mode, and vmap either side of grad, all equal to
+    XLA's kernel gradient's within float rounding (a real input: every path is smooth)."""
+    x, k = rand((2, 5, 5, 3)), rand((3, 3, 3, 4), 1)
+
+    def loss(how, x, k):
+        y = F.binary_conv(x, k, kernel_grad=how, input_quantizer=None, kernel_quantizer=None,
+                          pad_value=None)  # fmt: skip
+        return (y**2).sum()
+
+    def grad_k(how, x, k):
+        return jax.grad(functools.partial(loss, how), argnums=1)(x, k)
+
+    checks = {
+        "hessian": lambda how: jax.hessian(lambda k: loss(how, x, k))(k),
+        "grad_x of grad_k": lambda how: jax.grad(lambda x: (grad_k(how, x, k) ** 2).sum())(x),
+        "jvp of grad_k": lambda how: jax.jvp(
+            lambda k: grad_k(how, x, k), (k,), (jnp.ones_like(k),)
+        )[1],
+        "vmap of grad": lambda how: jax.vmap(lambda xi: grad_k(how, xi[None], k))(x),
+        "grad of vmap": lambda how: jax.grad(
+            lambda k: jax.vmap(lambda xi: loss(how, xi[None], k))(x).sum()
+        )(k),
+    }
+    for name, check in checks.items():
+        expected = check("xla")
+        tol = 1e-5 * float(jnp.abs(expected).max())
+        np.testing.assert_allclose(check("direct"), expected, rtol=1e-5, atol=tol, err_msg=name)

@@ -38,6 +38,9 @@ if platform.machine() in ("x86_64", "AMD64"):
 
 
 def _cache_dir() -> Path:
+    """Where the compiled library is kept: ``$BINAX_CACHE_DIR``, ``~/.cache/binax``, or a
+    directory of the temporary one that only this user owns and can write (a fresh private
+    one, not cached across processes, if another user could have planted a library there)."""
     for d in (os.environ.get("BINAX_CACHE_DIR"), Path.home() / ".cache" / "binax"):
         if d:
             try:
@@ -46,7 +49,15 @@ def _cache_dir() -> Path:
                     return Path(d)
             except OSError:
                 pass
-    return Path(tempfile.gettempdir()) / f"binax-{os.getuid()}"
+    shared = Path(tempfile.gettempdir()) / f"binax-{os.getuid()}"
+    try:
+        shared.mkdir(mode=0o700, exist_ok=True)
+        st = shared.lstat()
+        if st.st_uid == os.getuid() and not st.st_mode & 0o022 and shared.is_dir():
+            return shared
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="binax-"))
 
 
 def _cpu() -> str:

@@ -803,20 +803,48 @@ def _direct_kernel_grad(saved, g, kernel_shape: tuple[int, ...], spec: _Spec):
     return dk.reshape(kernel_shape)
 
 
-#: ``conv(pad(saved, pad_value), w_dot)`` (`_direct_tangent`), linear in ``w_dot``, whose
-#: transpose in ``w_dot`` (the kernel gradient) is `_direct_kernel_grad`. A primitive of its
-#: own so that the transpose can be a custom call and the product can still be batched (then
-#: it becomes `_direct_tangent`, transposed by XLA) and differentiated again.
+def _xla_kernel_grad(saved, ct, *, spec: _Spec, kernel_shape: tuple[int, ...]):
+    """What `_direct_kernel_grad` computes, as JAX's transpose of `_direct_tangent` (XLA's
+    operations, differentiable to any order)."""
+    w = jnp.zeros(kernel_shape, ct.dtype)
+    return jax.vjp(lambda w: _direct_tangent(saved, w, spec=spec), w)[1](ct)[0]
+
+
+def _shaped(f, **params):
+    """An abstract-evaluation rule: the shape and dtype ``f`` gives."""
+
+    def rule(*avals, **kw):
+        out = jax.eval_shape(functools.partial(f, **params, **kw), *avals)
+        return jax.core.ShapedArray(out.shape, out.dtype)
+
+    return rule
+
+
+#: Two primitives, transposes of each other in their second argument, so that the kernel
+#: gradient can be binax's custom call and still be batched and differentiated again:
+#:
+#: - `_direct_p` (``saved, w_dot``): ``conv(pad(saved, pad_value), w_dot)`` (`_direct_tangent`,
+#:   XLA's convolution), the kernel's tangent in `_conv_jvp`;
+#: - `_direct_grad_p` (``saved, ct``): its transpose in ``w_dot``, the kernel gradient, binax's
+#:   CPU kernel (`_direct_kernel_grad`).
+#:
+#: Batched, either becomes XLA's operations (`_direct_tangent`, `_xla_kernel_grad`); the
+#: tangent of the kernel gradient (second-order differentiation) is `_xla_kernel_grad`'s.
 _direct_p = jax.extend.core.Primitive("binax_conv_direct")
 _direct_p.def_impl(_direct_tangent)
-_direct_p.def_abstract_eval(
-    lambda saved, w_dot, *, spec: jax.core.ShapedArray(
-        *(lambda s: (s.shape, s.dtype))(
-            jax.eval_shape(functools.partial(_direct_tangent, spec=spec), saved, w_dot)
-        )
-    )
-)
+_direct_p.def_abstract_eval(_shaped(_direct_tangent))
 mlir.register_lowering(_direct_p, mlir.lower_fun(_direct_tangent, multiple_results=False))
+
+_direct_grad_p = jax.extend.core.Primitive("binax_conv_direct_grad")
+
+
+def _direct_grad(saved, ct, *, spec: _Spec, kernel_shape: tuple[int, ...]):
+    return _direct_kernel_grad(saved, ct, kernel_shape, spec).astype(ct.dtype)
+
+
+_direct_grad_p.def_impl(_direct_grad)
+_direct_grad_p.def_abstract_eval(_shaped(_xla_kernel_grad))
+mlir.register_lowering(_direct_grad_p, mlir.lower_fun(_direct_grad, multiple_results=False))
 
 
 def _direct_jvp(primals, tangents, *, spec: _Spec):
@@ -836,17 +864,44 @@ def _direct_transpose(ct, saved, w_dot, *, spec: _Spec):
         raise NotImplementedError("binax_conv_direct is linear in its kernel tangent only")
     if type(ct) is ad.Zero:
         return None, ad.Zero(w_dot.aval)
-    return None, _direct_kernel_grad(saved, ct, w_dot.aval.shape, spec).astype(w_dot.aval.dtype)
+    shape = w_dot.aval.shape
+    return None, _direct_grad_p.bind(saved, ct, spec=spec, kernel_shape=shape).astype(
+        w_dot.aval.dtype
+    )
 
 
-def _direct_batch(args, dims, *, spec: _Spec):
-    f = functools.partial(_direct_tangent, spec=spec)
-    return jax.vmap(f, in_axes=dims)(*args), 0
+def _direct_grad_jvp(primals, tangents, *, spec: _Spec, kernel_shape):
+    saved, ct = primals
+    y = _direct_grad_p.bind(saved, ct, spec=spec, kernel_shape=kernel_shape)
+    zeros = [ad.instantiate_zeros(t) for t in tangents]
+    if not jnp.issubdtype(saved.dtype, jnp.floating):  # an integer input has no tangent
+        f = functools.partial(_xla_kernel_grad, saved, spec=spec, kernel_shape=kernel_shape)
+        return y, jax.jvp(f, (ct,), (zeros[1],))[1]
+    f = functools.partial(_xla_kernel_grad, spec=spec, kernel_shape=kernel_shape)
+    return y, jax.jvp(f, primals, tuple(zeros))[1]
+
+
+def _direct_grad_transpose(w_ct, saved, ct, *, spec: _Spec, kernel_shape):
+    if ad.is_undefined_primal(saved):
+        raise NotImplementedError("binax_conv_direct_grad is linear in its output gradient only")
+    if type(w_ct) is ad.Zero:
+        return None, ad.Zero(ct.aval)
+    return None, _direct_p.bind(saved, w_ct.astype(ct.aval.dtype), spec=spec)
+
+
+def _batched(f):
+    def rule(args, dims, **params):
+        return jax.vmap(functools.partial(f, **params), in_axes=dims)(*args), 0
+
+    return rule
 
 
 ad.primitive_jvps[_direct_p] = _direct_jvp
 ad.primitive_transposes[_direct_p] = _direct_transpose
-batching.primitive_batchers[_direct_p] = _direct_batch
+batching.primitive_batchers[_direct_p] = _batched(_direct_tangent)
+ad.primitive_jvps[_direct_grad_p] = _direct_grad_jvp
+ad.primitive_transposes[_direct_grad_p] = _direct_grad_transpose
+batching.primitive_batchers[_direct_grad_p] = _batched(_xla_kernel_grad)
 
 
 def check_kernel_grad(kernel_grad: str, argname: str = "kernel_grad") -> str:
