@@ -843,7 +843,9 @@ def _direct_grad(saved, ct, *, spec: _Spec, kernel_shape: tuple[int, ...]):
 
 
 _direct_grad_p.def_impl(_direct_grad)
-_direct_grad_p.def_abstract_eval(_shaped(_xla_kernel_grad))
+_direct_grad_p.def_abstract_eval(
+    lambda saved, ct, *, spec, kernel_shape: jax.core.ShapedArray(kernel_shape, ct.dtype)
+)
 mlir.register_lowering(_direct_grad_p, mlir.lower_fun(_direct_grad, multiple_results=False))
 
 
