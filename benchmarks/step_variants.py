@@ -12,8 +12,8 @@ prints the median wall and CPU time per step. Variants:
   ``xla``);
 - ``lax-input-grad``: the input gradient as JAX's transpose of the plain convolution, which
   XLA:CPU hands to YNNPACK (`binax.nn.functional.EIGEN_INPUT_GRADIENT` off);
-- ``rows=N`` (with ``kernel-grad=patches``): the patch-product kernel gradient in chunks of at most ``N`` output positions
-  (`binax.nn.functional.PATCH_CHUNK_ROWS`);
+- ``rows=N`` (with ``kernel-grad=patches``): the patch-product kernel gradient in chunks of
+  at most ``N`` output positions (`binax.nn.functional.PATCH_CHUNK_ROWS`);
 - ``bytes=MIB``: chunks sized by the byte budget used before (``MIB`` MiB of float32 patches;
   the same as before for BinaryNet, whose convolutions keep their input's size).
 

@@ -829,6 +829,8 @@ def test_max_pool_errors():
      ((2, 10, 7, 6), (3, 2), 1, 2, ((2, 0), (1, 3)), 1.0, "integer"),
      ((2, 6, 6, 5), (3, 3), 1, 1, "VALID", 1.0, "float"),
      ((3, 9, 8, 20), (3, 3), 2, 1, "SAME", 1.0, "float"),
+     ((9, 4, 4, 13), (3, 3), 1, 1, "SAME", 1.0, "integer"),  # bands of several examples
+     ((7, 5, 5, 6), (3, 3), 2, 1, "SAME", -1.0, "float"),
      ((1, 3, 5, 40), (5, 5), (1, 2), 1, "SAME", 1.0, "integer"),
      ((4, 12, 7), (3,), 1, 1, "SAME", -1.0, "integer"),
      ((3, 15, 2), (5,), 2, 2, ((3, 1),), 1.0, "float")],
@@ -837,7 +839,8 @@ def test_direct_kernel_gradient_matches_xla(
     shape, kernel_size, strides, dilation, padding, pad_value, arithmetic
 ):
     """binax's CPU kernel (``kernel_grad='direct'``) gives XLA's kernel gradient within the
-    float rounding bound, for strides, dilations, uneven padding, 1-d convolutions, channel
+    float rounding bound, for strides, dilations, uneven padding, 1-d convolutions, small images
+    (whose bands hold several examples), channel
     counts that are not whole vectors (1, 6, 13, 30, 40 of them; 37 outputs), a batch that
     does not split evenly over threads, +-1 (int8) and real (float) inputs; under `jax.vmap`
     (per-example gradients) too."""
@@ -872,7 +875,7 @@ def test_direct_kernel_gradient_matches_xla(
 def test_direct_kernel_gradient_is_the_cpu_default_and_falls_back(monkeypatch):
     """``'auto'`` takes binax's CPU kernel on the CPU; without it (no compiler, a failed build,
     ``BINAX_NATIVE=0``) ``'auto'`` takes the patch product and ``'direct'`` is refused by name;
-    grouped convolutions and a bfloat16 backward keep their paths."""
+    grouped convolutions, a bfloat16 backward and one output position keep their paths."""
     assert F.resolve_kernel_grad("auto") == "direct"
     assert F.resolve_kernel_grad("direct", feature_group_count=2) == "xla"
     x, k = rand((2, 6, 6, 4)), rand((3, 3, 4, 5), 1)
@@ -880,6 +883,9 @@ def test_direct_kernel_gradient_is_the_cpu_default_and_falls_back(monkeypatch):
     assert _native.KERNEL_GRAD in text
     bf16 = jax.grad(lambda k: F.binary_conv(x, k, backward_dtype=jnp.bfloat16).sum())
     assert _native.KERNEL_GRAD not in jax.jit(bf16).lower(k).as_text()
+    # One output position per example: the patches' one matrix product (faster there).
+    one = jax.grad(lambda k: F.binary_conv(x[:, :1, :1], k, kernel_grad="direct").sum())
+    assert _native.KERNEL_GRAD not in jax.jit(one).lower(k).as_text()
     monkeypatch.setattr(_native, "available", lambda: False)
     assert F.resolve_kernel_grad("auto") == "patches"
     with pytest.raises(ValueError, match="kernel_grad='direct' needs"):

@@ -64,29 +64,35 @@ struct Geometry {
   int64_t kh, kw, sh, sw, dh, dw, pad_top, pad_left;
   float pad_value;
   int64_t band;             // output rows per band
+  int64_t examples;         // examples per band (more than 1 only when a band is all rows)
   int64_t band_rows() const { return (band - 1) * sh + (kh - 1) * dh + 1; }
   int64_t band_cols() const { return (wo - 1) * sw + (kw - 1) * dw + 1; }
+  int64_t band_size() const { return band_rows() * band_cols() * c; }  // one example's
 };
 
-// acc[r][v] += x[p, c0 + r] * g[p, o0 + v*kLanes ...] over the band's positions p, for one tile.
+// acc[r][v] += x[p, c0 + r] * g[p, o0 + v*kLanes ...] over the band's positions p (`rows`
+// output rows of `examples` examples), for one tile.
 template <int R, int V>
-void Tile(const Geometry& G, const float* xb, const float* gb, int64_t rows, int64_t i,
-          int64_t j, int64_t c0, int64_t o0, float* out) {
+void Tile(const Geometry& G, const float* xb, const float* gb, int64_t examples, int64_t rows,
+          int64_t i, int64_t j, int64_t c0, int64_t o0, float* out) {
   Vec acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = Vec{} + 0.0f;
-  const int64_t cols = G.band_cols(), xstep = G.sw * G.c;
+  // Band layout (see FillBand): x (row, column, example, C), g (row, column, example, op).
+  const int64_t cols = G.band_cols(), xstep = G.sw * examples * G.c;
   for (int64_t h = 0; h < rows; ++h) {
-    const float* xr = xb + ((h * G.sh + i * G.dh) * cols + j * G.dw) * G.c + c0;
-    const float* gr = gb + h * G.wo * G.op + o0;
-    for (int64_t w = 0; w < G.wo; ++w, xr += xstep, gr += G.op) {
-      Vec gv[V];
-      for (int v = 0; v < V; ++v) gv[v] = *reinterpret_cast<const Vec*>(gr + v * kLanes);
-      for (int r = 0; r < R; ++r) {
-        const float b = xr[r];
-        for (int v = 0; v < V; ++v) acc[r][v] += b * gv[v];
+    const float* xr = xb + ((h * G.sh + i * G.dh) * cols + j * G.dw) * examples * G.c + c0;
+    const float* gr = gb + h * G.wo * examples * G.op + o0;
+    for (int64_t w = 0; w < G.wo; ++w, xr += xstep)
+      for (int64_t k = 0; k < examples; ++k, gr += G.op) {
+        const float* xk = xr + k * G.c;
+        Vec gv[V];
+        for (int v = 0; v < V; ++v) gv[v] = *reinterpret_cast<const Vec*>(gr + v * kLanes);
+        for (int r = 0; r < R; ++r) {
+          const float b = xk[r];
+          for (int v = 0; v < V; ++v) acc[r][v] += b * gv[v];
+        }
       }
-    }
   }
   for (int r = 0; r < R; ++r) {
     float* dst = out + ((i * G.kw + j) * G.c + c0 + r) * G.op + o0;
@@ -95,12 +101,12 @@ void Tile(const Geometry& G, const float* xb, const float* gb, int64_t rows, int
 }
 
 template <int V>
-void TileRows(int rows_c, const Geometry& G, const float* xb, const float* gb, int64_t rows,
-              int64_t i, int64_t j, int64_t c0, int64_t o0, float* out) {
+void TileRows(int rows_c, const Geometry& G, const float* xb, const float* gb, int64_t examples,
+              int64_t rows, int64_t i, int64_t j, int64_t c0, int64_t o0, float* out) {
   switch (rows_c) {
 #define BINAX_ROWS(R) \
   case R:             \
-    return Tile<R, V>(G, xb, gb, rows, i, j, c0, o0, out);
+    return Tile<R, V>(G, xb, gb, examples, rows, i, j, c0, o0, out);
     BINAX_ROWS(1) BINAX_ROWS(2) BINAX_ROWS(3) BINAX_ROWS(4) BINAX_ROWS(5) BINAX_ROWS(6)
 #if defined(__AVX512F__)
     BINAX_ROWS(7) BINAX_ROWS(8) BINAX_ROWS(9) BINAX_ROWS(10) BINAX_ROWS(11) BINAX_ROWS(12)
@@ -109,25 +115,23 @@ void TileRows(int rows_c, const Geometry& G, const float* xb, const float* gb, i
   }
 }
 
-// The padded float input rows that output rows [h0, h0 + rows) of example n read.
+// The padded float input rows that output rows [h0, h0 + rows) of examples [n, n + e) read,
+// as (band row, column, example, C): a band's examples side by side at each position.
 template <typename T>
-void FillBand(const Geometry& G, const T* x, int64_t n, int64_t h0, float* xb) {
+void FillBand(const Geometry& G, const T* x, int64_t n, int64_t e, int64_t h0, float* xb) {
   const int64_t cols = G.band_cols();
   for (int64_t r = 0; r < G.band_rows(); ++r) {
     const int64_t hi = h0 * G.sh + r - G.pad_top;
-    float* dst = xb + r * cols * G.c;
-    if (hi < 0 || hi >= G.h) {
-      std::fill(dst, dst + cols * G.c, G.pad_value);
-      continue;
-    }
-    const T* src = x + (n * G.h + hi) * G.w * G.c;
-    for (int64_t col = 0; col < cols; ++col, dst += G.c) {
+    for (int64_t col = 0; col < cols; ++col) {
       const int64_t wi = col - G.pad_left;
-      if (wi < 0 || wi >= G.w) {
-        std::fill(dst, dst + G.c, G.pad_value);
-      } else {
-        const T* s = src + wi * G.c;
-        for (int64_t c = 0; c < G.c; ++c) dst[c] = static_cast<float>(s[c]);
+      float* dst = xb + (r * cols + col) * e * G.c;
+      for (int64_t k = 0; k < e; ++k, dst += G.c) {
+        if (hi < 0 || hi >= G.h || wi < 0 || wi >= G.w) {
+          std::fill(dst, dst + G.c, G.pad_value);
+        } else {
+          const T* src = x + (((n + k) * G.h + hi) * G.w + wi) * G.c;
+          for (int64_t c = 0; c < G.c; ++c) dst[c] = static_cast<float>(src[c]);
+        }
       }
     }
   }
@@ -137,19 +141,24 @@ void FillBand(const Geometry& G, const T* x, int64_t n, int64_t h0, float* xb) {
 template <typename T>
 void Examples(const Geometry& G, const T* x, const float* g, int64_t n0, int64_t n1,
               float* out) {
-  std::vector<float> xb(G.band_rows() * G.band_cols() * G.c);
-  // g's rows are read in place when O is whole vectors, else copied with O padded by zeros.
-  std::vector<float> gpad(G.op == G.o ? 0 : G.band * G.wo * G.op, 0.0f);
+  std::vector<float> xb(G.examples * G.band_size());
+  // g's rows are read in place for one example a band when O is whole vectors, else copied
+  // as (row, column, example, op), O padded by zeros.
+  const bool copy = G.op != G.o || G.examples > 1;
+  std::vector<float> gpad(copy ? G.examples * G.band * G.wo * G.op : 0, 0.0f);
   // C in blocks of at most kMaxRows, as even as they go (32 = 11 + 11 + 10, not 12 + 12 + 8).
   const int64_t blocks = (G.c + kMaxRows - 1) / kMaxRows, per = (G.c + blocks - 1) / blocks;
-  for (int64_t n = n0; n < n1; ++n) {
+  for (int64_t n = n0; n < n1; n += G.examples) {
+    const int64_t e = std::min(G.examples, n1 - n);
     for (int64_t h0 = 0; h0 < G.ho; h0 += G.band) {
       const int64_t rows = std::min(G.band, G.ho - h0);
-      FillBand(G, x, n, h0, xb.data());
+      FillBand(G, x, n, e, h0, xb.data());
       const float* gb = g + (n * G.ho + h0) * G.wo * G.o;
-      if (!gpad.empty()) {
-        for (int64_t p = 0; p < rows * G.wo; ++p)
-          std::memcpy(gpad.data() + p * G.op, gb + p * G.o, G.o * sizeof(float));
+      if (copy) {
+        for (int64_t k = 0; k < e; ++k)
+          for (int64_t p = 0; p < rows * G.wo; ++p)
+            std::memcpy(gpad.data() + (p * e + k) * G.op, gb + (k * G.ho * G.wo + p) * G.o,
+                        G.o * sizeof(float));
         gb = gpad.data();
       }
       for (int64_t i = 0; i < G.kh; ++i)
@@ -158,9 +167,9 @@ void Examples(const Geometry& G, const T* x, const float* g, int64_t n0, int64_t
             for (int64_t c0 = 0; c0 < G.c; c0 += per) {
               const int rc = static_cast<int>(std::min(per, G.c - c0));
               if (G.op - o0 >= kVecs * kLanes)
-                TileRows<kVecs>(rc, G, xb.data(), gb, rows, i, j, c0, o0, out);
+                TileRows<kVecs>(rc, G, xb.data(), gb, e, rows, i, j, c0, o0, out);
               else
-                TileRows<1>(rc, G, xb.data(), gb, rows, i, j, c0, o0, out);
+                TileRows<1>(rc, G, xb.data(), gb, e, rows, i, j, c0, o0, out);
             }
     }
   }
@@ -221,9 +230,12 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F
     return ffi::Error::InvalidArgument("binax_conv_kernel_grad: inconsistent shapes");
   Geometry G{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3],
              (gd[3] + kLanes - 1) / kLanes * kLanes,
-             wd[0], wd[1], sh, sw, dh, dwl, pad_top, pad_left, pad_value, 1};
-  // About 512 output positions a band (its input rows in float are then a few tens of KiB).
+             wd[0], wd[1], sh, sw, dh, dwl, pad_top, pad_left, pad_value, 1, 1};
+  // About 512 output positions a band, of one example's rows or of several examples' images
+  // when one image has fewer: each tile is then summed in registers over that many products.
+  const int64_t image = std::max<int64_t>(1, G.ho * G.wo);
   G.band = std::clamp<int64_t>(512 / std::max<int64_t>(1, G.wo), 1, std::max<int64_t>(1, G.ho));
+  if (G.band >= G.ho) G.examples = std::clamp<int64_t>(512 / image, 1, std::max<int64_t>(1, G.n));
   if (G.n == 0 || G.ho == 0 || G.wo == 0) {
     std::fill(dw->typed_data(), dw->typed_data() + G.kh * G.kw * G.c * G.o, 0.0f);
     return ffi::Error::Success();
