@@ -1,7 +1,8 @@
 """BinaryNet's training step with and without binax's CPU paths, side by side.
 
 Builds binax's jitted training step (`_common.binarynet_step`: BinaryNet at ``--width``,
-28x28x1, batch 256, Bop + Adam) once per variant in one process, each traced with
+28x28x1, batch 256, Bop + Adam; or with ``--model birealnet`` Bi-Real Net 18 on 32x32x3 as
+`vs_larq.py` builds it) once per variant in one process, each traced with
 `binax.nn.functional` set as the variant says, then times them interleaved round by round and
 prints the median wall and CPU time per step. Variants:
 
@@ -22,6 +23,7 @@ Usage::
     python benchmarks/step_variants.py --width 0.25 --variants default int8-forward \\
         kernel-grad=patches lax-input-grad
     python benchmarks/step_variants.py --width 0.5 --variants kernel-grad=patches rows=4096
+    python benchmarks/step_variants.py --model birealnet --variants default kernel-grad=patches
 """
 
 from __future__ import annotations
@@ -75,9 +77,21 @@ def _layer_kwargs(variant: str) -> dict:
     return {"kernel_grad": "patches"} if kind in ("rows", "bytes") else {}
 
 
+def _step(model: str, width: float, layer_kwargs: dict):
+    """``step()``: one training step of the model, waiting until it is done (not compiled)."""
+    if model == "binarynet":
+        return _common.binarynet_step(width, **layer_kwargs)
+    import vs_larq
+
+    spec = dict(model="birealnet", input_shape=[32, 32, 3], batch=256, seed=0)
+    run, _ = vs_larq.binax_program(dict(spec, threshold=1e-8, gamma=1e-4, lr=1e-2), layer_kwargs)
+    return lambda: vs_larq.binax_step(run)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--model", choices=["binarynet", "birealnet"], default="binarynet")
+    p.add_argument("--width", type=float, default=0.25, help="BinaryNet's width")
     p.add_argument("--variants", nargs="+", default=["default", "lax-input-grad"])
     p.add_argument("--rounds", type=int, default=9)
     args = p.parse_args(argv)
@@ -91,7 +105,7 @@ def main(argv=None):
         for name, value in settings.items():
             setattr(F, name, value)
         try:
-            steps[variant] = _common.binarynet_step(args.width, **_layer_kwargs(variant))
+            steps[variant] = _step(args.model, args.width, _layer_kwargs(variant))
             for _ in range(3):  # compile (traced with the settings) and warm up
                 steps[variant]()
         finally:
@@ -107,7 +121,10 @@ def main(argv=None):
             cpu[variant].append(time.process_time() - c0)
 
     print(f"Command: `{_common.command()}`\n{_common.machine()}\n")
-    print(f"BinaryNet x{args.width:g} 28x28x1, batch 256; medians of {args.rounds} rounds\n")
+    model = "Bi-Real Net 18 32x32x3"
+    if args.model == "binarynet":
+        model = f"BinaryNet x{args.width:g} 28x28x1"
+    print(f"{model}, batch 256; medians of {args.rounds} rounds\n")
     base = _common.median_iqr(wall[args.variants[0]])[0]
     rows = []
     for variant in steps:
