@@ -32,6 +32,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -383,30 +384,29 @@ ffi::Error BinaryConv(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<
 
 }  // namespace
 
+// Both custom calls take the convolution's geometry as the same attributes.
+template <typename Binding>
+auto WithGeometry(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("stride_h")
+      .template Attr<int64_t>("stride_w")
+      .template Attr<int64_t>("dilation_h")
+      .template Attr<int64_t>("dilation_w")
+      .template Attr<int64_t>("pad_top")
+      .template Attr<int64_t>("pad_left")
+      .template Attr<float>("pad_value");
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BinaxConvKernelGrad, KernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("dilation_h")
-                                  .Attr<int64_t>("dilation_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<float>("pad_value"));
+                              WithGeometry(ffi::Ffi::Bind()
+                                               .Ctx<ffi::ThreadPool>()
+                                               .Arg<ffi::AnyBuffer>()
+                                               .Arg<ffi::Buffer<ffi::F32>>()
+                                               .Ret<ffi::Buffer<ffi::F32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BinaxBinaryConv, BinaryConv,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("dilation_h")
-                                  .Attr<int64_t>("dilation_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<float>("pad_value"));
+                              WithGeometry(ffi::Ffi::Bind()
+                                               .Ctx<ffi::ThreadPool>()
+                                               .Arg<ffi::Buffer<ffi::S8>>()
+                                               .Arg<ffi::Buffer<ffi::S8>>()
+                                               .Ret<ffi::Buffer<ffi::F32>>()));
