@@ -823,29 +823,31 @@ def test_max_pool_errors():
 
 @needs_direct
 @pytest.mark.parametrize(
-    "shape,kernel_size,strides,dilation,padding,pad_value,arithmetic",
-    [((5, 9, 9, 13), (3, 3), 1, 1, "SAME", 1.0, "integer"),
-     ((3, 8, 11, 30), (3, 3), 2, 1, "SAME", -1.0, "integer"),
-     ((2, 10, 7, 6), (3, 2), 1, 2, ((2, 0), (1, 3)), 1.0, "integer"),
-     ((2, 6, 6, 5), (3, 3), 1, 1, "VALID", 1.0, "float"),
-     ((3, 9, 8, 20), (3, 3), 2, 1, "SAME", 1.0, "float"),
-     ((9, 4, 4, 13), (3, 3), 1, 1, "SAME", 1.0, "integer"),  # bands of several examples
-     ((7, 5, 5, 6), (3, 3), 2, 1, "SAME", -1.0, "float"),
-     ((1, 3, 5, 40), (5, 5), (1, 2), 1, "SAME", 1.0, "integer"),
-     ((4, 12, 7), (3,), 1, 1, "SAME", -1.0, "integer"),
-     ((3, 15, 2), (5,), 2, 2, ((3, 1),), 1.0, "float")],
+    "shape,kernel_size,strides,dilation,padding,pad_value,arithmetic,out",
+    [((5, 9, 9, 13), (3, 3), 1, 1, "SAME", 1.0, "integer", 37),
+     ((3, 8, 11, 30), (3, 3), 2, 1, "SAME", -1.0, "integer", 37),
+     ((2, 10, 7, 6), (3, 2), 1, 2, ((2, 0), (1, 3)), 1.0, "integer", 37),
+     ((2, 6, 6, 5), (3, 3), 1, 1, "VALID", 1.0, "float", 37),
+     ((3, 9, 8, 20), (3, 3), 2, 1, "SAME", 1.0, "float", 37),
+     ((9, 4, 4, 13), (3, 3), 1, 1, "SAME", 1.0, "integer", 37),  # bands of several examples
+     ((7, 5, 5, 6), (3, 3), 2, 1, "SAME", -1.0, "float", 37),
+     ((2, 30, 30, 6), (3, 3), 1, 1, "SAME", 1.0, "integer", 32),  # bands of rows; g in place
+     ((1, 9, 9, 5), (3, 3), 1, 1, "SAME", -1.0, "integer", 16),
+     ((1, 3, 5, 40), (5, 5), (1, 2), 1, "SAME", 1.0, "integer", 37),
+     ((4, 12, 7), (3,), 1, 1, "SAME", -1.0, "integer", 37),
+     ((3, 15, 2), (5,), 2, 2, ((3, 1),), 1.0, "float", 37)],
 )  # fmt: skip
 def test_direct_kernel_gradient_matches_xla(
-    shape, kernel_size, strides, dilation, padding, pad_value, arithmetic
+    shape, kernel_size, strides, dilation, padding, pad_value, arithmetic, out
 ):
     """binax's CPU kernel (``kernel_grad='direct'``) gives XLA's kernel gradient within the
     float rounding bound, for strides, dilations, uneven padding, 1-d convolutions, small images
-    (whose bands hold several examples), channel
-    counts that are not whole vectors (1, 6, 13, 30, 40 of them; 37 outputs), a batch that
-    does not split evenly over threads, +-1 (int8) and real (float) inputs; under `jax.vmap`
-    (per-example gradients) too."""
+    (whose bands hold several examples), a large one (several bands of rows, the last partial),
+    channel counts that are not whole vectors (5, 6, 13, 30, 40; 37 outputs, copied padded)
+    and outputs that are (16, 32: the gradient read in place), a batch that does not split
+    evenly over threads, +-1 (int8) and real (float) inputs; under `jax.vmap` too."""
     n = len(kernel_size)
-    x, k = rand(shape), rand((*kernel_size, shape[-1], 37), 1)
+    x, k = rand(shape), rand((*kernel_size, shape[-1], out), 1)
     real = arithmetic == "float"  # a real input (no quantizer), zero padding
     f = functools.partial(
         F.binary_conv, strides=strides, kernel_dilation=dilation, padding=padding,
@@ -863,7 +865,7 @@ def test_direct_kernel_gradient_matches_xla(
     # The bound for +-1 inputs, scaled by the largest |x| for a real input.
     scale = float(jnp.abs(x).max()) if real else 1.0
     if isinstance(strides, int):
-        bound = scale * kernel_grad_bound(g, k.shape[:-2] + (1, 37), padded, strides, dilation)
+        bound = scale * kernel_grad_bound(g, k.shape[:-2] + (1, out), padded, strides, dilation)
         assert np.all(np.abs(np.asarray(grad(x, k, g)) - np.asarray(dk_ref)) <= bound)
     else:  # (kernel_grad_bound takes one stride for all axes)
         np.testing.assert_allclose(grad(x, k, g), dk_ref, rtol=1e-5, atol=1e-4)
