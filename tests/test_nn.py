@@ -983,3 +983,26 @@ def test_direct_kernel_gradient_differentiates_again():
         expected = check("xla")
         tol = 1e-5 * float(jnp.abs(expected).max())
         np.testing.assert_allclose(check("direct"), expected, rtol=1e-5, atol=tol, err_msg=name)
+
+
+@needs_direct
+def test_cpu_kernels_on_a_batch_split_by_automatic_sharding():
+    """On a batch split over 4 (simulated) CPU devices by automatic sharding, the popcount
+    forward and the kernel gradient give the single-device values (XLA gathers the batch to
+    each device for them)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x, k = rand((16, 6, 6, 8)), rand((3, 3, 8, 5), 1)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+
+    def forward_and_grad(x, k):
+        return jax.value_and_grad(lambda k: (F.binary_conv(x, k) ** 2).sum())(k)
+
+    f = jax.jit(forward_and_grad, out_shardings=NamedSharding(mesh, P()))
+    text = f.lower(xs, k).as_text()
+    assert _native.BINARY_CONV in text and _native.KERNEL_GRAD in text
+    (y, dk), (y_ref, dk_ref) = f(xs, k), jax.jit(forward_and_grad)(x, k)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_allclose(dk, dk_ref, rtol=1e-6, atol=1e-4)
