@@ -9,10 +9,10 @@
 // where xpad is x (N, H, W, C; float32 or int8) padded by (pad_top, pad_left) before and as
 // needed after with pad_value, g is the output gradient (N, Ho, Wo, O; float32) and dw is
 // (KH, KW, C, O). This is what a matrix product of the input's patches computes, without
-// writing the patches out: for each band of output rows of one example the padded input rows
-// it reads are converted to float once (a few tens of KiB, in cache), and every (kernel
-// position, block of C, block of O) tile of dw is accumulated in registers over all positions
-// of the band. The batch is cut into a fixed number of chunks (one per thread of XLA's pool);
+// writing the patches out: for each band of about 512 output positions (rows of one example,
+// or the whole images of several examples side by side when an image has fewer) the padded
+// input rows it reads are converted to float once, and every (kernel position, block of C,
+// block of O) tile of dw is accumulated in registers over all positions of the band. The batch is cut into a fixed number of chunks (one per thread of XLA's pool);
 // each chunk's sum is kept apart and the chunks are added in order at the end, so a result
 // depends only on the shapes and the thread count, not on scheduling.
 //

@@ -753,16 +753,14 @@ def _conv_jvp(spec, primals, tangents):
         # pad(x_dot, 0): the border is a constant.
         t = t + _input_tangent(_bwd(x_dot, spec), _bwd(w, spec), spec).astype(y.dtype)
     if not _is_zero(w_dot):
+        # The backward pass reads x (saved as int8 on the integer path).
+        saved = x.astype(jnp.int8) if spec.integer else _bwd(x, spec)
         if spec.kernel_grad == "direct" and _direct_applies(x, w_dot, spec):
-            saved = x.astype(jnp.int8) if spec.integer else x
             kt = _direct_p.bind(saved, w_dot, spec=spec)
         elif spec.kernel_grad in ("direct", "patches"):
-            # Recomputed in the backward pass from x (saved as int8 on the integer path).
-            saved = x.astype(jnp.int8) if spec.integer else _bwd(x, spec)
             kt = _patch_product(saved, _bwd(w_dot, spec), spec)
         else:
-            xp = pad_quantized(_bwd(x, spec), spec.pads, spec.pad_value)
-            kt = _conv_op(xp, _bwd(w_dot, spec), spec, "VALID")
+            kt = _direct_tangent(_bwd(x, spec), _bwd(w_dot, spec), spec=spec)
         t = t + kt.astype(y.dtype)
     return y, t
 
@@ -789,7 +787,8 @@ def _direct_applies(x, w_dot, spec: _Spec) -> bool:
 
 
 def _direct_tangent(saved, w_dot, *, spec: _Spec):
-    """``conv(pad(saved, pad_value), w_dot)`` with XLA's convolution."""
+    """``conv(pad(saved, pad_value), w_dot)`` with XLA's convolution: the kernel's tangent (its
+    transpose is ``kernel_grad='xla'``'s kernel gradient)."""
     xp = pad_quantized(saved.astype(w_dot.dtype), spec.pads, spec.pad_value)
     return _conv_op(xp, w_dot, spec, "VALID")
 
@@ -816,11 +815,11 @@ def _xla_kernel_grad(saved, ct, *, spec: _Spec, kernel_shape: tuple[int, ...]):
     return jax.vjp(lambda w: _direct_tangent(saved, w, spec=spec), w)[1](ct)[0]
 
 
-def _shaped(f, **params):
+def _shaped(f):
     """An abstract-evaluation rule: the shape and dtype ``f`` gives."""
 
-    def rule(*avals, **kw):
-        out = jax.eval_shape(functools.partial(f, **params, **kw), *avals)
+    def rule(*avals, **params):
+        out = jax.eval_shape(functools.partial(f, **params), *avals)
         return jax.core.ShapedArray(out.shape, out.dtype)
 
     return rule
